@@ -1,0 +1,5 @@
+import sys
+
+from nnxlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""One state, one checkpoint: train state + recipe JSON + data-iterator position, saved by orbax.
+
+On disk each step holds three items: `state` (model, optimizer, step and RNG key, as a pure
+dict), `recipe` (the recipe JSON) and `data` (the grain iterator state). Layer parameters are
+always stored stacked, with a leading layers axis, so a checkpoint written by a scanned model loads
+into a looped one and back.
+"""
+
+import os
+
+import fiddle as fdl
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nnxlm.errors import UserError
+from nnxlm.recipes.serialization import from_json
+
+
+def _is_layer_list(key, value) -> bool:
+    return key == "layers" and isinstance(value, dict) and bool(value) and all(isinstance(k, int) for k in value)
+
+
+def _stack(leaves):
+    first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        sharding = first.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype, sharding=sharding)
+    return jnp.stack(leaves)
+
+
+def stack_layers(tree):
+    """Replaces every {"layers": {0: t0, 1: t1, ...}} by {"layers": stacked(t0, t1, ...)}."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if _is_layer_list(key, value):
+            out[key] = jax.tree.map(lambda *leaves: _stack(leaves), *(value[i] for i in range(len(value))))
+        else:
+            out[key] = stack_layers(value)
+    return out
+
+
+def unstack_layers(tree, like):
+    """Inverse of stack_layers where `like` (the target layout, pure dict) has a list of layers."""
+    if not isinstance(like, dict):
+        return tree
+    out = {}
+    for key, value in like.items():
+        if _is_layer_list(key, value):
+            out[key] = {
+                i: jax.tree.map(
+                    lambda stacked, target: jax.device_put(stacked[i], target.sharding), tree[key], value[i]
+                )
+                for i in range(len(value))
+            }
+        else:
+            out[key] = unstack_layers(tree[key], value)
+    return out
+
+
+def abstract_with_shardings(abstract_state: nnx.State, shardings) -> dict:
+    """Pure dict of ShapeDtypeStructs that carry the target shardings (orbax restores onto them)."""
+
+    def leaf(variable, sharding):
+        return jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)
+
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return nnx.to_pure_dict(
+        jax.tree.map(lambda v, s: v.replace(leaf(v, s)), abstract_state, shardings, is_leaf=is_variable)
+    )
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run in `directory`; saves asynchronously."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, recipe: dict, data_iterator=None) -> None:
+        items = dict(state=ocp.args.StandardSave(stack_layers(state)), recipe=ocp.args.JsonSave(recipe))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore(self, step: int, target: dict, data_iterator=None) -> dict:
+        """Restores the state onto `target` (pure dict of ShapeDtypeStructs) and the iterator in place."""
+        items = dict(state=ocp.args.StandardRestore(stack_layers(target)))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            raise UserError(
+                f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
+                "if the recipe changed shapes, use a new --workdir; if the files are damaged, move that step away"
+            ) from e
+        return unstack_layers(restored["state"], target)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) for a run directory, a checkpoints directory or a step directory."""
+    path = os.path.abspath(path)
+    candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]
+    parent, name = os.path.split(path)
+    if name.isdigit():
+        candidates.append((parent, int(name)))
+    for directory, step in candidates:
+        if not os.path.isdir(directory):
+            continue
+        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        if step is None and steps:
+            step = steps[-1]
+        if step is not None and step in steps:
+            return directory, step
+    raise UserError(
+        f"no checkpoint found at {path}: give a run directory (with checkpoints/) or a checkpoint step directory"
+    )
+
+
+def load_recipe(path: str) -> fdl.Config:
+    """The recipe saved beside a checkpoint, as a fiddle config."""
+    directory, step = find_checkpoint(path)
+    recipe_file = os.path.join(directory, str(step), "recipe", "metadata")
+    try:
+        with open(recipe_file, encoding="utf-8") as f:
+            return from_json(f.read())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {directory}/{step} has no readable recipe ({e}); it was not written by nnxlm"
+        ) from e
+
+
+def load_model(path: str) -> nnx.Module:
+    """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it."""
+    from nnxlm.sharding import make_mesh, state_shardings
+
+    directory, step = find_checkpoint(path)
+    recipe = load_recipe(os.path.join(directory, str(step)))
+    factory = fdl.build(recipe.model)
+    abstract = nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
+    target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
+    manager = ocp.CheckpointManager(directory)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore({"model": stack_layers(target)}, partial_restore=True)
+            ),
+        )
+    except Exception as e:
+        raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+    finally:
+        manager.close()
+    model_state = unstack_layers(restored["state"], {"model": target})["model"]
+    nnx.replace_by_pure_dict(abstract_state, model_state)
+    return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,137 @@
+"""The `nnxlm` command line: train, inspect, tokenizer train, decode.
+
+Recipes are chosen and edited with repeated --recipe directives (see nnxlm.recipes.directives).
+Any mistake in the user's input prints one line and exits with code 2.
+"""
+
+import argparse
+import os
+import sys
+
+from nnxlm.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _recipe_argument(parser):
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help="NAME | path/to/file.py[:fn], then any number of fiddler:NAME(args) and set:a.b=VALUE, in order",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nnxlm", description="Train, inspect and run decoder-only language models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a recipe (resumes from the run directory)")
+    _recipe_argument(train)
+    train.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+
+    inspect = commands.add_parser("inspect", help="print the resolved recipe, parameters, FLOPs and memory")
+    _recipe_argument(inspect)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    tokenizer_train = tokenizer_commands.add_parser("train", help="train a SentencePiece tokenizer")
+    source = tokenizer_train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recipe", action="append", help="train on this recipe's train_data")
+    source.add_argument("--data", action="append", help="text file glob (repeatable); *.jsonl reads the 'text' field")
+    tokenizer_train.add_argument("--vocab_size", type=int, help="default: the recipe model's vocab_size")
+    tokenizer_train.add_argument("--max_chars", type=int, default=20_000_000, help="characters to train on")
+    tokenizer_train.add_argument("--output", required=True, help="path of the .model file to write")
+
+    decode = commands.add_parser("decode", help="complete prompts with a trained model")
+    decode.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    decode.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    decode.add_argument("--max_new_tokens", type=int, default=100)
+    decode.add_argument("--temperature", type=float, default=0.0)
+    decode.add_argument("--top_k", type=int)
+    decode.add_argument("--top_p", type=float)
+    decode.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"nnxlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args) -> int:
+    import fiddle as fdl
+
+    from nnxlm.recipes.directives import resolve
+
+    cfg = resolve(args.recipe)
+    if args.workdir:
+        cfg.workdir = args.workdir
+    fdl.build(cfg).fit()
+    return 0
+
+
+def inspect(args) -> int:
+    from nnxlm.recipes.directives import resolve
+    from nnxlm.report import describe
+
+    print(describe(resolve(args.recipe)))
+    return 0
+
+
+def tokenizer(args) -> int:
+    import fiddle as fdl
+
+    from nnxlm.data import JsonlFiles, SentencePieceTokenizer, TextFiles
+    from nnxlm.recipes.directives import resolve
+
+    if args.recipe:
+        cfg = resolve(args.recipe)
+        source = fdl.build(cfg.train_data)
+        vocab_size = args.vocab_size or cfg.model.vocab_size
+    else:
+        jsonl = [g for g in args.data if g.endswith(".jsonl")]
+        text = [g for g in args.data if not g.endswith(".jsonl")]
+        if jsonl and text:
+            raise UserError("--data mixes .jsonl and text globs: train on one kind at a time")
+        source = JsonlFiles(globs=jsonl) if jsonl else TextFiles(globs=text)
+        vocab_size = args.vocab_size
+        if not vocab_size:
+            raise UserError("--vocab_size is required with --data")
+    texts = (source.load(doc) for doc in source.documents())
+    model = SentencePieceTokenizer.train(texts, vocab_size, max_chars=args.max_chars)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    model.save(args.output)
+    print(f"wrote {args.output}: {model.vocab_size} tokens")
+    return 0
+
+
+def decode(args) -> int:
+    from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe
+    from nnxlm.data import SentencePieceTokenizer
+    from nnxlm.generation import generate_text
+
+    directory, _ = find_checkpoint(args.checkpoint)
+    recipe = load_recipe(args.checkpoint)
+    run_dir = os.path.dirname(directory)
+    tokenizer_path = recipe.tokenizer_path or os.path.join(run_dir, "tokenizer.model")
+    if not os.path.exists(tokenizer_path):
+        raise UserError(f"no tokenizer at {tokenizer_path}: decode needs the run's tokenizer.model")
+    tokenizer = SentencePieceTokenizer.load(tokenizer_path)
+    model = load_model(args.checkpoint)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt, completion in zip(
+        args.prompt, generate_text(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
+    ):
+        print(f"{prompt}{completion}")
+    return 0
+
+
+COMMANDS = {"train": train, "inspect": inspect, "tokenizer": tokenizer, "decode": decode}

@@ -1,0 +1,105 @@
+"""Numbers a user can trust: FLOPs per token, device peak, MFU, and the metric writers.
+
+MFU = achieved model FLOPs per second / peak FLOPs per second of the devices used. Model FLOPs
+per trained token follow the usual count: 6 x (parameters used in matmuls) for forward plus
+backward, plus causal attention, 6 x length x num_heads x head_dim per layer (QK^T and AV are
+2 x length x heads x head_dim multiply-adds each, halved by the causal mask, times 3 for
+forward + backward). Embedding lookups are not matmuls and are not counted; a tied head is.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxlm.modules.attention import Attention
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def training_flops_per_token(model: nnx.Module, seq_len: int) -> float:
+    """Model FLOPs to train on one token at sequence length seq_len (see module docstring)."""
+    matmul_params = 0
+    for path, param in nnx.iter_graph(model):
+        if isinstance(param, nnx.Param) and param.ndim >= 2:
+            is_lookup_table = "embedder" in path and not getattr(model, "tie_embeddings", False)
+            matmul_params += 0 if is_lookup_table else param.size
+    attention = 0
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Attention):
+            stacked = module.q_proj.ndim == 4  # [layers, embed, heads, head_dim] when scanned
+            layers = module.q_proj.shape[0] if stacked else 1
+            attention += layers * module.num_heads * module.head_dim
+    return 6.0 * matmul_params + 6.0 * seq_len * attention
+
+
+def parameter_count(model: nnx.Module) -> int:
+    return sum(p.size for _, p in nnx.iter_graph(model) if isinstance(p, nnx.Param))
+
+
+def measure_matmul_peak(size: int = 1536, repeats: int = 5) -> float:
+    """Best-of-n float32 matmul FLOP/s on the default device: the CPU's practical peak."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def device_peak_flops(device=None) -> float:
+    """Peak FLOP/s of one device: the data-sheet figure for known accelerators, else measured."""
+    device = device or jax.devices()[0]
+    for kind, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(kind):
+            return flops
+    if device.platform != "cpu":
+        print(f"nnxlm: unknown device kind {device.device_kind!r}; MFU uses a measured matmul peak")
+    return measure_matmul_peak()
+
+
+class MetricsWriter:
+    """Appends one JSON object a step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        for name, value in metrics.items():
+            self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """metrics.jsonl as a list, keeping the last record of each step (a resumed run rewrites some)."""
+    by_step = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[step] for step in sorted(by_step)]

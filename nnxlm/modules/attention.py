@@ -1,0 +1,62 @@
+"""Causal grouped-query self-attention with rotary positions and packed-row segment masking.
+
+num_heads query heads share num_kv_heads key/value heads (num_heads % num_kv_heads == 0):
+num_kv_heads == num_heads is multi-head attention, 1 is multi-query attention. head_dim is
+independent of d_model / num_heads. In a packed row, a token attends only to earlier tokens of
+its own document (same segment id); positions restart at 0 for each document.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxlm.modules.mlp import dense_init
+from nnxlm.modules.rope import apply_rope
+
+
+def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
+    """[batch, 1, length, length] bool: causal and within the same segment."""
+    length = segment_ids_bt.shape[1]
+    causal_tt = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_segment_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return (causal_tt[None] & same_segment_btt)[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rope_theta: float = 10_000.0,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.dtype = jnp.dtype(dtype)
+
+        def param(shape, fan_in, axes):
+            return nnx.Param(dense_init(rngs, shape, fan_in, param_dtype), logical_axes=axes)
+
+        self.q_proj = param((d_model, num_heads, head_dim), d_model, ("embed", "heads", "head_dim"))
+        self.k_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param((num_heads, head_dim, d_model), num_heads * head_dim, ("heads", "head_dim", "embed"))
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+        x = x_btd.astype(self.dtype)
+        q_btnh = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(self.dtype))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(self.dtype))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(self.dtype))
+        q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta)
+        k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta)
+        out_btnh = jax.nn.dot_product_attention(
+            q_btnh, k_btkh, v_btkh, mask=attention_mask(segment_ids_bt), scale=self.head_dim**-0.5
+        )
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(self.dtype))

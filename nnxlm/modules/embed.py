@@ -1,0 +1,20 @@
+"""Token embedding, which doubles as the output head when input and output weights are tied."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Embedder(nnx.Module):
+    """A [vocab, embed] table: `embed(ids)` looks rows up, `attend(x)` scores x against every row."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, param_dtype="float32", rngs: nnx.Rngs):
+        # std 1/sqrt(d): with a tied head the initial logits then have unit scale.
+        table = jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype) * d_model**-0.5
+        self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
+
+    def embed(self, ids_bt: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], ids_bt, axis=0).astype(dtype)
+
+    def attend(self, x_btd: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", x_btd, self.embedding[...].astype(x_btd.dtype))

@@ -1,0 +1,123 @@
+"""The decoder-only Transformer: embed -> num_layers decoder blocks -> final norm -> logits.
+
+Layers are either stacked (one set of parameters with a leading `layers` axis, applied with
+nnx.scan: compiles in time independent of depth) or a plain list applied in a Python loop
+(`scan_layers=False`). Both hold the same numbers; checkpoints store the stacked layout so either
+model loads them.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxlm.modules.embed import Embedder
+from nnxlm.modules.mlp import dense_init
+from nnxlm.modules.norms import RMSNorm
+
+# What the backward pass may keep instead of recomputing: "none" keeps everything (no remat),
+# "full" keeps only each block's input, "dots" keeps matmul outputs without a batch dimension.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """ids [batch, length] int32 -> logits [batch, length, vocab_size] float32.
+
+    Args:
+      block: factory called as block(d_model, norm=, dtype=, param_dtype=, rngs=).
+      norm: factory for every norm (passed down to the blocks and used for the final norm).
+      tie_embeddings: reuse the embedding table as the output head.
+      scan_layers: stack layers and apply them with nnx.scan instead of a Python loop.
+      remat_policy: one of REMAT_POLICIES, applied to each block.
+      dtype: compute dtype; param_dtype: storage dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        d_model: int,
+        num_layers: int,
+        block: Callable[..., nnx.Module],
+        norm: Callable[..., nnx.Module] = RMSNorm,
+        tie_embeddings: bool = False,
+        scan_layers: bool = True,
+        remat_policy: str = "none",
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
+        self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
+        self.tie_embeddings, self.scan_layers, self.remat_policy = tie_embeddings, scan_layers, remat_policy
+        self.dtype = jnp.dtype(dtype)
+        self.embedder = Embedder(vocab_size, d_model, param_dtype=param_dtype, rngs=rngs)
+        make_block = functools.partial(block, d_model, norm=norm, dtype=dtype, param_dtype=param_dtype)
+        if scan_layers:
+            self.layers = _stacked(make_block, num_layers, rngs)
+        else:
+            self.layers = nnx.List([make_block(rngs=rngs) for _ in range(num_layers)])
+        self.final_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
+        if not tie_embeddings:
+            head = dense_init(rngs, (d_model, vocab_size), d_model, param_dtype)
+            self.head = nnx.Param(head, logical_axes=("embed", "vocab"))
+
+    def __call__(
+        self,
+        ids_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """positions default to 0..length-1 and segment ids to one document a row."""
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones_like(ids_bt, dtype=jnp.int32)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+        x_btd = self.embedder.embed(ids_bt, self.dtype)
+        x_btd = self._apply_layers(x_btd, positions_bt, segment_ids_bt, keys)
+        x_btd = self.final_norm(x_btd)
+        if self.tie_embeddings:
+            logits_btv = self.embedder.attend(x_btd)
+        else:
+            logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.head[...].astype(self.dtype))
+        return logits_btv.astype(jnp.float32)
+
+    def _apply_layers(self, x_btd, positions_bt, segment_ids_bt, keys):
+        def apply_block(block, x, positions, segment_ids, key):
+            return block(x, positions, segment_ids, key)
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            apply_block = nnx.remat(apply_block, policy=policy)
+        if self.scan_layers:
+            key_axis = None if keys is None else 0
+            scan = nnx.scan(apply_block, in_axes=(0, nnx.Carry, None, None, key_axis), out_axes=nnx.Carry)
+            return scan(self.layers, x_btd, positions_bt, segment_ids_bt, keys)
+        for i, block in enumerate(self.layers):
+            x_btd = apply_block(block, x_btd, positions_bt, segment_ids_bt, None if keys is None else keys[i])
+        return x_btd
+
+
+def _stacked(make_block, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """num_layers blocks as one module whose parameters have a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return make_block(rngs=rngs)
+
+    layers = create(rngs)
+    for _, variable in nnx.iter_graph(layers):
+        if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
+            variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
+    return layers

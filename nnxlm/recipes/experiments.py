@@ -1,0 +1,52 @@
+"""Experiment recipes: fdl.Config(Trainer, ...) — `fdl.build(recipe)` gives a Trainer.
+
+Each derives from `trainer()` by plain Python; `nnxlm train --recipe NAME` runs any of them.
+"""
+
+import fiddle as fdl
+
+from nnxlm.data import PythonStdlib, Synthetic
+from nnxlm.optim import AdamW
+from nnxlm.recipes import models
+from nnxlm.trainer import Trainer
+
+
+def trainer(model: fdl.Partial, **settings) -> fdl.Config:
+    """A Trainer recipe for `model` on the Python standard library's source files (no download)."""
+    cfg = fdl.Config(
+        Trainer,
+        model=model,
+        train_data=fdl.Config(PythonStdlib, split="train"),
+        eval_data=fdl.Config(PythonStdlib, split="eval"),
+        optimizer=fdl.Config(AdamW),
+        mesh={"data": -1},
+    )
+    for name, value in settings.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def tiny() -> fdl.Config:
+    """A 0.2 M-parameter model on synthetic tokens: 20 steps in a few seconds on a CPU."""
+    cfg = trainer(models.llama_tiny(vocab_size=256), name="tiny", seq_len=64, batch_size=8, num_steps=20)
+    cfg.train_data = fdl.Config(Synthetic, vocab_size=256, split="train", eval_fraction=0.1)
+    cfg.eval_data = fdl.Config(Synthetic, vocab_size=256, split="eval", eval_fraction=0.1)
+    cfg.optimizer.learning_rate = 3e-3
+    cfg.optimizer.warmup_steps = 5
+    cfg.eval_every = cfg.checkpoint_every = 10
+    cfg.eval_batches = 2
+    cfg.log_every = 5
+    return cfg
+
+
+def llama2_7b() -> fdl.Config:
+    # 4 M tokens a step: 1024 rows x 4096 tokens
+    return trainer(models.llama2_7b(), name="llama2_7b", seq_len=4096, batch_size=1024, num_steps=500_000)
+
+
+def llama3_8b() -> fdl.Config:
+    # 4 M tokens a step: 512 rows x 8192 tokens
+    cfg = trainer(models.llama3_8b(), name="llama3_8b", seq_len=8192, batch_size=512, num_steps=500_000)
+    cfg.model.scan_layers = True
+    cfg.model.remat_policy = "full"
+    return cfg

@@ -1,0 +1,63 @@
+"""What `nnxlm inspect` prints: the resolved recipe, parameter count, FLOPs and a memory estimate,
+all from the abstract model (nnx.eval_shape): nothing is allocated."""
+
+import fiddle as fdl
+import jax.numpy as jnp
+from fiddle import printing
+from flax import nnx
+
+from nnxlm import metrics
+from nnxlm.modules.attention import Attention
+from nnxlm.modules.mlp import GatedMLP
+
+
+def recipe_lines(cfg: fdl.Config) -> list[str]:
+    """One `path = value @ file:line:function` line a field (greppable)."""
+    lines = printing.history_per_leaf_parameter(cfg).splitlines()
+    return [line for line in lines if "<[unset]>" not in line]
+
+
+def activation_bytes_per_token(model: nnx.Module, seq_len: int, remat_policy: str) -> float:
+    """Bytes the backward pass keeps for one token, summed over layers (an estimate).
+
+    Without remat each layer keeps its norm inputs (2d), q/k/v and the attention output
+    ((2h + 2k) x head_dim), attention probabilities (h x seq_len) and the MLP's gate, up and
+    product (3f) plus its input (d). "dots" keeps only the projections' outputs; "full" keeps the
+    block input (d) and recomputes one layer at a time.
+    """
+    d = model.d_model
+    attention = next(m for _, m in nnx.iter_graph(model) if isinstance(m, Attention))
+    mlp = next(m for _, m in nnx.iter_graph(model) if isinstance(m, GatedMLP))
+    h, k, hd, f = attention.num_heads, attention.num_kv_heads, attention.head_dim, mlp.gate.shape[-1]
+    full_layer = 3 * d + (2 * h + 2 * k) * hd + h * seq_len + 3 * f
+    per_layer = {"none": full_layer, "dots": (2 * h + 2 * k) * hd + 2 * f, "full": d}[remat_policy]
+    recompute = full_layer if remat_policy != "none" else 0  # one layer's worth during backward
+    return (model.num_layers * per_layer + recompute) * model.dtype.itemsize
+
+
+def describe(cfg: fdl.Config) -> str:
+    trainer = fdl.build(cfg)
+    model = nnx.eval_shape(lambda: trainer.model_factory(rngs=nnx.Rngs(0)))
+    params = [p for _, p in nnx.iter_graph(model) if isinstance(p, nnx.Param)]
+    count = sum(p.size for p in params)
+    param_bytes = sum(p.size * jnp.dtype(p.dtype).itemsize for p in params)
+    tokens = trainer.batch_size * trainer.seq_len
+    flops = metrics.training_flops_per_token(model, trainer.seq_len)
+    activations = tokens * activation_bytes_per_token(model, trainer.seq_len, model.remat_policy)
+    logits = tokens * model.vocab_size * 4 * 2  # float32 logits and their gradient
+    optimizer = 2 * param_bytes  # AdamW's two moments, in the parameters' dtype
+    total = param_bytes * 2 + optimizer + activations + logits  # params + gradients + ...
+    gib = 2**30
+    lines = recipe_lines(cfg)
+    lines += [
+        "",
+        f"parameters: {count:,} ({count / 1e9:.2f} B)",
+        f"training FLOPs per token: {flops / 1e9:.3f} GFLOP (seq_len {trainer.seq_len}); "
+        f"per step: {flops * tokens / 1e12:.1f} TFLOP ({trainer.batch_size} x {trainer.seq_len} tokens)",
+        "memory estimate for one step, all devices together:",
+        f"  parameters {param_bytes / gib:.2f} GiB + gradients {param_bytes / gib:.2f} GiB "
+        f"+ optimizer state {optimizer / gib:.2f} GiB",
+        f"  activations {activations / gib:.2f} GiB (remat {model.remat_policy!r}) + logits {logits / gib:.2f} GiB",
+        f"  total {total / gib:.2f} GiB",
+    ]
+    return "\n".join(lines)

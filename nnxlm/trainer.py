@@ -1,0 +1,312 @@
+"""The Trainer: owns the mesh, the train state, the optimizer, the checkpointer and the loaders.
+
+    trainer = fdl.build(nnxlm.recipes.tiny())
+    trainer.fit()            # resumes from the run directory's latest checkpoint if there is one
+    trainer.evaluate()       # mean held-out loss
+
+Construction only records the recipe; `setup()` (called by fit/evaluate) builds everything.
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import fiddle as fdl
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from nnxlm import metrics as metrics_lib
+from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
+from nnxlm.data import SentencePieceTokenizer, Synthetic, make_dataset
+from nnxlm.errors import UserError
+from nnxlm.loss import cross_entropy
+from nnxlm.optim import AdamW
+from nnxlm.recipes.serialization import as_config, to_json
+from nnxlm.sharding import logical_to_spec, make_mesh, state_shardings
+from nnxlm.train_state import TrainState
+
+
+class Trainer:
+    """Trains `model` (a factory called with rngs=) on `train_data` (a data source).
+
+    Args:
+      model: factory of the model, called as model(rngs=nnx.Rngs(seed)).
+      train_data, eval_data: data sources (nnxlm.data); eval_data None skips evaluation.
+      optimizer: an nnxlm.optim.AdamW (hyperparameters only).
+      name: the recipe's name; the run directory defaults to runs/<name>.
+      workdir: run directory (checkpoints, metrics.jsonl, TensorBoard events, recipe.json).
+      tokenizer_path: a SentencePiece model; None uses <workdir>/tokenizer.model, trained on
+        tokenizer_train_chars characters of the training data on the first run.
+      seq_len, batch_size: tokens per row and rows per step (global, over all devices).
+      mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
+        entries of the logical-axis table.
+      z_loss_weight: weight of the log-partition-function penalty (0 disables it).
+      sample_prompts: completed with sample_max_new_tokens greedy tokens at the end of fit().
+      peak_flops_per_device: for MFU; None uses the data sheet (accelerators) or measures (CPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Callable[..., nnx.Module],
+        train_data: Any,
+        eval_data: Any = None,
+        optimizer: AdamW = AdamW(),
+        name: str = "run",
+        workdir: str | None = None,
+        tokenizer_path: str | None = None,
+        tokenizer_train_chars: int = 5_000_000,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        num_steps: int = 1000,
+        seed: int = 0,
+        eval_every: int = 100,
+        eval_batches: int = 8,
+        checkpoint_every: int = 100,
+        keep_checkpoints: int = 3,
+        log_every: int = 10,
+        mesh: dict[str, int] | None = None,
+        sharding_rules: dict[str, Any] | None = None,
+        num_workers: int = 0,
+        z_loss_weight: float = 0.0,
+        sample_prompts: Sequence[str] = (),
+        sample_max_new_tokens: int = 64,
+        peak_flops_per_device: float | None = None,
+    ):
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.recipe = fdl.Config(Trainer, **as_config(arguments))
+        vars(self).update({k: v for k, v in arguments.items() if k != "model"})
+        self.model_factory = model  # `self.model` is the trained model (a property below)
+        self.workdir = workdir or os.path.join("runs", name)
+        self.mesh_axes = dict(mesh or {"data": -1})
+        self.tokenizer = None
+        self._ready = False
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction: everything that allocates happens here, once.
+
+    def setup(self) -> "Trainer":
+        if self._ready:
+            return self
+        self.mesh = make_mesh(self.mesh_axes)
+        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
+        self.tx, self.schedule = self.optimizer.build(self.num_steps)
+        self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
+        self.state_shardings = state_shardings(abstract_state, self.mesh, self.sharding_rules)
+        self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
+        self.model_vocab_size = nnx.merge(self.graphdef, abstract_state).model.vocab_size
+        self.flops_per_token = metrics_lib.training_flops_per_token(
+            nnx.merge(self.graphdef, abstract_state).model, self.seq_len
+        )
+        self.tokenizer = self._prepare_tokenizer()
+        self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
+        self.step = self.checkpointer.latest_step()
+        if self.step is None:
+            self.state = jax.jit(lambda: nnx.state(self._create_state()), out_shardings=self.state_shardings)()
+            self.step = 0
+        else:
+            restored = self.checkpointer.restore(self.step, self.abstract_state, self.train_iterator)
+            self.state = jax.tree.map(lambda x: x, abstract_state)
+            nnx.replace_by_pure_dict(self.state, restored)
+            print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
+        self._train_step = jax.jit(
+            self._train_step_fn,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, self.batch_sharding))
+        self._ready = True
+        return self
+
+    def _create_state(self) -> TrainState:
+        return TrainState(self.model_factory(rngs=nnx.Rngs(self.seed)), self.tx, self.seed)
+
+    def _prepare_tokenizer(self):
+        if isinstance(self.train_data, Synthetic):
+            return None
+        path = self.tokenizer_path or os.path.join(self.workdir, "tokenizer.model")
+        if os.path.exists(path):
+            tokenizer = SentencePieceTokenizer.load(path)
+        elif self.tokenizer_path:
+            raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None to train one")
+        else:
+            print(f"nnxlm: training a {self.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
+            texts = (self.train_data.load(doc) for doc in self.train_data.documents())
+            tokenizer = SentencePieceTokenizer.train(texts, self.model_vocab_size, max_chars=self.tokenizer_train_chars)
+            os.makedirs(self.workdir, exist_ok=True)
+            tokenizer.save(path)
+        if tokenizer.vocab_size > self.model_vocab_size:
+            raise UserError(
+                f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {self.model_vocab_size}: "
+                "raise model.vocab_size or use a smaller tokenizer"
+            )
+        return tokenizer
+
+    def _dataset(self, source, *, shuffle: bool, repeat: bool):
+        if self.batch_size % jax.process_count():
+            raise UserError(f"batch_size {self.batch_size} must divide by the process count {jax.process_count()}")
+        return make_dataset(
+            source,
+            self.tokenizer,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size // jax.process_count(),
+            seed=self.seed,
+            shuffle=shuffle,
+            repeat=repeat,
+            num_workers=self.num_workers,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {key: jax.make_array_from_process_local_data(self.batch_sharding, value) for key, value in batch.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    # The compiled steps: pure functions of (state, batch), compiled once.
+
+    def _loss(self, model, batch, dropout_key):
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+        return cross_entropy(logits, batch["targets"], batch["loss_mask"], self.z_loss_weight)
+
+    def _train_step_fn(self, state, batch):
+        train_state = nnx.merge(self.graphdef, state)
+        dropout_key = train_state.next_key()
+        learning_rate = self.schedule(train_state.optimizer.step[...])
+
+        def total_loss(model):
+            total, nll, _ = self._loss(model, batch, dropout_key)
+            return total, nll
+
+        (_, loss), grads = nnx.value_and_grad(total_loss, has_aux=True)(train_state.model)
+        train_state.optimizer.update(train_state.model, grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return nnx.state(train_state), {"loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
+
+    def _eval_step_fn(self, state, batch):
+        model = nnx.merge(self.graphdef, state).model
+        _, loss, count = self._loss(model, batch, None)
+        return loss * count, count
+
+    # ----------------------------------------------------------------------------------------------
+    # The loops.
+
+    def evaluate(self) -> float:
+        """Mean loss per token over the first eval_batches batches of eval_data (the same each time)."""
+        self.setup()
+        if self.eval_data is None:
+            raise UserError("this recipe has no eval_data: set eval_data to a data source to evaluate")
+        total, count = 0.0, 0.0
+        iterator = iter(self._dataset(self.eval_data, shuffle=False, repeat=True))
+        for _ in range(self.eval_batches):
+            batch_total, batch_count = self._eval_step(self.state, self._to_device(next(iterator)))
+            total, count = total + float(batch_total), count + float(batch_count)
+        return total / max(count, 1.0)
+
+    def fit(self) -> list[dict]:
+        """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics."""
+        self.setup()
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(os.path.join(self.workdir, "recipe.json"), "w", encoding="utf-8") as f:
+            json.dump(to_json(self.recipe), f, indent=1)
+        writer = metrics_lib.MetricsWriter(self.workdir)
+        peak = (self.peak_flops_per_device or metrics_lib.device_peak_flops()) * self.mesh.size
+        tokens_per_step = self.batch_size * self.seq_len
+        history, pending = [], None
+        progress = _Progress(self.num_steps, self.step)
+        last_time = time.perf_counter()
+
+        def finish(step, step_metrics):
+            nonlocal last_time
+            record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for that step
+            now = time.perf_counter()
+            step_time, last_time = now - last_time, now
+            tokens_per_s = tokens_per_step / step_time
+            record.update(
+                step_time_s=step_time,
+                tokens_per_s=tokens_per_s,
+                tflops_per_s=self.flops_per_token * tokens_per_s / 1e12,
+                mfu=self.flops_per_token * tokens_per_s / peak,
+            )
+            if self.eval_data is not None and self.eval_every and step % self.eval_every == 0:
+                record["eval_loss"] = self.evaluate()
+                last_time = time.perf_counter()  # evaluation time is not step time
+            writer.write(step, record)
+            history.append({"step": step, **record})
+            progress.update(step, record, log=step % self.log_every == 0 or "eval_loss" in record)
+
+        try:
+            while self.step < self.num_steps:
+                batch = self._to_device(next(self.train_iterator))
+                self.state, step_metrics = self._train_step(self.state, batch)
+                self.step += 1
+                if pending:  # fetch the previous step's metrics while this one runs
+                    finish(*pending)
+                pending = (self.step, step_metrics)
+                if self.step % self.checkpoint_every == 0 or self.step == self.num_steps:
+                    self.save()
+            if pending:
+                finish(*pending)
+        finally:
+            progress.close()
+            writer.close()
+            self.checkpointer.wait()
+        for prompt, completion in zip(self.sample_prompts, self.sample(self.sample_prompts)):
+            print(f"--- {prompt!r}\n{prompt}{completion}\n")
+        return history
+
+    def save(self) -> None:
+        """Checkpoints the current state and data position (asynchronously)."""
+        state = nnx.to_pure_dict(self.state)
+        self.checkpointer.save(self.step, state, to_json(self.recipe), self.train_iterator)
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the current parameters (a view of the train state)."""
+        return nnx.merge(self.graphdef, self.state).model
+
+    def sample(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy completions of text prompts with the current model."""
+        from nnxlm.generation import generate_text
+
+        if not prompts or self.tokenizer is None:
+            return []
+        return generate_text(
+            self.model, self.tokenizer, list(prompts), max_new_tokens=max_new_tokens or self.sample_max_new_tokens
+        )
+
+
+class _Progress:
+    """A rich progress bar with the latest loss, tokens/s and MFU; plain log lines when not a TTY."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            disable=not sys.stdout.isatty(),
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, step: int, record: dict, log: bool) -> None:
+        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  MFU {record['mfu']:.1%}"
+        if "eval_loss" in record:
+            info += f"  eval {record['eval_loss']:.3f}"
+        self.bar.update(self.task, completed=step, info=info)
+        if log:  # above the bar on a terminal, a plain line in a log file
+            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}")
+
+    def close(self) -> None:
+        self.bar.stop()
