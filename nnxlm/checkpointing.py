@@ -1,7 +1,8 @@
 """One state, one checkpoint: train state + recipe JSON + data-iterator position, saved by orbax.
 
 On disk each step holds three items: `state` (model, optimizer, step and RNG key, as a pure
-dict), `recipe` (the recipe JSON) and `data` (the grain iterator state). Layer parameters are
+dict), `recipe` (the recipe JSON) and `data` (the grain iterator's state, taken when save() is
+called, as JSON). Layer parameters are
 always stored stacked, with a leading layers axis, so a checkpoint written by a scanned model loads
 into a looped one and back.
 """
@@ -9,7 +10,6 @@ into a looped one and back.
 import os
 
 import fiddle as fdl
-import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -56,7 +56,7 @@ def unstack_layers(tree, like):
         if _is_layer_list(key, value):
             out[key] = {
                 i: jax.tree.map(
-                    lambda stacked, target: jax.device_put(stacked[i], target.sharding), tree[key], value[i]
+                    lambda stacked, target, i=i: jax.device_put(stacked[i], target.sharding), tree[key], value[i]
                 )
                 for i in range(len(value))
             }
@@ -90,17 +90,19 @@ class Checkpointer:
 
     def save(self, step: int, state: dict, recipe: dict, data_iterator=None) -> None:
         items = dict(state=ocp.args.StandardSave(stack_layers(state)), recipe=ocp.args.JsonSave(recipe))
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if data_iterator is not None:  # a snapshot now: the iterator moves on while orbax writes
+            items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, target: dict, data_iterator=None) -> dict:
         """Restores the state onto `target` (pure dict of ShapeDtypeStructs) and the iterator in place."""
         items = dict(state=ocp.args.StandardRestore(stack_layers(target)))
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            if data_iterator is not None:
+                data_iterator.set_state(restored["data"])
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise UserError(
                 f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
@@ -164,12 +166,15 @@ def load_model(path: str) -> nnx.Module:
     graphdef, abstract_state = nnx.split(abstract)
     mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
     target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
+    item = {"model": stack_layers(target)}  # only the model: no optimizer state is read
     manager = ocp.CheckpointManager(directory)
     try:
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore({"model": stack_layers(target)}, partial_restore=True)
+                state=ocp.args.PyTreeRestore(
+                    item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+                )
             ),
         )
     except Exception as e:

@@ -127,9 +127,8 @@ def decode(args) -> int:
     tokenizer = SentencePieceTokenizer.load(tokenizer_path)
     model = load_model(args.checkpoint)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for prompt, completion in zip(
-        args.prompt, generate_text(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
-    ):
+    completions = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
+    for prompt, completion in zip(args.prompt, completions, strict=True):
         print(f"{prompt}{completion}")
     return 0
 

@@ -43,7 +43,6 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
 def _generate(graphdef, state, ids_bt, lengths_b, key, *, max_new_tokens, temperature, top_k, top_p):
-    model = nnx.merge(graphdef, state)
     batch, prompt_len = ids_bt.shape
     total = prompt_len + max_new_tokens
     buffer_bt = jnp.concatenate([ids_bt, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
@@ -53,13 +52,15 @@ def _generate(graphdef, state, ids_bt, lengths_b, key, *, max_new_tokens, temper
     positions_bt = jnp.maximum(column_t[None, :] - start_b[:, None], 0)
 
     def step(i, carry):
-        buffer_bt, key = carry
+        # the parameters ride in the carry so the model's variables belong to the loop's trace,
+        # which nnx.scan inside the model requires
+        buffer_bt, key, state = carry
         key, step_key = jax.random.split(key)
-        logits_btv = model(buffer_bt, positions_bt, segment_ids_bt)
+        logits_btv = nnx.merge(graphdef, state)(buffer_bt, positions_bt, segment_ids_bt)
         next_b = sample_logits(logits_btv[:, prompt_len + i - 1], step_key, temperature, top_k, top_p)
-        return buffer_bt.at[:, prompt_len + i].set(next_b), key
+        return buffer_bt.at[:, prompt_len + i].set(next_b), key, state
 
-    buffer_bt, _ = jax.lax.fori_loop(0, max_new_tokens, step, (buffer_bt, key))
+    buffer_bt, _, _ = jax.lax.fori_loop(0, max_new_tokens, step, (buffer_bt, key, state))
     return buffer_bt[:, prompt_len:]
 
 

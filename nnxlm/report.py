@@ -51,7 +51,7 @@ def describe(cfg: fdl.Config) -> str:
     lines = recipe_lines(cfg)
     lines += [
         "",
-        f"parameters: {count:,} ({count / 1e9:.2f} B)",
+        f"parameters: {count:,} ({f'{count / 1e9:.2f} B' if count >= 1e9 else f'{count / 1e6:.2f} M'})",
         f"training FLOPs per token: {flops / 1e9:.3f} GFLOP (seq_len {trainer.seq_len}); "
         f"per step: {flops * tokens / 1e12:.1f} TFLOP ({trainer.batch_size} x {trainer.seq_len} tokens)",
         "memory estimate for one step, all devices together:",

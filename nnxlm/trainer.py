@@ -18,6 +18,7 @@ import fiddle as fdl
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -44,6 +45,7 @@ class Trainer:
       tokenizer_path: a SentencePiece model; None uses <workdir>/tokenizer.model, trained on
         tokenizer_train_chars characters of the training data on the first run.
       seq_len, batch_size: tokens per row and rows per step (global, over all devices).
+      eval_every, checkpoint_every: in steps; 0 evaluates never / checkpoints only at the end.
       mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
         entries of the logical-axis table.
       z_loss_weight: weight of the log-partition-function penalty (0 disables it).
@@ -94,16 +96,17 @@ class Trainer:
     def setup(self) -> "Trainer":
         if self._ready:
             return self
+        if self.train_data is None:
+            raise UserError("the recipe has no train_data: set it to a data source (nnxlm.data)")
         self.mesh = make_mesh(self.mesh_axes)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
         self.tx, self.schedule = self.optimizer.build(self.num_steps)
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
         self.state_shardings = state_shardings(abstract_state, self.mesh, self.sharding_rules)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
-        self.model_vocab_size = nnx.merge(self.graphdef, abstract_state).model.vocab_size
-        self.flops_per_token = metrics_lib.training_flops_per_token(
-            nnx.merge(self.graphdef, abstract_state).model, self.seq_len
-        )
+        abstract_model = nnx.merge(self.graphdef, abstract_state).model
+        self.model_vocab_size = abstract_model.vocab_size
+        self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len)
         self.tokenizer = self._prepare_tokenizer()
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
@@ -113,8 +116,8 @@ class Trainer:
             self.step = 0
         else:
             restored = self.checkpointer.restore(self.step, self.abstract_state, self.train_iterator)
-            self.state = jax.tree.map(lambda x: x, abstract_state)
-            nnx.replace_by_pure_dict(self.state, restored)
+            nnx.replace_by_pure_dict(abstract_state, restored)
+            self.state = abstract_state
             print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
         self._train_step = jax.jit(
             self._train_step_fn,
@@ -138,8 +141,9 @@ class Trainer:
         elif self.tokenizer_path:
             raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None to train one")
         else:
+            documents = self.train_data.documents()  # raises first if the data is missing
             print(f"nnxlm: training a {self.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
-            texts = (self.train_data.load(doc) for doc in self.train_data.documents())
+            texts = (self.train_data.load(doc) for doc in documents)
             tokenizer = SentencePieceTokenizer.train(texts, self.model_vocab_size, max_chars=self.tokenizer_train_chars)
             os.makedirs(self.workdir, exist_ok=True)
             tokenizer.save(path)
@@ -151,6 +155,8 @@ class Trainer:
         return tokenizer
 
     def _dataset(self, source, *, shuffle: bool, repeat: bool):
+        if self.num_workers > 0 and not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
         if self.batch_size % jax.process_count():
             raise UserError(f"batch_size {self.batch_size} must divide by the process count {jax.process_count()}")
         return make_dataset(
@@ -250,7 +256,7 @@ class Trainer:
                 if pending:  # fetch the previous step's metrics while this one runs
                     finish(*pending)
                 pending = (self.step, step_metrics)
-                if self.step % self.checkpoint_every == 0 or self.step == self.num_steps:
+                if self.step == self.num_steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
                     self.save()
             if pending:
                 finish(*pending)
@@ -258,7 +264,7 @@ class Trainer:
             progress.close()
             writer.close()
             self.checkpointer.wait()
-        for prompt, completion in zip(self.sample_prompts, self.sample(self.sample_prompts)):
+        for prompt, completion in zip(self.sample_prompts, self.sample(self.sample_prompts), strict=False):
             print(f"--- {prompt!r}\n{prompt}{completion}\n")
         return history
 
@@ -306,7 +312,7 @@ class _Progress:
             info += f"  eval {record['eval_loss']:.3f}"
         self.bar.update(self.task, completed=step, info=info)
         if log:  # above the bar on a terminal, a plain line in a log file
-            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}")
+            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)
 
     def close(self) -> None:
         self.bar.stop()

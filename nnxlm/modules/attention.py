@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.mlp import dense_init
+from nnxlm.modules.dense import dense_init, project
 from nnxlm.modules.rope import apply_rope
 
 
@@ -51,12 +51,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
         x = x_btd.astype(self.dtype)
-        q_btnh = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(self.dtype))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(self.dtype))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(self.dtype))
-        q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta)
-        k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta)
+        q_btnh = apply_rope(project(x, self.q_proj[...]), positions_bt, self.rope_theta)
+        k_btkh = apply_rope(project(x, self.k_proj[...]), positions_bt, self.rope_theta)
+        v_btkh = project(x, self.v_proj[...])
         out_btnh = jax.nn.dot_product_attention(
             q_btnh, k_btkh, v_btkh, mask=attention_mask(segment_ids_bt), scale=self.head_dim**-0.5
         )
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(self.dtype))
+        return project(out_btnh, self.o_proj[...], contract=2)

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.dense import project
+
 
 class Embedder(nnx.Module):
     """A [vocab, embed] table: `embed(ids)` looks rows up, `attend(x)` scores x against every row."""
@@ -17,4 +19,4 @@ class Embedder(nnx.Module):
         return jnp.take(self.embedding[...], ids_bt, axis=0).astype(dtype)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", x_btd, self.embedding[...].astype(x_btd.dtype))
+        return project(x_btd, self.embedding[...].T)

@@ -4,16 +4,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.dense import dense_init, project
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,  # SwiGLU (Llama, Mistral, Qwen)
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # GeGLU
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GeGLU as in Gemma
 }
-
-
-def dense_init(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> jax.Array:
-    """Normal init with std 1/sqrt(fan_in), so each projection keeps unit variance."""
-    return jax.random.normal(rngs.params(), shape, dtype) * fan_in**-0.5
 
 
 class GatedMLP(nnx.Module):
@@ -40,7 +37,5 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         x = x_btd.astype(self.dtype)
-        gate_btf = jnp.einsum("btd,df->btf", x, self.gate[...].astype(self.dtype))
-        up_btf = jnp.einsum("btd,df->btf", x, self.up[...].astype(self.dtype))
-        hidden_btf = ACTIVATIONS[self.activation](gate_btf) * up_btf
-        return jnp.einsum("btf,fd->btd", hidden_btf, self.down[...].astype(self.dtype))
+        hidden_btf = ACTIVATIONS[self.activation](project(x, self.gate[...])) * project(x, self.up[...])
+        return project(hidden_btf, self.down[...])

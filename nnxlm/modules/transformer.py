@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.dense import dense_init, project
 from nnxlm.modules.embed import Embedder
-from nnxlm.modules.mlp import dense_init
 from nnxlm.modules.norms import RMSNorm
 
 # What the backward pass may keep instead of recomputing: "none" keeps everything (no remat),
@@ -89,7 +89,7 @@ class Transformer(nnx.Module):
         if self.tie_embeddings:
             logits_btv = self.embedder.attend(x_btd)
         else:
-            logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.head[...].astype(self.dtype))
+            logits_btv = project(x_btd, self.head[...])
         return logits_btv.astype(jnp.float32)
 
     def _apply_layers(self, x_btd, positions_bt, segment_ids_bt, keys):

@@ -1,0 +1,29 @@
+"""Data: document sources, tokenizers and the grain pipeline that packs them into batches."""
+
+from nnxlm.data.pipeline import make_dataset, unigram_entropy
+from nnxlm.data.sources import JsonlFiles, PythonStdlib, Synthetic, TextFiles
+from nnxlm.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
+
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "UNK_ID",
+    "JsonlFiles",
+    "PythonStdlib",
+    "SentencePieceTokenizer",
+    "Synthetic",
+    "TextFiles",
+    "Tokenizer",
+    "load_tokenizer",
+    "make_dataset",
+    "unigram_entropy",
+]

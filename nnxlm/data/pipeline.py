@@ -1,0 +1,158 @@
+"""The grain pipeline: documents -> token ids -> packed rows -> batches.
+
+``make_dataset`` builds::
+
+    MapDataset.source(source.documents())
+      .shuffle(seed)                      # if shuffle; a new order every epoch
+      .repeat()                           # if repeat: infinite epochs
+      [shard_index::shard_count]          # this data-parallel shard's documents
+      .map(LoadAndTokenize)               # {"tokens": [bos, *ids, eos]} int32
+      .to_iter_dataset()
+      ConcatThenSplitIterDataset          # rows of seq_len + 1 tokens + segment ids, positions
+      .batch(batch_size, drop_remainder=True)
+      .map(ToBatch)                       # the final batch dict below
+      .mp_prefetch(num_workers)           # only if num_workers > 0
+
+Each batch is a dict of numpy arrays, all ``[batch_size, seq_len]``:
+
+- ``inputs``  int32: tokens[:, :-1] of each packed row
+- ``targets`` int32: tokens[:, 1:]
+- ``segment_ids`` int32 of the inputs: 0 is padding, document pieces numbered from 1 in a row
+- ``positions`` int32 of the inputs: position within its document piece, from 0
+- ``loss_mask`` float32: 1 where the target continues the same document piece (not padding)
+
+A document longer than a row continues in the next row (its piece there starts at position 0).
+The iterator supports ``get_state()`` / ``set_state()`` for exact resumption (same worker count).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from grain import experimental as gx
+
+from nnxlm.data.tokenizer import BOS_ID, EOS_ID
+from nnxlm.errors import UserError
+
+
+class LoadAndTokenize(grain.transforms.Map):
+    """Document item -> ``{"tokens": int32 [n + 2]}`` = bos, ids, eos."""
+
+    def __init__(self, source: Any, tokenizer: Any | None):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.bos = BOS_ID if tokenizer is None else tokenizer.bos_id
+        self.eos = EOS_ID if tokenizer is None else tokenizer.eos_id
+
+    def map(self, item: Any) -> dict[str, np.ndarray]:
+        ids = document_ids(self.source, self.tokenizer, item)
+        tokens = np.empty(len(ids) + 2, dtype=np.int32)
+        tokens[0], tokens[1:-1], tokens[-1] = self.bos, ids, self.eos
+        return {"tokens": tokens}
+
+
+def document_ids(source: Any, tokenizer: Any | None, item: Any) -> np.ndarray:
+    """int32 token ids [n] of one document of ``source`` (no bos/eos)."""
+    doc = source.load(item)
+    if isinstance(doc, str):
+        if tokenizer is None:
+            raise UserError(f"{type(source).__name__} yields text but no tokenizer was given: set one")
+        return np.asarray(tokenizer.encode(doc), dtype=np.int32)
+    return np.asarray(doc, dtype=np.int32)
+
+
+class ToBatch(grain.transforms.Map):
+    """Packed rows ``[B, L + 1]`` -> the batch dict of ``[B, L]`` arrays (see module doc)."""
+
+    def map(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = rows["tokens"].astype(np.int32, copy=False)
+        seg = rows["tokens_segment_ids"].astype(np.int32, copy=False)
+        pos = rows["tokens_positions"].astype(np.int32, copy=False)
+        same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+        return {
+            "inputs": np.ascontiguousarray(tokens[:, :-1]),
+            "targets": np.ascontiguousarray(tokens[:, 1:]),
+            "segment_ids": np.ascontiguousarray(seg[:, :-1]),
+            "positions": np.ascontiguousarray(pos[:, :-1]),
+            "loss_mask": same.astype(np.float32),
+        }
+
+
+def make_dataset(
+    source: Any,
+    tokenizer: Any | None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Packed, batched language-model data from ``source`` (see module docstring for the batch).
+
+    ``tokenizer`` may be None when the source yields token ids (``Synthetic``). With
+    ``repeat=False`` the data ends after one pass; the last partial batch is dropped.
+    ``num_workers > 0`` uses grain worker processes (``mp_prefetch``): outside ``absl.app.run``
+    call ``absl.flags.FLAGS.mark_as_parsed()`` first.
+    """
+    for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
+        if int(value) < low:
+            raise UserError(f"{name} is {value}: use a positive integer")
+    if num_workers < 0:
+        raise UserError(f"num_workers is {num_workers}: use 0 (in process) or more")
+    if not 0 <= shard_index < shard_count:
+        raise UserError(
+            f"shard_index {shard_index} is outside [0, shard_count={shard_count}): "
+            "check the data-parallel process index and count"
+        )
+    if not 0 <= seed < 2**32:
+        raise UserError(f"data seed is {seed}: use an integer in [0, 2**32)")
+    docs = list(source.documents())
+    if len(docs) < shard_count:
+        raise UserError(
+            f"{type(source).__name__} has {len(docs)} documents for {shard_count} shards: "
+            "add data or use fewer data-parallel processes"
+        )
+    ds = grain.MapDataset.source(docs)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    ds = ds.map(LoadAndTokenize(source, tokenizer))
+    it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    it = it.batch(batch_size, drop_remainder=True).map(ToBatch())
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def unigram_entropy(source: Any, tokenizer: Any | None, max_documents: int | None = None) -> float:
+    """Entropy in nats/token of the unigram distribution of the tokens the model predicts.
+
+    Counts each document's ids plus its eos (bos is never a target), over the first
+    ``max_documents`` documents of the source's split. A model whose eval loss is not well below
+    this has learned no more than token frequencies.
+    """
+    eos = EOS_ID if tokenizer is None else tokenizer.eos_id
+    docs = list(source.documents())
+    if max_documents is not None:
+        docs = docs[:max_documents]
+    counts = np.zeros(0, dtype=np.int64)
+    for item in docs:
+        ids = document_ids(source, tokenizer, item)
+        c = np.bincount(np.append(ids, eos).astype(np.int64))
+        if len(c) > len(counts):
+            c[: len(counts)] += counts
+            counts = c
+        else:
+            counts[: len(c)] += c
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum()) if len(p) else math.nan

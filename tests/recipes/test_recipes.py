@@ -1,0 +1,91 @@
+import copy
+
+import fiddle as fdl
+import pytest
+
+import nnxlm
+from nnxlm.errors import UserError
+from nnxlm.recipes import directives
+from nnxlm.recipes.serialization import from_json, to_json
+from nnxlm.report import describe
+
+
+def test_recipe_json_round_trip_gives_an_equal_recipe():
+    cfg = nnxlm.recipes.tiny()
+    cfg.model.block.attention.num_heads = 8
+    assert from_json(to_json(cfg)) == cfg
+
+
+def test_a_built_trainer_records_the_recipe_it_was_built_from():
+    cfg = nnxlm.recipes.tiny()
+    cfg.optimizer.learning_rate = 1e-2
+    trainer = fdl.build(cfg)
+    recorded = from_json(to_json(trainer.recipe))
+    assert recorded.optimizer.learning_rate == 1e-2
+    assert recorded.model.block.attention.num_kv_heads == cfg.model.block.attention.num_kv_heads
+    assert fdl.build(recorded).model_factory.keywords["d_model"] == 64
+
+
+def test_deepcopy_branches_a_recipe():
+    base = nnxlm.recipes.tiny()
+    branch = copy.deepcopy(base)
+    branch.model.block.mlp.hidden_dim = 4
+    assert base.model.block.mlp.hidden_dim == 192
+
+
+@pytest.mark.parametrize("name, billions", [("llama2_7b", "6.74 B"), ("llama3_8b", "8.03 B")])
+def test_inspect_reports_the_published_parameter_counts(name, billions):
+    report = describe(directives.resolve([name]))
+    assert f"({billions})" in report
+    assert "training FLOPs per token" in report and "total" in report
+
+
+def test_inspect_lists_every_field_with_where_it_was_set():
+    report = describe(directives.resolve(["tiny", "set:model.num_layers=2"]))
+    line = next(line for line in report.splitlines() if line.startswith("model.num_layers = 2"))
+    assert "directives.py" in line or "@" in line
+
+
+def test_set_and_fiddler_directives_apply_in_order():
+    cfg = directives.resolve(
+        [
+            "tiny",
+            "set:num_steps=7",
+            "fiddler:quick(steps=4)",
+            "set:model.block.mlp.activation='gelu'",
+            "fiddler:loop_layers",
+        ]
+    )
+    assert cfg.num_steps == 4 and cfg.checkpoint_every == 4
+    assert cfg.model.block.mlp.activation == "gelu"
+    assert cfg.model.scan_layers is False
+    assert cfg.name == "tiny"
+
+
+def test_recipe_file_with_function_name(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(
+        "import nnxlm\n\ndef small():\n    cfg = nnxlm.recipes.tiny()\n    cfg.num_steps = 3\n    return cfg\n"
+    )
+    cfg = directives.resolve([f"{path}:small"])
+    assert cfg.num_steps == 3 and cfg.name == "tiny"  # the recipe set its own name
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        (["nope"], "unknown recipe 'nope'"),
+        (["missing/file.py"], "recipe file missing/file.py does not exist"),
+        (["tiny", "set:model.nm_layers=2"], "has no field 'nm_layers'"),
+        (["tiny", "set:model.dtype=bfloat16"], "is not a Python literal"),
+        (["tiny", "set:num_steps='ten'"], "holds int 20, not str"),
+        (["tiny", "set:num_steps"], "is not of the form set:path.to.field=VALUE"),
+        (["tiny", "fiddler:no_such_edit"], "unknown fiddler 'no_such_edit'"),
+        (["tiny", "fiddler:quick(steps=x)"], "is not of the form fiddler:NAME"),
+        (["tiny", "tiny"], "must start with set: or fiddler:"),
+        (["set:num_steps=3"], "the first --recipe must name a recipe"),
+    ],
+)
+def test_bad_directives_name_the_problem(recipe, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        directives.resolve(recipe)

@@ -1,0 +1,84 @@
+"""The command line: each user mistake gives one line naming it and the fix, exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nnxlm.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+        (["train", "--recipe", "tiny", "--recipe", "set:model.nm_layers=2"], "has no field 'nm_layers'"),
+        (["train", "--recipe", "tiny", "--recipe", "set:optimizer.learning_rate='fast'"], "holds float"),
+        (["inspect", "--recipe", "tiny", "--recipe", "set:model.dtype=bf16"], "not a Python literal"),
+        (["train"], "--recipe"),
+        (["fly"], "invalid choice"),
+        (["decode", "--checkpoint", "/no/such/run", "--prompt", "x"], "no checkpoint found at /no/such/run"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(capsys, in_tmp, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("nnxlm: error:") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_data_glob_is_a_one_line_error(capsys, in_tmp):
+    recipe = in_tmp / "glob.py"
+    recipe.write_text(
+        "import fiddle as fdl, nnxlm\nfrom nnxlm.data import TextFiles\n\n"
+        "def glob():\n    cfg = nnxlm.recipes.tiny()\n"
+        "    cfg.train_data = fdl.Config(TextFiles, globs=['no/such/dir/*.txt'])\n    return cfg\n"
+    )
+    code, _, err = run_cli(capsys, "train", "--recipe", str(recipe))
+    assert code == 2 and "no/such/dir/*.txt" in err and err.count("\n") == 1, err
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error_and_is_left_alone(capsys, in_tmp):
+    assert run_cli(capsys, "train", "--recipe", "tiny", "--recipe", "set:num_steps=10", "--workdir", "run")[0] == 0
+    step_dir = in_tmp / "run" / "checkpoints" / "10" / "state"
+    damaged = [p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for path in damaged:
+        path.write_bytes(b"\0garbage")
+    code, _, err = run_cli(capsys, "train", "--recipe", "tiny", "--recipe", "set:num_steps=20", "--workdir", "run")
+    assert code == 2 and "checkpoint" in err and "cannot be restored" in err and err.count("\n") == 1, err
+    assert all(path.read_bytes() == b"\0garbage" for path in damaged)  # nothing overwritten
+    assert sorted(os.listdir(in_tmp / "run" / "checkpoints")) == ["10"]
+
+
+def test_inspect_prints_the_resolved_recipe_and_counts(capsys):
+    code, out, _ = run_cli(capsys, "inspect", "--recipe", "tiny", "--recipe", "set:model.num_layers=2")
+    assert code == 0
+    assert "model.num_layers = 2" in out and "parameters:" in out and "memory estimate" in out
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "nnxlm", "inspect", "--recipe", "nope"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2 and "unknown recipe 'nope'" in result.stderr
+
+
+def test_tokenizer_train_writes_a_model_from_text_files(capsys, in_tmp):
+    (in_tmp / "a.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
+    code, out, _ = run_cli(
+        capsys, "tokenizer", "train", "--data", str(in_tmp / "*.txt"), "--vocab_size", "300", "--output", "tok.model"
+    )
+    assert code == 0 and (in_tmp / "tok.model").exists()
+    from nnxlm.data import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer.load(str(in_tmp / "tok.model"))
+    assert tokenizer.decode(tokenizer.encode("def add(a, b):")) == "def add(a, b):"

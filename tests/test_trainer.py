@@ -1,0 +1,126 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fiddle as fdl
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nnxlm
+from nnxlm.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(workdir, **changes):
+    cfg = nnxlm.recipes.tiny()
+    cfg.workdir = str(workdir)
+    for name, value in changes.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def test_twenty_steps_of_the_tiny_recipe_lower_the_loss(tmp_path):
+    history = fdl.build(tiny(tmp_path)).fit()
+    losses = [record["loss"] for record in history]
+    assert len(losses) == 20
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
+    evals = [record["eval_loss"] for record in history if "eval_loss" in record]
+    assert len(evals) == 2 and evals[1] < evals[0]
+
+
+def test_metrics_jsonl_has_the_documented_fields(tmp_path):
+    fdl.build(tiny(tmp_path, num_steps=10)).fit()
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for field in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops_per_s", "mfu"):
+        assert all(np.isfinite(r[field]) for r in records), field
+    assert "eval_loss" in records[9]
+    assert os.listdir(tmp_path / "tensorboard")
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert nnxlm.recipes.serialization.from_json(recipe).num_steps == 10
+
+
+def test_fit_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    reference = fdl.build(tiny(tmp_path / "a")).fit()
+    first_half = tiny(tmp_path / "b", num_steps=10)
+    first_half.optimizer.decay_steps = 20  # the learning-rate schedule of the 20-step run
+    fdl.build(first_half).fit()
+    resumed = fdl.build(tiny(tmp_path / "b"))  # same run directory, longer run
+    assert resumed.setup().step == 10
+    later = resumed.fit()
+    assert [r["step"] for r in later] == list(range(11, 21))
+    assert [r["loss"] for r in later] == [r["loss"] for r in reference[10:]]
+
+
+def _train_command(workdir):
+    return [
+        sys.executable, "-m", "nnxlm", "train", "--recipe", "tiny",
+        "--recipe", "set:num_steps=300", "--recipe", "set:checkpoint_every=25",
+        "--recipe", "set:eval_every=0", "--workdir", str(workdir),
+    ]  # fmt: skip
+
+
+def test_sigkill_then_restart_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run(_train_command(tmp_path / "reference"), env=env, check=True, capture_output=True, cwd=REPO)
+    victim = subprocess.Popen(
+        _train_command(tmp_path / "killed"), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "50"
+    deadline = time.time() + 120
+    while not first_checkpoint.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(int(d) for d in os.listdir(tmp_path / "killed" / "checkpoints") if d.isdigit())
+    assert killed_at < 300
+    resumed = subprocess.run(_train_command(tmp_path / "killed"), env=env, capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed {tmp_path / 'killed'} at step {killed_at}" in resumed.stderr
+    expected = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "reference"))}
+    got = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "killed"))}
+    later = [step for step in expected if step > killed_at]
+    assert later and [got[s] for s in later] == [expected[s] for s in later]
+
+
+def test_load_model_rebuilds_the_trained_model_from_its_run_directory(tmp_path):
+    trainer = fdl.build(tiny(tmp_path, num_steps=10))
+    trainer.fit()
+    model = nnxlm.load_model(str(tmp_path))
+    ids = jnp.array([[1, 5, 9, 4]], jnp.int32)
+    logits = model(ids)
+    assert logits.shape == (1, 4, 256) and logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, trainer.model(ids))
+
+
+def test_a_checkpoint_written_by_a_scanned_model_loads_into_a_looped_one_and_back(tmp_path):
+    scanned = fdl.build(tiny(tmp_path, num_steps=10))
+    scanned.fit()
+    looped_cfg = tiny(tmp_path, num_steps=10)
+    looped_cfg.model.scan_layers = False
+    looped = fdl.build(looped_cfg).setup()
+    assert looped.step == 10
+    ids = jnp.array([[3, 1, 4, 1, 5, 9]], jnp.int32)
+    np.testing.assert_allclose(looped.model(ids), scanned.model(ids), atol=1e-5, rtol=1e-5)
+    looped.num_steps = 12
+    looped.fit()  # saves step 12 from the looped model
+    rescanned = fdl.build(tiny(tmp_path, num_steps=12)).setup()
+    assert rescanned.step == 12
+    np.testing.assert_allclose(rescanned.model(ids), looped.model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_vocabulary_larger_than_the_model_is_an_error(tmp_path):
+    from nnxlm.data import PythonStdlib, SentencePieceTokenizer
+
+    texts = [PythonStdlib().load(p) for p in PythonStdlib().documents()[:20]]
+    SentencePieceTokenizer.train(texts, 600).save(str(tmp_path / "tok.model"))
+    cfg = tiny(tmp_path, tokenizer_path=str(tmp_path / "tok.model"))
+    cfg.train_data = fdl.Config(PythonStdlib)
+    with pytest.raises(nnxlm.UserError, match="raise model.vocab_size"):
+        fdl.build(cfg).setup()
