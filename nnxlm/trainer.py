@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
-from nnxlm.data import SentencePieceTokenizer, Synthetic, make_dataset
+from nnxlm.data import SentencePieceTokenizer, Synthetic, make_dataset, unigram_entropy
 from nnxlm.errors import UserError
 from nnxlm.loss import cross_entropy
 from nnxlm.optim import AdamW
@@ -49,7 +49,8 @@ class Trainer:
       mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
         entries of the logical-axis table.
       z_loss_weight: weight of the log-partition-function penalty (0 disables it).
-      sample_prompts: completed with sample_max_new_tokens greedy tokens at the end of fit().
+      sample_prompts: completed with sample_max_new_tokens tokens at the end of fit(), greedily or,
+        with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set).
       peak_flops_per_device: for MFU; None uses the data sheet (accelerators) or measures (CPU).
     """
 
@@ -79,6 +80,8 @@ class Trainer:
         z_loss_weight: float = 0.0,
         sample_prompts: Sequence[str] = (),
         sample_max_new_tokens: int = 64,
+        sample_temperature: float = 0.0,
+        sample_top_p: float | None = None,
         peak_flops_per_device: float | None = None,
     ):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -222,6 +225,9 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         with open(os.path.join(self.workdir, "recipe.json"), "w", encoding="utf-8") as f:
             json.dump(to_json(self.recipe), f, indent=1)
+        if self.eval_data is not None and self.step == 0:
+            entropy = unigram_entropy(self.eval_data, self.tokenizer, max_documents=1000)
+            print(f"nnxlm: eval data unigram entropy {entropy:.3f} nats/token (the loss of token frequencies alone)")
         writer = metrics_lib.MetricsWriter(self.workdir)
         peak = (self.peak_flops_per_device or metrics_lib.device_peak_flops()) * self.mesh.size
         tokens_per_step = self.batch_size * self.seq_len
@@ -257,7 +263,10 @@ class Trainer:
                     finish(*pending)
                 pending = (self.step, step_metrics)
                 if self.step == self.num_steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
+                    finish(*pending)  # time the step before saving: saving is not step time
+                    pending = None
                     self.save()
+                    last_time = time.perf_counter()
             if pending:
                 finish(*pending)
         finally:
@@ -279,13 +288,19 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state).model
 
     def sample(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy completions of text prompts with the current model."""
+        """Completions of text prompts by the current model, sampled as the recipe says."""
         from nnxlm.generation import generate_text
 
         if not prompts or self.tokenizer is None:
             return []
         return generate_text(
-            self.model, self.tokenizer, list(prompts), max_new_tokens=max_new_tokens or self.sample_max_new_tokens
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            max_new_tokens=max_new_tokens or self.sample_max_new_tokens,
+            temperature=self.sample_temperature,
+            top_p=self.sample_top_p,
+            seed=self.seed,
         )
 
 

@@ -10,9 +10,8 @@ from nnxlm.modules.dense import project
 class Embedder(nnx.Module):
     """A [vocab, embed] table: `embed(ids)` looks rows up, `attend(x)` scores x against every row."""
 
-    def __init__(self, vocab_size: int, d_model: int, *, param_dtype="float32", rngs: nnx.Rngs):
-        # std 1/sqrt(d): with a tied head the initial logits then have unit scale.
-        table = jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype) * d_model**-0.5
+    def __init__(self, vocab_size: int, d_model: int, *, init_std: float = 1.0, param_dtype="float32", rngs: nnx.Rngs):
+        table = jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype) * init_std
         self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
 
     def embed(self, ids_bt: jax.Array, dtype) -> jax.Array:

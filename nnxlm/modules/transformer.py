@@ -58,7 +58,10 @@ class Transformer(nnx.Module):
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
         self.tie_embeddings, self.scan_layers, self.remat_policy = tie_embeddings, scan_layers, remat_policy
         self.dtype = jnp.dtype(dtype)
-        self.embedder = Embedder(vocab_size, d_model, param_dtype=param_dtype, rngs=rngs)
+        # Unit-variance embeddings give the residual stream a token signal as strong as a block's
+        # output; a tied table doubles as the head, where std 1/sqrt(d) keeps logits at unit scale.
+        init_std = d_model**-0.5 if tie_embeddings else 1.0
+        self.embedder = Embedder(vocab_size, d_model, init_std=init_std, param_dtype=param_dtype, rngs=rngs)
         make_block = functools.partial(block, d_model, norm=norm, dtype=dtype, param_dtype=param_dtype)
         if scan_layers:
             self.layers = _stacked(make_block, num_layers, rngs)
