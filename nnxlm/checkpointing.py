@@ -1,12 +1,13 @@
 """One state, one checkpoint: train state + recipe JSON + data-iterator position, saved by orbax.
 
-On disk each step holds three items: `state` (model, optimizer, step and RNG key, as a pure
-dict), `recipe` (the recipe JSON) and `data` (the grain iterator's state, taken when save() is
-called, as JSON). Layer parameters are
+On disk each step holds: `state` (model, optimizer, step and RNG key, as a pure dict; or the
+model alone for a converted checkpoint), `info` (which of the two), `recipe` (the recipe JSON)
+and `data` (the grain iterator's state, taken when save() is called, as JSON). Layer parameters are
 always stored stacked, with a leading layers axis, so a checkpoint written by a scanned model loads
 into a looped one and back.
 """
 
+import json
 import os
 
 import fiddle as fdl
@@ -89,7 +90,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, recipe: dict, data_iterator=None) -> None:
-        items = dict(state=ocp.args.StandardSave(stack_layers(state)), recipe=ocp.args.JsonSave(recipe))
+        items = dict(
+            state=ocp.args.StandardSave(stack_layers(state)),
+            recipe=ocp.args.JsonSave(recipe),
+            info=ocp.args.JsonSave({"train_state": "optimizer" in state}),  # False: a model alone
+        )
         if data_iterator is not None:  # a snapshot now: the iterator moves on while orbax writes
             items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items))
@@ -109,6 +114,20 @@ class Checkpointer:
                 "if the recipe changed shapes, use a new --workdir; if the files are damaged, move that step away"
             ) from e
         return unstack_layers(restored["state"], target)
+
+    def has_train_state(self, step: int) -> bool:
+        """False for a checkpoint that holds only a model (no optimizer state), e.g. a converted one."""
+        path = os.path.join(self.directory, str(step), "info", "metadata")  # JsonSave's file
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["train_state"]
+
+    def restore_model(self, step: int, target: dict) -> dict:
+        """Only the model's parameters, onto `target` (pure dict of ShapeDtypeStructs)."""
+        reader = ocp.CheckpointManager(self.directory)  # its own: a manager keeps one handler per item
+        try:
+            return restore_model(reader, self.directory, step, target)
+        finally:
+            reader.close()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -155,19 +174,9 @@ def load_recipe(path: str) -> fdl.Config:
         ) from e
 
 
-def load_model(path: str) -> nnx.Module:
-    """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it."""
-    from nnxlm.sharding import make_mesh, state_shardings
-
-    directory, step = find_checkpoint(path)
-    recipe = load_recipe(os.path.join(directory, str(step)))
-    factory = fdl.build(recipe.model)
-    abstract = nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
-    target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
-    item = {"model": stack_layers(target)}  # only the model: no optimizer state is read
-    manager = ocp.CheckpointManager(directory)
+def restore_model(manager: ocp.CheckpointManager, directory: str, step: int, target: dict) -> dict:
+    """Reads only the `model` subtree of a checkpoint's state (no optimizer state is read)."""
+    item = {"model": stack_layers(target)}
     try:
         restored = manager.restore(
             step,
@@ -179,8 +188,24 @@ def load_model(path: str) -> nnx.Module:
         )
     except Exception as e:
         raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+    return unstack_layers(restored["state"], {"model": target})["model"]
+
+
+def load_model(path: str) -> nnx.Module:
+    """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it."""
+    from nnxlm.sharding import make_mesh, state_shardings
+
+    directory, step = find_checkpoint(path)
+    recipe = load_recipe(os.path.join(directory, str(step)))
+    factory = fdl.build(recipe.model)
+    abstract = nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
+    target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
+    manager = ocp.CheckpointManager(directory)
+    try:
+        model_state = restore_model(manager, directory, step, target)
     finally:
         manager.close()
-    model_state = unstack_layers(restored["state"], {"model": target})["model"]
     nnx.replace_by_pure_dict(abstract_state, model_state)
     return nnx.merge(graphdef, abstract_state)

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
-from nnxlm.data import SentencePieceTokenizer, Synthetic, make_dataset, unigram_entropy
+from nnxlm.data import SentencePieceTokenizer, Synthetic, load_tokenizer, make_dataset, unigram_entropy
 from nnxlm.errors import UserError
 from nnxlm.loss import cross_entropy
 from nnxlm.optim import AdamW
@@ -114,9 +114,14 @@ class Trainer:
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
         self.step = self.checkpointer.latest_step()
-        if self.step is None:
+        if self.step is None or not self.checkpointer.has_train_state(self.step):
             self.state = jax.jit(lambda: nnx.state(self._create_state()), out_shardings=self.state_shardings)()
-            self.step = 0
+            if self.step is None:
+                self.step = 0
+            else:  # a model without optimizer state, e.g. converted from Hugging Face: fine-tune it
+                model = self.checkpointer.restore_model(self.step, self.abstract_state["model"])
+                nnx.replace_by_pure_dict(self.state["model"], model)
+                print(f"nnxlm: starting from the model in {self.workdir} (step {self.step})", file=sys.stderr)
         else:
             restored = self.checkpointer.restore(self.step, self.abstract_state, self.train_iterator)
             nnx.replace_by_pure_dict(abstract_state, restored)
@@ -140,7 +145,7 @@ class Trainer:
             return None
         path = self.tokenizer_path or os.path.join(self.workdir, "tokenizer.model")
         if os.path.exists(path):
-            tokenizer = SentencePieceTokenizer.load(path)
+            tokenizer = load_tokenizer(path)
         elif self.tokenizer_path:
             raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None to train one")
         else:

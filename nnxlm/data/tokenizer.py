@@ -199,6 +199,12 @@ def _lines(texts: Iterable[str], max_chars: int, seen: list[int]) -> Iterator[st
             return
 
 
-def load_tokenizer(path: str) -> SentencePieceTokenizer:
-    """``SentencePieceTokenizer.load(path)``."""
+def load_tokenizer(path: str):
+    """A SentencePiece ``.model`` file, or a Hugging Face ``tokenizer.json`` (needs ``tokenizers``)."""
+    if os.fspath(path).endswith(".json"):
+        from nnxlm.data.hf_tokenizer import HFTokenizer
+
+        if not os.path.exists(path):
+            raise UserError(f"tokenizer file {path} does not exist: fix the path")
+        return HFTokenizer(os.fspath(path))
     return SentencePieceTokenizer.load(path)

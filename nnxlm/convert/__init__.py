@@ -1,0 +1,116 @@
+"""Hugging Face interop: `from_hf` turns an HF model directory into an nnxlm run directory,
+`to_hf` writes an nnxlm model as config.json + safetensors that transformers loads.
+
+Both stream tensor by tensor: peak memory is about the converted model plus its largest tensor.
+"""
+
+import json
+import os
+import shutil
+
+import fiddle as fdl
+import jax
+import numpy as np
+from flax import nnx
+
+from nnxlm.checkpointing import Checkpointer, load_model, stack_layers
+from nnxlm.convert.families import family_of_config, family_of_model
+from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
+from nnxlm.errors import UserError
+from nnxlm.recipes.serialization import to_json
+
+# HF tensors that hold nothing a model needs (buffers recomputed from the config).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def from_hf(source: str, destination: str) -> str:
+    """Converts the HF model directory `source` into the nnxlm run directory `destination`
+    (checkpoint step 0 with the recipe, and the tokenizer files) and returns destination."""
+    from nnxlm.recipes import experiments
+
+    config = read_config(source)
+    family = family_of_config(config)
+    model_recipe = family.recipe(config)
+    abstract = nnx.eval_shape(lambda: fdl.build(model_recipe)(rngs=nnx.Rngs(0)))
+    target = stack_layers(jax.tree.map(lambda v: v, nnx.to_pure_dict(nnx.state(abstract))))
+    reader = TensorReader(source)
+    params = _read_params(family.tensors(config), reader, target, config["num_hidden_layers"])
+    if os.path.exists(os.path.join(destination, "checkpoints")):
+        raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
+    os.makedirs(destination, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
+    for name in copied:
+        shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+    tokenizer = os.path.join(os.path.abspath(destination), "tokenizer.model")
+    recipe = experiments.trainer(model_recipe, name=os.path.basename(os.path.normpath(destination)))
+    recipe.tokenizer_path = tokenizer if "tokenizer.model" in copied else None
+    checkpointer = Checkpointer(os.path.join(destination, "checkpoints"))
+    checkpointer.save(0, {"model": params}, to_json(recipe))
+    checkpointer.wait()
+    checkpointer.close()
+    with open(os.path.join(destination, "recipe.json"), "w", encoding="utf-8") as f:
+        json.dump(to_json(recipe), f, indent=1)
+    return destination
+
+
+def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -> dict:
+    global_tensors, layer_tensors = tensors
+    params = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), target)
+    used = set()
+    for tensor in global_tensors:
+        _set(params, tensor.path, tensor.to_nnx(reader.get(tensor.hf), _get(params, tensor.path).shape))
+        used.add(tensor.hf)
+    for tensor in layer_tensors:
+        stacked = _get(params, ("layers", *tensor.path))
+        for i in range(num_layers):
+            name = tensor.hf.format(i=i)
+            stacked[i] = tensor.to_nnx(reader.get(name), stacked.shape[1:])
+            used.add(name)
+    unused = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
+    if unused:
+        raise UserError(
+            f"tensor {unused[0]} (and {len(unused) - 1} more) has no place in the nnxlm model: "
+            "this variant of the architecture is not supported"
+        )
+    return params
+
+
+def _get(tree: dict, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path, value) -> None:
+    _get(tree, path[:-1])[path[-1]][...] = value
+
+
+def to_hf(model_or_path, destination: str) -> str:
+    """Writes an nnxlm model (or the model of a run directory / checkpoint) as an HF model directory."""
+    model = load_model(model_or_path) if isinstance(model_or_path, str) else model_or_path
+    family = family_of_model(model)
+    config = family.hf_config(model)
+    params = stack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    global_tensors, layer_tensors = family.tensors(config)
+
+    def tensors():
+        for tensor in global_tensors:
+            yield tensor.hf, tensor.to_hf(np.asarray(_get(params, tensor.path)))
+        for i in range(model.num_layers):
+            for tensor in layer_tensors:
+                yield tensor.hf.format(i=i), tensor.to_hf(np.asarray(_get(params, ("layers", *tensor.path))[i]))
+
+    os.makedirs(destination, exist_ok=True)
+    write_tensors(destination, tensors())
+    with open(os.path.join(destination, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+    if isinstance(model_or_path, str):
+        run_dir = model_or_path
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(run_dir, name)):
+                shutil.copy(os.path.join(run_dir, name), os.path.join(destination, name))
+    return destination
+
+
+__all__ = ["from_hf", "to_hf"]

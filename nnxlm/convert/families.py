@@ -1,0 +1,89 @@
+"""What every model family provides for conversion: config.json <-> nnxlm model recipe, and the
+table from each HF tensor name to the nnxlm parameter it holds. One module a family (llama.py,
+...) defines its Family; `families()` lists them."""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import fiddle as fdl
+import numpy as np
+from flax import nnx
+
+from nnxlm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One HF tensor and the nnxlm parameter it becomes.
+
+    hf: the HF name, with {i} standing for the layer index.
+    path: the parameter's path in the model's pure dict (layers stacked along a leading axis).
+    contract: None copies the array (reshaped); n means the HF tensor is a linear weight
+      [out, in] and the nnxlm kernel is [*in (n axes), *out], i.e. the transpose, reshaped.
+    """
+
+    hf: str
+    path: tuple[str, ...]
+    contract: int | None = 1
+
+    def to_nnx(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        array = array if self.contract is None else array.T
+        if math.prod(array.shape) != math.prod(shape):
+            raise UserError(
+                f"HF tensor {self.hf} has shape {array.shape}, which does not fit {shape}: "
+                "config.json disagrees with the weights"
+            )
+        return array.reshape(shape)
+
+    def to_hf(self, kernel: np.ndarray) -> np.ndarray:
+        if self.contract is None:
+            return kernel
+        rows = math.prod(kernel.shape[: self.contract])
+        return kernel.reshape(rows, -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    architecture: str  # config.json "architectures"[0]
+    model_type: str
+    recipe: Callable[[dict], fdl.Partial]  # HF config -> model recipe
+    hf_config: Callable[[nnx.Module], dict]  # model -> HF config
+    tensors: Callable[[dict], tuple[list[Tensor], list[Tensor]]]  # HF config -> (global, per layer)
+    matches: Callable[[nnx.Module], bool]  # whether an nnxlm model exports as this family
+
+
+def require(config: dict, field: str, allowed) -> None:
+    """Raises a one-line UserError when config.json's field holds a value nnxlm cannot convert."""
+    value = config.get(field)
+    if value not in allowed:
+        architecture = (config.get("architectures") or ["?"])[0]
+        raise UserError(f"config.json {field}={value!r} is not supported for {architecture}: nnxlm supports {allowed}")
+
+
+def first(model: nnx.Module, kind: type):
+    """The first submodule of `kind` (every layer has the same hyperparameters)."""
+    return next(module for _, module in nnx.iter_graph(model) if isinstance(module, kind))
+
+
+def families() -> dict[str, Family]:
+    """Every supported HF architecture name -> its Family."""
+    from nnxlm.convert.llama import LLAMA
+
+    return {family.architecture: family for family in [LLAMA]}
+
+
+def family_of_config(config: dict) -> Family:
+    known = families()
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture not in known:
+        raise UserError(f"architecture {architecture!r} is not supported: nnxlm converts {', '.join(sorted(known))}")
+    return known[architecture]
+
+
+def family_of_model(model: nnx.Module) -> Family:
+    """The HF family an nnxlm model exports as: the first whose `matches(model)` holds."""
+    for family in families().values():
+        if family.matches(model):
+            return family
+    raise UserError("this model matches no Hugging Face architecture nnxlm exports (see nnxlm.convert.families)")

@@ -1,0 +1,60 @@
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nnxlm.errors import UserError
+from tests.convert.harness import check_round_trip, perturbed
+
+
+def tiny_llama(**changes):
+    config = dict(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        head_dim=16,  # not hidden_size / num_attention_heads
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+    )
+    return perturbed(LlamaForCausalLM(LlamaConfig(**{**config, **changes})))
+
+
+def test_llama_round_trip(tmp_path):
+    check_round_trip(tiny_llama(), tmp_path)
+
+
+def test_llama_with_tied_embeddings_round_trip(tmp_path):
+    check_round_trip(tiny_llama(tie_word_embeddings=True), tmp_path)
+
+
+def test_unsupported_field_values_are_named(tmp_path):
+    from nnxlm.convert import from_hf
+
+    tiny_llama(hidden_act="relu").save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match="hidden_act='relu' is not supported"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+
+
+def test_training_resumes_from_a_converted_checkpoint(tmp_path):
+    import fiddle as fdl
+    import numpy as np
+
+    from nnxlm.checkpointing import load_recipe
+    from nnxlm.convert import from_hf
+    from nnxlm.data import Synthetic
+    from tests.convert.harness import PROMPT, assert_close_logits, hf_logits
+
+    hf_model = tiny_llama()
+    hf_model.save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+    recipe = load_recipe(str(tmp_path / "run"))
+    recipe.train_data = fdl.Config(Synthetic, vocab_size=101)
+    recipe.eval_data = None
+    recipe.seq_len, recipe.batch_size, recipe.num_steps, recipe.workdir = 16, 2, 3, str(tmp_path / "run")
+    trainer = fdl.build(recipe).setup()
+    assert trainer.step == 0
+    assert_close_logits(np.asarray(trainer.model(np.array(PROMPT, np.int32))), hf_logits(hf_model, PROMPT))
+    history = trainer.fit()
+    assert [r["step"] for r in history] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in history)
+    assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [0, 3]
