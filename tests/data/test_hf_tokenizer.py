@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nnxlm.data import load_tokenizer
 from nnxlm.errors import UserError
@@ -11,6 +11,7 @@ from nnxlm.errors import UserError
 def tokenizer_json(tmp_path):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tokenizer.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 50, trainer=trainer)
     path = tmp_path / "tokenizer.json"
