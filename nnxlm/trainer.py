@@ -27,6 +27,7 @@ from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
 from nnxlm.data import SentencePieceTokenizer, Synthetic, load_tokenizer, make_dataset, unigram_entropy
 from nnxlm.errors import UserError
 from nnxlm.loss import cross_entropy
+from nnxlm.modules.moe import MoE
 from nnxlm.optim import AdamW
 from nnxlm.recipes.serialization import as_config, to_json
 from nnxlm.sharding import logical_to_spec, make_mesh, state_shardings
@@ -49,6 +50,8 @@ class Trainer:
       mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
         entries of the logical-axis table.
       z_loss_weight: weight of the log-partition-function penalty (0 disables it).
+      moe_balance_weight: weight of the mixture-of-experts load-balancing loss, summed over layers
+        (models without experts have none).
       sample_prompts: completed with sample_max_new_tokens tokens at the end of fit(), greedily or,
         with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set).
       peak_flops_per_device: for MFU; None uses the data sheet (accelerators) or measures (CPU).
@@ -78,6 +81,7 @@ class Trainer:
         sharding_rules: dict[str, Any] | None = None,
         num_workers: int = 0,
         z_loss_weight: float = 0.0,
+        moe_balance_weight: float = 0.01,
         sample_prompts: Sequence[str] = (),
         sample_max_new_tokens: int = 64,
         sample_temperature: float = 0.0,
@@ -110,6 +114,7 @@ class Trainer:
         abstract_model = nnx.merge(self.graphdef, abstract_state).model
         self.model_vocab_size = abstract_model.vocab_size
         self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len)
+        self.has_experts = any(isinstance(m, MoE) for _, m in nnx.iter_graph(abstract_model))
         self.tokenizer = self._prepare_tokenizer()
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
@@ -187,8 +192,12 @@ class Trainer:
     # The compiled steps: pure functions of (state, batch), compiled once.
 
     def _loss(self, model, batch, dropout_key):
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
-        return cross_entropy(logits, batch["targets"], batch["loss_mask"], self.z_loss_weight)
+        """(loss to differentiate, cross-entropy, tokens counted, mixture-of-experts balance loss)."""
+        forward = nnx.capture(model, nnx.Intermediate)  # collects what layers sow (MoE balance losses)
+        logits, sown = forward(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+        total, nll, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.z_loss_weight)
+        balance = sum((jnp.sum(x) for x in jax.tree.leaves(sown)), jnp.zeros((), jnp.float32))
+        return total + self.moe_balance_weight * balance, nll, count, balance
 
     def _train_step_fn(self, state, batch):
         train_state = nnx.merge(self.graphdef, state)
@@ -196,17 +205,20 @@ class Trainer:
         learning_rate = self.schedule(train_state.optimizer.step[...])
 
         def total_loss(model):
-            total, nll, _ = self._loss(model, batch, dropout_key)
-            return total, nll
+            total, nll, _, balance = self._loss(model, batch, dropout_key)
+            return total, (nll, balance)
 
-        (_, loss), grads = nnx.value_and_grad(total_loss, has_aux=True)(train_state.model)
+        (_, (loss, balance)), grads = nnx.value_and_grad(total_loss, has_aux=True)(train_state.model)
         train_state.optimizer.update(train_state.model, grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return nnx.state(train_state), {"loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
+        if self.has_experts:
+            metrics["moe_balance_loss"] = balance
+        return nnx.state(train_state), metrics
 
     def _eval_step_fn(self, state, batch):
         model = nnx.merge(self.graphdef, state).model
-        _, loss, count = self._loss(model, batch, None)
+        _, loss, count, _ = self._loss(model, batch, None)
         return loss * count, count
 
     # ----------------------------------------------------------------------------------------------

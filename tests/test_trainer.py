@@ -124,3 +124,14 @@ def test_tokenizer_vocabulary_larger_than_the_model_is_an_error(tmp_path):
     cfg.train_data = fdl.Config(PythonStdlib)
     with pytest.raises(nnxlm.UserError, match="raise model.vocab_size"):
         fdl.build(cfg).setup()
+
+
+def test_a_mixture_of_experts_model_trains_with_its_balance_loss(tmp_path):
+    from nnxlm.modules.moe import MoE
+
+    cfg = tiny(tmp_path, num_steps=6, eval_every=0)
+    cfg.model.block.mlp = fdl.Partial(MoE, num_experts=4, num_experts_per_token=2, expert_hidden_dim=32)
+    history = fdl.build(cfg).fit()
+    balance = [r["moe_balance_loss"] for r in history]
+    assert all(np.isfinite(balance)) and min(balance) > 0  # summed over the 4 layers
+    assert history[-1]["loss"] < history[0]["loss"]

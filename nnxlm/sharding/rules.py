@@ -16,6 +16,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "layers": None,
+    "expert": None,  # a later expert-parallel mesh axis goes here
     "length": None,
 }
 
