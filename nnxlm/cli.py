@@ -46,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_train.add_argument("--max_chars", type=int, default=20_000_000, help="characters to train on")
     tokenizer_train.add_argument("--output", required=True, help="path of the .model file to write")
 
-    decode = commands.add_parser("decode", help="complete prompts with a trained model")
+    decode = commands.add_parser("decode", help="complete prompts with a trained model, streaming the text")
     decode.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
-    decode.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    decode.add_argument("--prompt", action="append", help="a prompt (repeatable); none: read prompts from stdin")
     decode.add_argument("--max_new_tokens", type=int, default=100)
-    decode.add_argument("--temperature", type=float, default=0.0)
-    decode.add_argument("--top_k", type=int)
-    decode.add_argument("--top_p", type=float)
+    decode.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    decode.add_argument("--top_k", type=int, help="sample among the k most likely tokens")
+    decode.add_argument("--top_p", type=float, help="sample among the most likely tokens holding this mass")
     decode.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -114,9 +114,16 @@ def tokenizer(args) -> int:
 
 
 def decode(args) -> int:
+    from nnxlm.generation import check_sampling
+
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+
     from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe
     from nnxlm.data import SentencePieceTokenizer
-    from nnxlm.generation import generate_text
+    from nnxlm.generation import stream_text
 
     directory, _ = find_checkpoint(args.checkpoint)
     recipe = load_recipe(args.checkpoint)
@@ -127,10 +134,33 @@ def decode(args) -> int:
     tokenizer = SentencePieceTokenizer.load(tokenizer_path)
     model = load_model(args.checkpoint)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    completions = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
-    for prompt, completion in zip(args.prompt, completions, strict=True):
-        print(f"{prompt}{completion}")
+
+    def complete(prompt: str) -> None:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    for prompt in args.prompt or _interactive_prompts():
+        complete(prompt)
     return 0
+
+
+def _interactive_prompts():
+    """Lines typed at a `> ` prompt, until a blank line or end of input."""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            if sys.stdin.isatty():
+                print()
+            return
+        if not line.strip():
+            return
+        yield line
 
 
 COMMANDS = {"train": train, "inspect": inspect, "tokenizer": tokenizer, "decode": decode}

@@ -27,6 +27,11 @@ def run_cli(capsys, *args):
         (["train"], "--recipe"),
         (["fly"], "invalid choice"),
         (["decode", "--checkpoint", "/no/such/run", "--prompt", "x"], "no checkpoint found at /no/such/run"),
+        (["decode", "--checkpoint", "r", "--max_new_tokens", "0"], "--max_new_tokens must be a positive integer"),
+        (["decode", "--checkpoint", "r", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["decode", "--checkpoint", "r", "--temperature", "1", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (["decode", "--checkpoint", "r", "--temperature", "1", "--top_k", "0"], "--top_k must be >= 1"),
+        (["decode", "--checkpoint", "r", "--max_new_tokens", "many"], "invalid int value: 'many'"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(capsys, in_tmp, args, message):
@@ -82,3 +87,71 @@ def test_tokenizer_train_writes_a_model_from_text_files(capsys, in_tmp):
 
     tokenizer = SentencePieceTokenizer.load(str(in_tmp / "tok.model"))
     assert tokenizer.decode(tokenizer.encode("def add(a, b):")) == "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A few steps of a tiny model on Python source with its own 512-token tokenizer."""
+    import fiddle as fdl
+
+    import nnxlm
+    from nnxlm.data import PythonStdlib
+    from nnxlm.recipes import models
+
+    cfg = nnxlm.recipes.tiny()
+    cfg.model = models.llama_tiny(vocab_size=512)
+    cfg.train_data, cfg.eval_data = fdl.Config(PythonStdlib), None
+    cfg.tokenizer_train_chars = 300_000
+    cfg.num_steps, cfg.checkpoint_every = 3, 0
+    cfg.workdir = str(tmp_path_factory.mktemp("decode") / "run")
+    fdl.build(cfg).fit()
+    return cfg.workdir
+
+
+def test_decode_streams_the_completion_of_each_prompt(capsys, text_run):
+    import nnxlm
+    from nnxlm.data import SentencePieceTokenizer
+
+    prompts = ["def parse(", "import os\n"]
+    args = [
+        "decode",
+        "--checkpoint",
+        text_run,
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--max_new_tokens",
+        "20",
+    ]
+    sampling = ["--temperature", "0.8", "--top_p", "0.95", "--top_k", "50", "--seed", "1"]
+    code, out, err = run_cli(capsys, *args, *sampling)
+    assert code == 0, err
+    model = nnxlm.load_model(text_run)
+    tokenizer = SentencePieceTokenizer.load(os.path.join(text_run, "tokenizer.model"))
+    expected = ""
+    for prompt in prompts:  # the streamed text is what the one-call path returns
+        (completion,) = nnxlm.generate_text(
+            model, tokenizer, [prompt], 20, temperature=0.8, top_p=0.95, top_k=50, seed=1
+        )
+        assert completion
+        expected += f"{prompt}{completion}\n"
+    assert out == expected
+
+
+def test_decode_without_prompts_reads_them_interactively(capsys, monkeypatch, text_run):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("def main(\n\nnot read\n"))
+    code, out, err = run_cli(capsys, "decode", "--checkpoint", text_run, "--max_new_tokens", "8")
+    assert code == 0, err
+    assert out.startswith("> def main(") and out.endswith("\n> ") and out.count("> ") == 2 and "not read" not in out
+
+
+def test_decode_of_a_run_without_its_tokenizer_is_a_one_line_error(capsys, tmp_path, text_run):
+    import shutil
+
+    shutil.copytree(text_run, tmp_path / "run")
+    os.remove(tmp_path / "run" / "tokenizer.model")
+    code, _, err = run_cli(capsys, "decode", "--checkpoint", str(tmp_path / "run"), "--prompt", "x")
+    assert code == 2 and "no tokenizer at" in err and err.count("\n") == 1, err

@@ -7,11 +7,21 @@ from flax import nnx
 from nnxlm.modules.attention import Attention
 from nnxlm.modules.block import DecoderBlock
 from nnxlm.modules.embed import Embedder
+from nnxlm.modules.kv_cache import KVCache
 from nnxlm.modules.mlp import GatedMLP
 from nnxlm.modules.norms import RMSNorm
 from nnxlm.modules.transformer import REMAT_POLICIES, Transformer
 
-__all__ = ["Attention", "DecoderBlock", "Embedder", "GatedMLP", "RMSNorm", "REMAT_POLICIES", "Transformer"]
+__all__ = [
+    "Attention",
+    "DecoderBlock",
+    "Embedder",
+    "GatedMLP",
+    "KVCache",
+    "RMSNorm",
+    "REMAT_POLICIES",
+    "Transformer",
+]
 
 
 def _expose_init_signature(cls: type) -> None:

@@ -4,13 +4,19 @@ num_heads query heads share num_kv_heads key/value heads (num_heads % num_kv_hea
 num_kv_heads == num_heads is multi-head attention, 1 is multi-query attention. head_dim is
 independent of d_model / num_heads. In a packed row, a token attends only to earlier tokens of
 its own document (same segment id); positions restart at 0 for each document.
+
+Given a KVCache (nnxlm.modules.kv_cache), the layer writes its keys and values into the cache at
+cache.index and attends over every cached slot, masked by slot order and segment.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.rope import apply_rope
 
 
@@ -49,12 +55,28 @@ class Attention(nnx.Module):
         self.v_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
         self.o_proj = param((num_heads, head_dim, d_model), num_heads * head_dim, ("heads", "head_dim", "embed"))
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+    def init_cache(self, batch: int, max_length: int) -> tuple[jax.Array, jax.Array]:
+        """Empty keys and values [batch, num_kv_heads, max_length, head_dim] in the compute dtype."""
+        kv = empty_layer_kv(batch, max_length, self.num_kv_heads, self.head_dim, self.dtype)
+        return kv, kv
+
+    def __call__(
+        self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array, cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Without a cache: attention within x. With one (this layer's k and v, the key segment ids
+        with x's already written at cache.index): returns (output, cache with x's k and v written)."""
         x = x_btd.astype(self.dtype)
         q_btnh = apply_rope(project(x, self.q_proj[...]), positions_bt, self.rope_theta)
         k_btkh = apply_rope(project(x, self.k_proj[...]), positions_bt, self.rope_theta)
         v_btkh = project(x, self.v_proj[...])
-        out_btnh = jax.nn.dot_product_attention(
-            q_btnh, k_btkh, v_btkh, mask=attention_mask(segment_ids_bt), scale=self.head_dim**-0.5
-        )
-        return project(out_btnh, self.o_proj[...], contract=2)
+        if cache is None:
+            mask = attention_mask(segment_ids_bt)
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, scale=self.head_dim**-0.5)
+            return project(out_btnh, self.o_proj[...], contract=2)
+        slot = (0, 0, cache.index, 0)
+        k = jax.lax.dynamic_update_slice(cache.k, k_btkh.transpose(0, 2, 1, 3).astype(cache.k.dtype), slot)
+        v = jax.lax.dynamic_update_slice(cache.v, v_btkh.transpose(0, 2, 1, 3).astype(cache.v.dtype), slot)
+        cache = dataclasses.replace(cache, k=k, v=v)
+        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
+        out_btnh = cached_attention(q_btnh, cache, mask, self.head_dim**-0.5)
+        return project(out_btnh, self.o_proj[...], contract=2), cache

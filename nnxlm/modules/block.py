@@ -44,9 +44,14 @@ class DecoderBlock(nnx.Module):
         self.mlp_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
         self.mlp = mlp(d_model, **dtypes, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, dropout_key=None) -> jax.Array:
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, dropout_key=None, cache=None):
+        """x [batch, length, embed] -> same; with a KVCache of this layer, (x, updated cache)."""
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        h = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt)
+        if cache is None:
+            h = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt)
+        else:
+            h, cache = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt, cache)
         x_btd = x_btd + dropout(h, self.dropout_rate, keys[0])
         h = self.mlp(self.mlp_norm(x_btd))
-        return x_btd + dropout(h, self.dropout_rate, keys[1])
+        x_btd = x_btd + dropout(h, self.dropout_rate, keys[1])
+        return x_btd if cache is None else (x_btd, cache)

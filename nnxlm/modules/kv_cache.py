@@ -1,0 +1,88 @@
+"""The key/value cache of autoregressive decoding: a pytree of arrays passed in and returned.
+
+A model called with a cache attends to the keys and values already in it as well as to its own,
+writes its own at slot `index` (one slot a token, the same slot for every row) and returns the
+cache with `index` moved past them. Slots are preallocated for the whole generation, so shapes
+never change and a compiled decode step is reused for every token.
+
+Layout (logical axis names, see nnxlm.sharding.rules):
+  k, v         [layers, batch, kv_heads, length, head_dim] when the layers are stacked (scanned);
+               a tuple of [batch, kv_heads, length, head_dim], one a layer, when they are a list.
+               Heads before length: a decode step then attends with plain batched matmuls over
+               each (row, kv head), no transposes of the cache (5x faster on CPU than
+               [batch, length, kv_heads, head_dim] at batch 8).
+  segment_ids  [batch, length] int32: the segment of the token in each slot; 0 marks a slot not
+               yet written or holding left padding, which no real token attends to
+  index        [] int32: the next slot to write
+
+Inside a layer the same type holds that layer's k and v without the layers axis.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+KV_AXES = ("batch", "kv_heads", "length", "head_dim")
+SEGMENT_AXES = ("batch", "length")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.segment_ids.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.segment_ids.shape[1]
+
+    def logical_axes(self) -> "KVCache":
+        """The logical axis names of every array, as a KVCache of tuples (for sharding rules)."""
+
+        def axes(kv):
+            if isinstance(kv, tuple):
+                return tuple(KV_AXES for _ in kv)
+            return ("layers", *KV_AXES) if kv.ndim == len(KV_AXES) + 1 else KV_AXES
+
+        return KVCache(k=axes(self.k), v=axes(self.v), segment_ids=SEGMENT_AXES, index=())
+
+
+def empty_layer_kv(batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype) -> jax.Array:
+    return jnp.zeros((batch, num_kv_heads, max_length, head_dim), dtype)
+
+
+def cached_attention_mask(segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array, index: jax.Array) -> jax.Array:
+    """[batch, 1, length, max_length] bool for queries written at slots index.. of the cache:
+    causal over slots and within the same segment (so never to an empty or padding slot)."""
+    length, max_length = segment_ids_bt.shape[1], key_segment_ids_bs.shape[1]
+    query_slot_t = index + jnp.arange(length)
+    causal_ts = jnp.arange(max_length)[None, :] <= query_slot_t[:, None]
+    same_segment_bts = key_segment_ids_bs[:, None, :] == segment_ids_bt[:, :, None]
+    return (causal_ts[None] & same_segment_bts)[:, None]
+
+
+def cached_attention(q_btnh, cache: KVCache, mask_b1ts, scale: float) -> jax.Array:
+    """Attention of queries [batch, length, heads, head_dim] over every slot of one layer's cache
+    ([batch, kv_heads, max_length, head_dim]); the queries sharing a kv head are stacked into the
+    rows of one matmul. Softmax in float32, masked slots at the dtype's lowest value, as in
+    jax.nn.dot_product_attention."""
+    batch, length, num_heads, head_dim = q_btnh.shape
+    num_kv_heads, max_length = cache.k.shape[1], cache.k.shape[2]
+    group = num_heads // num_kv_heads
+    q_bkqh = q_btnh.reshape(batch, length, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    q_bkqh = q_bkqh.reshape(batch, num_kv_heads, length * group, head_dim)
+    scores_bkqs = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, cache.k) * jnp.asarray(scale, q_btnh.dtype)
+    scores_bktgs = scores_bkqs.reshape(batch, num_kv_heads, length, group, max_length).astype(jnp.float32)
+    scores_bktgs = jnp.where(mask_b1ts[:, :, :, None], scores_bktgs, jnp.finfo(jnp.float32).min)
+    probs_bkqs = jax.nn.softmax(scores_bktgs, axis=-1).astype(cache.v.dtype)
+    probs_bkqs = probs_bkqs.reshape(batch, num_kv_heads, length * group, max_length)
+    out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, cache.v)
+    out_bktgh = out_bkqh.reshape(batch, num_kv_heads, length, group, head_dim)
+    return out_bktgh.transpose(0, 2, 1, 3, 4).reshape(batch, length, num_heads, head_dim)

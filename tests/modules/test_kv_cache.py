@@ -1,0 +1,88 @@
+"""The KV cache: cached decoding gives the logits of the full forward pass, whatever the layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nnxlm.modules import KVCache
+from nnxlm.sharding.rules import DEFAULT_RULES
+from tests.modules.helpers import tiny_model
+
+
+def gqa_model(scan_layers, num_kv_heads=2):
+    model = tiny_model(scan_layers)  # 4 query heads
+    attention = model.layers.attention if scan_layers else model.layers[0].attention
+    assert attention.num_kv_heads == 2 and attention.num_heads == 4
+    if num_kv_heads != 2:
+        import fiddle as fdl
+
+        from nnxlm.recipes import models
+
+        cfg = models.llama_tiny(vocab_size=97)
+        cfg.scan_layers = scan_layers
+        cfg.block.attention.num_kv_heads = num_kv_heads
+        model = fdl.build(cfg)(rngs=nnx.Rngs(0))
+    return model
+
+
+@pytest.mark.parametrize(
+    "scan_layers, stacked, num_kv_heads",
+    [(True, True, 2), (True, False, 1), (False, False, 2), (False, True, 4)],  # GQA, MQA, GQA, MHA
+)
+def test_cached_decoding_gives_the_full_forward_logits_at_every_position(scan_layers, stacked, num_kv_heads):
+    model = gqa_model(scan_layers, num_kv_heads)
+    ids = jax.random.randint(jax.random.key(0), (2, 11), 0, 97)
+    full = model(ids)
+    graphdef, state = nnx.split(model)
+    call = jax.jit(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache))  # 2 shapes
+    cache = model.init_cache(2, 16, stacked=stacked)
+    logits, cache = call(state, ids[:, :4], cache)  # a prefill of 4 tokens, then one at a time
+    pieces = [logits]
+    for t in range(4, 11):
+        logits, cache = call(state, ids[:, t : t + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+    assert int(cache.index) == 11
+    np.testing.assert_array_equal(cache.segment_ids, np.array([[1] * 11 + [0] * 5] * 2))
+
+
+def test_a_left_padded_prompt_decodes_as_the_prompt_alone():
+    model = tiny_model(False)
+    prompt = jnp.array([[7, 3, 9]])
+    ids = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), prompt, jnp.array([[12, 40]])], axis=1)
+    segment_ids = jnp.array([[0] * 5 + [1] * 5])  # 0 marks padding: no real token attends to it
+    positions = jnp.array([[0] * 5 + list(range(5))])
+    graphdef, state = nnx.split(model)
+    call = jax.jit(lambda state, cache, *rows: nnx.merge(graphdef, state)(*rows, cache=cache))
+    cache = model.init_cache(1, 12)
+    logits, cache = call(state, cache, ids[:, :8], positions[:, :8], segment_ids[:, :8])
+    step_9, cache = call(state, cache, ids[:, 8:9], positions[:, 8:9], segment_ids[:, 8:9])
+    step_10, _ = call(state, cache, ids[:, 9:], positions[:, 9:], segment_ids[:, 9:])
+    alone = model(ids[:, 5:])
+    got = jnp.concatenate([logits[:, 5:], step_9, step_10], axis=1)
+    np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_unstacked_layers_compute_the_same_numbers():
+    model = tiny_model(True)
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 97)
+    before = model(ids)
+    model.unstack_layers()
+    assert not model.scan_layers and len(model.layers) == 4
+    np.testing.assert_allclose(model(ids), before, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_layout_and_logical_axes():
+    stacked = tiny_model(True).init_cache(3, 32)
+    assert stacked.k.shape == stacked.v.shape == (4, 3, 2, 32, 16)  # layers, batch, kv_heads, length, head_dim
+    assert stacked.segment_ids.shape == (3, 32) and stacked.index.shape == ()
+    axes = stacked.logical_axes()
+    assert axes.k == ("layers", "batch", "kv_heads", "length", "head_dim") and axes.segment_ids == ("batch", "length")
+    listed = tiny_model(False).init_cache(3, 32)
+    assert isinstance(listed.k, tuple) and len(listed.k) == 4 and listed.k[0].shape == (3, 2, 32, 16)
+    assert listed.logical_axes().v == (("batch", "kv_heads", "length", "head_dim"),) * 4
+    for name in axes.k:
+        assert name in DEFAULT_RULES  # shardable by the one table
+    assert isinstance(jax.tree.map(lambda x: x, listed), KVCache)  # a pytree: jit, scan and while_loop carry it
