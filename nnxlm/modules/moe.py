@@ -138,7 +138,9 @@ class MoE(nnx.Module):
         batch, length, d_model = x_btd.shape
         x_nd = x_btd.astype(self.dtype).reshape(batch * length, d_model)
         weights_nk, experts_nk, probs_ne = self.route(x_nd)
-        self.sow(nnx.Intermediate, "moe_aux_loss", load_balancing_loss(experts_nk, probs_ne, self.num_experts))
+        if hasattr(self, "__captures__"):  # only under nnx.capture: flax 0.12 would otherwise keep
+            # appending the loss to the module's own state on every call (inference included)
+            self.sow(nnx.Intermediate, "moe_aux_loss", load_balancing_loss(experts_nk, probs_ne, self.num_experts))
         if self.dispatch == "dense":
             y_nd = self._dense(x_nd, weights_nk, experts_nk)
         else:

@@ -17,9 +17,6 @@ from nnxlm.modules.moe import MoE, RoutingBias, load_balancing_loss
 from nnxlm.recipes import models
 from tests.modules.helpers import copy_weights
 
-# Module.sow outside nnx.capture (the nnx.pop route, still supported) warns in flax 0.12.8
-pytestmark = pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
-
 D, F = 16, 8
 
 # DeepSeek-V3 in miniature: 8 experts in 4 groups, 2 groups a token, 2 experts a token, 2 shared
@@ -205,19 +202,25 @@ def test_aux_loss_is_num_experts_times_sum_of_fractions_times_mean_probabilities
     np.testing.assert_allclose(load_balancing_loss(both, probs, 2), 1.0, rtol=1e-6)
 
 
-def test_aux_loss_is_sown_and_is_one_kth_of_transformers_value():
+def test_aux_loss_is_captured_and_is_one_kth_of_transformers_value():
     moe = MoE(D, num_experts=4, num_experts_per_token=2, expert_hidden_dim=F, rngs=nnx.Rngs(0))
     x = tokens(2, (3, 11, D))
-    moe(x)
-    (sown,) = jax.tree.leaves(nnx.pop(moe, nnx.Intermediate))
-    assert not jax.tree.leaves(nnx.state(moe, nnx.Intermediate))  # popped: the module is as before
+    _, captured = nnx.capture(moe, nnx.Intermediate)(x)
+    (sown,) = jax.tree.leaves(captured)
     logits = x.reshape(-1, D) @ moe.router[...]
     hf_loss = load_balancing_loss_func((torch.tensor(np.asarray(logits)),), num_experts=4, top_k=2)
     np.testing.assert_allclose(2 * sown, hf_loss.item(), rtol=1e-5)
     # a uniform router gives exactly 1 whichever experts it picks
     moe.router[...] = jnp.zeros_like(moe.router[...])
-    moe(x)
-    np.testing.assert_allclose(jax.tree.leaves(nnx.pop(moe, nnx.Intermediate)), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(jax.tree.leaves(nnx.capture(moe, nnx.Intermediate)(x)[1]), [1.0], rtol=1e-6)
+
+
+def test_a_call_outside_capture_leaves_the_module_state_unchanged():
+    moe = MoE(D, num_experts=4, num_experts_per_token=2, expert_hidden_dim=F, rngs=nnx.Rngs(0))
+    before = jax.tree.structure(nnx.state(moe))
+    moe(tokens(3, (1, 5, D)))
+    moe(tokens(4, (1, 5, D)))
+    assert jax.tree.structure(nnx.state(moe)) == before  # generation carries this state in its loop
 
 
 def moe_model(scan_layers):
@@ -237,19 +240,19 @@ def test_aux_loss_of_every_layer_comes_out_of_the_scanned_transformer():
         model = nnx.merge(graphdef, state)
 
         def loss(model):
-            logits = model(ids)
-            (aux_l,) = jax.tree.leaves(nnx.pop(model, nnx.Intermediate))
+            logits, captured = nnx.capture(model, nnx.Intermediate)(ids)
+            (aux_l,) = jax.tree.leaves(captured)
             return jnp.mean(logits**2) + 0.01 * jnp.sum(aux_l), aux_l
 
         (_, aux_l), grads = nnx.value_and_grad(loss, has_aux=True)(model)
         return nnx.state(model), aux_l, grads
 
     new_state, aux_l, grads = train_step(state)
-    assert jax.tree.structure(new_state) == jax.tree.structure(state)  # popped: nothing left behind
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)  # captured: nothing left behind
     assert aux_l.shape == (2,)  # one a layer, stacked by nnx.scan
     assert float(jnp.min(jnp.sum(jnp.abs(grads["layers"]["mlp"]["router"][...]), axis=(1, 2)))) > 0
 
-    # nnx.capture (flax's newer route) gives the same numbers, scanned and layer by layer unscanned
+    # the same numbers outside jax.jit's pure step, scanned and layer by layer unscanned
     listed = nnx.eval_shape(lambda: moe_model(scan_layers=False))
     copy_weights(model, listed)
     forward = nnx.jit(lambda model: nnx.capture(model, nnx.Intermediate)(ids)[1])
