@@ -63,9 +63,8 @@ def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -
         used.add(tensor.hf)
     for tensor in layer_tensors:
         stacked = _get(params, ("layers", *tensor.path))
-        for i in range(num_layers):
-            name = tensor.hf.format(i=i)
-            stacked[i] = tensor.to_nnx(reader.get(name), stacked.shape[1:])
+        for index, name in _layer_names(tensor, num_layers, stacked.shape):
+            stacked[index] = tensor.to_nnx(reader.get(name), stacked[index].shape)
             used.add(name)
     unused = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
     if unused:
@@ -74,6 +73,14 @@ def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -
             "this variant of the architecture is not supported"
         )
     return params
+
+
+def _layer_names(tensor, num_layers: int, stacked_shape) -> list[tuple[tuple[int, ...], str]]:
+    """(index into the stacked parameter, HF name) for every layer (and expert) of a tensor rule."""
+    if "{e}" not in tensor.hf:
+        return [((i,), tensor.hf.format(i=i)) for i in range(num_layers)]
+    experts = stacked_shape[1]
+    return [((i, e), tensor.hf.format(i=i, e=e)) for i in range(num_layers) for e in range(experts)]
 
 
 def _get(tree: dict, path):
@@ -97,9 +104,10 @@ def to_hf(model_or_path, destination: str) -> str:
     def tensors():
         for tensor in global_tensors:
             yield tensor.hf, tensor.to_hf(np.asarray(_get(params, tensor.path)))
-        for i in range(model.num_layers):
-            for tensor in layer_tensors:
-                yield tensor.hf.format(i=i), tensor.to_hf(np.asarray(_get(params, ("layers", *tensor.path))[i]))
+        for tensor in layer_tensors:
+            stacked = _get(params, ("layers", *tensor.path))
+            for index, name in _layer_names(tensor, model.num_layers, stacked.shape):
+                yield name, tensor.to_hf(np.asarray(stacked[index]))
 
     os.makedirs(destination, exist_ok=True)
     write_tensors(destination, tensors())

@@ -17,7 +17,8 @@ from nnxlm.errors import UserError
 class Tensor:
     """One HF tensor and the nnxlm parameter it becomes.
 
-    hf: the HF name, with {i} standing for the layer index.
+    hf: the HF name, with {i} standing for the layer index and {e} for the expert index (the
+      parameter then has an experts axis after the layers axis).
     path: the parameter's path in the model's pure dict (layers stacked along a leading axis).
     contract: None copies the array (reshaped); n means the HF tensor is a linear weight
       [out, in] and the nnxlm kernel is [*in (n axes), *out], i.e. the transpose, reshaped.
@@ -62,15 +63,16 @@ def require(config: dict, field: str, allowed) -> None:
 
 
 def first(model: nnx.Module, kind: type):
-    """The first submodule of `kind` (every layer has the same hyperparameters)."""
-    return next(module for _, module in nnx.iter_graph(model) if isinstance(module, kind))
+    """The first submodule of `kind` (every layer has the same hyperparameters), or None."""
+    return next((module for _, module in nnx.iter_graph(model) if isinstance(module, kind)), None)
 
 
 def families() -> dict[str, Family]:
     """Every supported HF architecture name -> its Family."""
     from nnxlm.convert.llama import LLAMA
+    from nnxlm.convert.mixtral import MIXTRAL
 
-    return {family.architecture: family for family in [LLAMA]}
+    return {family.architecture: family for family in [MIXTRAL, LLAMA]}  # in the order models match
 
 
 def family_of_config(config: dict) -> Family:

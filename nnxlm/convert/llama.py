@@ -6,6 +6,7 @@ from flax import nnx
 from nnxlm.convert.families import Family, Tensor, first, require
 from nnxlm.errors import UserError
 from nnxlm.modules import Attention, GatedMLP
+from nnxlm.modules.moe import MoE
 from nnxlm.recipes import models
 
 
@@ -45,7 +46,7 @@ def llama_hf_config(model: nnx.Module) -> dict:
         "model_type": "llama",
         "vocab_size": model.vocab_size,
         "hidden_size": model.d_model,
-        "intermediate_size": mlp.gate.shape[-1],
+        "intermediate_size": mlp.gate.shape[-1] if mlp is not None else None,  # None: experts instead
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": attention.num_heads,
         "num_key_value_heads": attention.num_kv_heads,
@@ -69,23 +70,32 @@ def llama_tensors(config: dict) -> tuple[list[Tensor], list[Tensor]]:
     ]
     if not config.get("tie_word_embeddings", False):
         model.append(Tensor("lm_head.weight", ("head",), 1))
-    prefix = "model.layers.{i}."
-    layer = [
-        Tensor(prefix + "self_attn.q_proj.weight", ("attention", "q_proj")),
-        Tensor(prefix + "self_attn.k_proj.weight", ("attention", "k_proj")),
-        Tensor(prefix + "self_attn.v_proj.weight", ("attention", "v_proj")),
-        Tensor(prefix + "self_attn.o_proj.weight", ("attention", "o_proj"), 2),
-        Tensor(prefix + "mlp.gate_proj.weight", ("mlp", "gate")),
-        Tensor(prefix + "mlp.up_proj.weight", ("mlp", "up")),
-        Tensor(prefix + "mlp.down_proj.weight", ("mlp", "down")),
-        Tensor(prefix + "input_layernorm.weight", ("attention_norm", "scale"), None),
-        Tensor(prefix + "post_attention_layernorm.weight", ("mlp_norm", "scale"), None),
+    mlp = [
+        Tensor(LAYER + "mlp.gate_proj.weight", ("mlp", "gate")),
+        Tensor(LAYER + "mlp.up_proj.weight", ("mlp", "up")),
+        Tensor(LAYER + "mlp.down_proj.weight", ("mlp", "down")),
     ]
-    return model, layer
+    return model, attention_and_norm_tensors() + mlp
+
+
+LAYER = "model.layers.{i}."
+
+
+def attention_and_norm_tensors() -> list[Tensor]:
+    """A Llama layer's attention projections and its two norms (shared by the Llama-like families)."""
+    return [
+        Tensor(LAYER + "self_attn.q_proj.weight", ("attention", "q_proj")),
+        Tensor(LAYER + "self_attn.k_proj.weight", ("attention", "k_proj")),
+        Tensor(LAYER + "self_attn.v_proj.weight", ("attention", "v_proj")),
+        Tensor(LAYER + "self_attn.o_proj.weight", ("attention", "o_proj"), 2),
+        Tensor(LAYER + "input_layernorm.weight", ("attention_norm", "scale"), None),
+        Tensor(LAYER + "post_attention_layernorm.weight", ("mlp_norm", "scale"), None),
+    ]
 
 
 def is_llama(model: nnx.Module) -> bool:
-    return first(model, GatedMLP).activation == "silu"
+    mlp = first(model, GatedMLP)
+    return first(model, MoE) is None and mlp is not None and mlp.activation == "silu"
 
 
 LLAMA = Family("LlamaForCausalLM", "llama", llama_recipe, llama_hf_config, llama_tensors, is_llama)

@@ -1,0 +1,69 @@
+"""Mixtral (MixtralForCausalLM): a Llama whose MLP is a top-k sparse mixture of SwiGLU experts,
+routed by a softmax whose top-k weights are renormalised to sum to 1."""
+
+import fiddle as fdl
+from flax import nnx
+
+from nnxlm.convert.families import Family, Tensor, first, require
+from nnxlm.convert.llama import LAYER, attention_and_norm_tensors, llama_hf_config, llama_recipe
+from nnxlm.modules.moe import MoE
+
+
+def mixtral_recipe(config: dict) -> fdl.Partial:
+    require(config, "sliding_window", (None,))
+    cfg = llama_recipe(config)
+    cfg.block.mlp = fdl.Partial(
+        MoE,
+        num_experts=config["num_local_experts"],
+        num_experts_per_token=config["num_experts_per_tok"],
+        expert_hidden_dim=config["intermediate_size"],
+        router="softmax",
+        normalize_top_k=True,
+    )
+    return cfg
+
+
+def mixtral_hf_config(model: nnx.Module) -> dict:
+    moe = first(model, MoE)
+    config = llama_hf_config(model)
+    config.update(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=moe.gate.shape[-1],
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.num_experts_per_token,
+        sliding_window=None,
+        router_aux_loss_coef=0.001,
+    )
+    for field in ("attention_bias", "mlp_bias"):
+        config.pop(field)
+    return config
+
+
+def mixtral_tensors(config: dict) -> tuple[list[Tensor], list[Tensor]]:
+    from nnxlm.convert.llama import llama_tensors
+
+    model, _ = llama_tensors(config)
+    moe = LAYER + "block_sparse_moe."
+    experts = [
+        Tensor(moe + "gate.weight", ("mlp", "router")),
+        Tensor(moe + "experts.{e}.w1.weight", ("mlp", "gate")),
+        Tensor(moe + "experts.{e}.w3.weight", ("mlp", "up")),
+        Tensor(moe + "experts.{e}.w2.weight", ("mlp", "down")),
+    ]
+    return model, attention_and_norm_tensors() + experts
+
+
+def is_mixtral(model: nnx.Module) -> bool:
+    moe = first(model, MoE)
+    return (
+        moe is not None
+        and moe.router_type == "softmax"
+        and moe.normalize_top_k
+        and moe.shared is None
+        and moe.router_bias is None
+        and moe.activation == "silu"
+    )
+
+
+MIXTRAL = Family("MixtralForCausalLM", "mixtral", mixtral_recipe, mixtral_hf_config, mixtral_tensors, is_mixtral)
