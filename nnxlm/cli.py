@@ -1,4 +1,4 @@
-"""The `nnxlm` command line: train, inspect, tokenizer train, decode.
+"""The `nnxlm` command line: train, inspect, tokenizer train, decode, convert.
 
 Recipes are chosen and edited with repeated --recipe directives (see nnxlm.recipes.directives).
 Any mistake in the user's input prints one line and exits with code 2.
@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--top_k", type=int, help="sample among the k most likely tokens")
     decode.add_argument("--top_p", type=float, help="sample among the most likely tokens holding this mass")
     decode.add_argument("--seed", type=int, default=0)
+
+    convert = commands.add_parser("convert", help="Hugging Face checkpoints in and out")
+    directions = convert.add_subparsers(dest="direction", required=True, parser_class=_Parser)
+    from_hf = directions.add_parser("from-hf", help="an HF model directory -> an nnxlm run directory")
+    from_hf.add_argument("source", help="directory with config.json and safetensors (and a tokenizer)")
+    from_hf.add_argument("destination", help="new run directory (checkpoint, recipe, tokenizer)")
+    to_hf = directions.add_parser("to-hf", help="an nnxlm run directory or checkpoint -> an HF model directory")
+    to_hf.add_argument("source", help="run directory or checkpoint directory")
+    to_hf.add_argument("destination", help="directory for config.json and safetensors")
     return parser
 
 
@@ -122,16 +131,16 @@ def decode(args) -> int:
         raise UserError(f"--{e}") from None
 
     from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe
-    from nnxlm.data import SentencePieceTokenizer
+    from nnxlm.data import find_tokenizer, load_tokenizer
     from nnxlm.generation import stream_text
 
     directory, _ = find_checkpoint(args.checkpoint)
     recipe = load_recipe(args.checkpoint)
     run_dir = os.path.dirname(directory)
-    tokenizer_path = recipe.tokenizer_path or os.path.join(run_dir, "tokenizer.model")
+    tokenizer_path = find_tokenizer(run_dir, recipe.tokenizer_path)
     if not os.path.exists(tokenizer_path):
-        raise UserError(f"no tokenizer at {tokenizer_path}: decode needs the run's tokenizer.model")
-    tokenizer = SentencePieceTokenizer.load(tokenizer_path)
+        raise UserError(f"no tokenizer at {tokenizer_path}: decode needs the run's tokenizer.model or tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(args.checkpoint)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -163,4 +172,15 @@ def _interactive_prompts():
         yield line
 
 
-COMMANDS = {"train": train, "inspect": inspect, "tokenizer": tokenizer, "decode": decode}
+def convert(args) -> int:
+    from nnxlm.convert import from_hf, to_hf
+
+    if args.direction == "from-hf":
+        from_hf(args.source, args.destination)
+    else:
+        to_hf(args.source, args.destination)
+    print(f"wrote {args.destination}")
+    return 0
+
+
+COMMANDS = {"train": train, "inspect": inspect, "tokenizer": tokenizer, "decode": decode, "convert": convert}

@@ -320,9 +320,14 @@ def generate(
     return out
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The ids a model sees for a prompt: bos (when the tokenizer has one) and the text's tokens."""
+    return ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
+
+
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[str]:
     """Completions of text prompts (the prompt itself is not repeated); stops at end of text."""
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     new_ids = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id, **sampling)
     completions = []
     for row in new_ids.tolist():
@@ -361,7 +366,7 @@ def _common_prefix(a: str, b: str) -> str:
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, chunk: int = 16, **sampling) -> Iterator[str]:
     """Yields pieces of the completion of one text prompt as they are generated."""
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    ids = prompt_ids(tokenizer, prompt)
     text = TextStream(tokenizer)
     eos = tokenizer.eos_id
     for new_bn in stream(model, [ids], max_new_tokens, eos_id=eos, pad_id=eos, chunk=chunk, **sampling):

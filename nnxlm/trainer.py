@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
-from nnxlm.data import SentencePieceTokenizer, Synthetic, load_tokenizer, make_dataset, unigram_entropy
+from nnxlm.data import SentencePieceTokenizer, Synthetic, find_tokenizer, load_tokenizer, make_dataset, unigram_entropy
 from nnxlm.errors import UserError
 from nnxlm.loss import cross_entropy
 from nnxlm.modules.moe import MoE
@@ -148,7 +148,7 @@ class Trainer:
     def _prepare_tokenizer(self):
         if isinstance(self.train_data, Synthetic):
             return None
-        path = self.tokenizer_path or os.path.join(self.workdir, "tokenizer.model")
+        path = find_tokenizer(self.workdir, self.tokenizer_path)
         if os.path.exists(path):
             tokenizer = load_tokenizer(path)
         elif self.tokenizer_path:

@@ -42,9 +42,10 @@ def from_hf(source: str, destination: str) -> str:
     copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
     for name in copied:
         shutil.copy(os.path.join(source, name), os.path.join(destination, name))
-    tokenizer = os.path.join(os.path.abspath(destination), "tokenizer.model")
     recipe = experiments.trainer(model_recipe, name=os.path.basename(os.path.normpath(destination)))
-    recipe.tokenizer_path = tokenizer if "tokenizer.model" in copied else None
+    tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
+    if tokenizers:  # the model's own tokenizer, wherever the run directory later trains
+        recipe.tokenizer_path = os.path.join(os.path.abspath(destination), tokenizers[0])
     checkpointer = Checkpointer(os.path.join(destination, "checkpoints"))
     checkpointer.save(0, {"model": params}, to_json(recipe))
     checkpointer.wait()

@@ -9,6 +9,7 @@ from nnxlm.data.tokenizer import (
     UNK_ID,
     SentencePieceTokenizer,
     Tokenizer,
+    find_tokenizer,
     load_tokenizer,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "Synthetic",
     "TextFiles",
     "Tokenizer",
+    "find_tokenizer",
     "load_tokenizer",
     "make_dataset",
     "unigram_entropy",

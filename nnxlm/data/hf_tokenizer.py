@@ -51,8 +51,9 @@ class HFTokenizer:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int:
-        return self._ids.get("bos") if self._ids.get("bos") is not None else self.eos_id
+    def bos_id(self) -> int | None:
+        """None when the model uses no bos token (Qwen): nothing is prepended then."""
+        return self._ids.get("bos")
 
     @property
     def eos_id(self) -> int:

@@ -39,7 +39,8 @@ from nnxlm.errors import UserError
 
 
 class LoadAndTokenize(grain.transforms.Map):
-    """Document item -> ``{"tokens": int32 [n + 2]}`` = bos, ids, eos."""
+    """Document item -> ``{"tokens": int32 [n + 2]}`` = bos, ids, eos (no bos when the tokenizer
+    has none, as Qwen's)."""
 
     def __init__(self, source: Any, tokenizer: Any | None):
         self.source = source
@@ -49,9 +50,8 @@ class LoadAndTokenize(grain.transforms.Map):
 
     def map(self, item: Any) -> dict[str, np.ndarray]:
         ids = document_ids(self.source, self.tokenizer, item)
-        tokens = np.empty(len(ids) + 2, dtype=np.int32)
-        tokens[0], tokens[1:-1], tokens[-1] = self.bos, ids, self.eos
-        return {"tokens": tokens}
+        bos = [] if self.bos is None else [self.bos]
+        return {"tokens": np.concatenate([np.asarray(bos + list(ids), np.int32), [self.eos]]).astype(np.int32)}
 
 
 def document_ids(source: Any, tokenizer: Any | None, item: Any) -> np.ndarray:

@@ -199,6 +199,17 @@ def _lines(texts: Iterable[str], max_chars: int, seen: list[int]) -> Iterator[st
             return
 
 
+def find_tokenizer(run_dir: str, tokenizer_path: str | None = None) -> str:
+    """The tokenizer file of a run: `tokenizer_path` if given, else the run directory's
+    tokenizer.model or tokenizer.json (the default path tokenizer.model when neither exists)."""
+    if tokenizer_path:
+        return tokenizer_path
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            return os.path.join(run_dir, name)
+    return os.path.join(run_dir, "tokenizer.model")
+
+
 def load_tokenizer(path: str):
     """A SentencePiece ``.model`` file, or a Hugging Face ``tokenizer.json`` (needs ``tokenizers``)."""
     if os.fspath(path).endswith(".json"):

@@ -58,3 +58,27 @@ def test_training_resumes_from_a_converted_checkpoint(tmp_path):
     history = trainer.fit()
     assert [r["step"] for r in history] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in history)
     assert sorted(int(d.name) for d in (tmp_path / "run" / "checkpoints").iterdir() if d.name.isdigit()) == [0, 3]
+
+
+def test_the_command_line_converts_both_ways_and_names_bad_input(tmp_path, capsys):
+    import numpy as np
+
+    import nnxlm
+    from nnxlm.cli import main
+    from tests.convert.harness import PROMPT, assert_close_logits, hf_logits
+
+    hf_model = tiny_llama()
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_close_logits(hf_logits(exported, PROMPT), hf_logits(hf_model, PROMPT))
+    model = nnxlm.load_model(str(tmp_path / "run"))
+    assert model(np.array(PROMPT, np.int32)).shape == (1, len(PROMPT[0]), 101)
+    capsys.readouterr()
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2  # never overwrite
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["convert", "from-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
