@@ -2,6 +2,7 @@
 
     NAME                      a recipe function in nnxlm.recipes (tiny, llama3_8b, ...)
     path/to/file.py[:fn]      a recipe function in any file (default fn: the file's stem)
+    path/to/recipe.json       a recipe saved as JSON (every run directory has recipe.json)
     fiddler:NAME(args)        an edit from nnxlm.recipes.fiddlers (or the recipe file, or a.b.fn)
     set:path.to.field=VALUE   VALUE is a Python literal: 3, 1e-3, 'bfloat16', [1, 2], None
 
@@ -44,6 +45,8 @@ def load_base(spec: str) -> tuple[fdl.Config, ModuleType]:
     """Calls the recipe function `spec` names; returns its config and its file's module (or None)."""
     from nnxlm import recipes
 
+    if spec.endswith(".json"):
+        return _load_json_recipe(spec), None
     path, _, function_name = spec.partition(":") if ".py" in spec else (spec, "", "")
     if path.endswith(".py"):
         module = _import_file(path)
@@ -65,6 +68,18 @@ def load_base(spec: str) -> tuple[fdl.Config, ModuleType]:
     if "name" in fdl.ordered_arguments(cfg) and "name" not in cfg.__arguments__:
         cfg.name = function_name  # the run directory defaults to runs/<recipe name>
     return cfg, module
+
+
+def _load_json_recipe(path: str) -> fdl.Config:
+    from nnxlm.recipes.serialization import from_json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return from_json(f.read())
+    except OSError as e:
+        raise UserError(f"recipe file {path} cannot be read ({e.strerror}): check the path") from None
+    except Exception as e:  # fiddle raises several types for a malformed recipe
+        raise UserError(f"{path} is not an nnxlm recipe JSON ({type(e).__name__}: {e})") from None
 
 
 def _import_file(path: str) -> ModuleType:

@@ -2,7 +2,7 @@
 
 import fiddle as fdl
 
-from nnxlm.data import Synthetic
+from nnxlm.data import JsonlFiles, Synthetic, TextFiles
 
 
 def loop_layers(cfg: fdl.Config) -> None:
@@ -38,3 +38,25 @@ def quick(cfg: fdl.Config, steps: int = 20) -> None:
     cfg.eval_every = steps
     cfg.eval_batches = 2
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, steps // 4)
+
+
+def text_files(cfg: fdl.Config, train: str, eval: str | None = None, eval_fraction: float = 0.01) -> None:
+    """Train on text files matching the glob `train` (one document a file); evaluate on `eval`, or
+    on a held-out eval_fraction of the training files when no eval glob is given."""
+    _files(cfg, TextFiles, train, eval, eval_fraction)
+
+
+def jsonl_files(
+    cfg: fdl.Config, train: str, eval: str | None = None, field: str = "text", eval_fraction: float = 0.01
+) -> None:
+    """Like text_files for JSON Lines files, one document a line, its text in `field`."""
+    _files(cfg, JsonlFiles, train, eval, eval_fraction, field=field)
+
+
+def _files(cfg, source, train, eval, eval_fraction, **fields) -> None:
+    if eval is None:
+        cfg.train_data = fdl.Config(source, globs=[train], split="train", eval_fraction=eval_fraction, **fields)
+        cfg.eval_data = fdl.Config(source, globs=[train], split="eval", eval_fraction=eval_fraction, **fields)
+    else:
+        cfg.train_data = fdl.Config(source, globs=[train], **fields)
+        cfg.eval_data = fdl.Config(source, globs=[eval], **fields)

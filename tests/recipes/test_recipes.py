@@ -89,3 +89,26 @@ def test_recipe_file_with_function_name(tmp_path):
 def test_bad_directives_name_the_problem(recipe, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         directives.resolve(recipe)
+
+
+def test_a_saved_recipe_json_is_a_base_directive(tmp_path):
+    path = tmp_path / "recipe.json"
+    import json
+
+    cfg = nnxlm.recipes.tiny()
+    cfg.num_steps = 9
+    path.write_text(json.dumps(to_json(cfg)))
+    assert directives.resolve([str(path), "set:seq_len=32"]) == directives.resolve(
+        ["tiny", "set:num_steps=9", "set:seq_len=32"]
+    )
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="is not an nnxlm recipe JSON"):
+        directives.resolve([str(path)])
+
+
+def test_text_files_fiddler_points_a_recipe_at_user_data(tmp_path):
+    for i in range(30):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n")
+    cfg = directives.resolve(["tiny", f"fiddler:text_files('{tmp_path}/*.txt', eval_fraction=0.2)"])
+    train, held_out = fdl.build(cfg.train_data).documents(), fdl.build(cfg.eval_data).documents()
+    assert len(train) + len(held_out) == 30 and held_out and not set(train) & set(held_out)
