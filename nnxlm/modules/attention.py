@@ -7,9 +7,18 @@ its own document (same segment id); positions restart at 0 for each document.
 
 Given a KVCache (nnxlm.modules.kv_cache), the layer writes its keys and values into the cache at
 cache.index and attends over every cached slot, masked by slot order and segment.
+
+Options (off by default; each adds what the Hugging Face families need):
+  rope_scaling   passed to nnxlm.modules.rope.apply_rope ({"type": "linear" | "llama3", ...}).
+  qkv_bias       biases on the query, key and value projections (Qwen 2.5).
+  qk_norm        a norm factory, called as qk_norm(head_dim, param_dtype=, rngs=), applied to each
+                 query and key head over head_dim before RoPE (Qwen 3: RMSNorm).
+  sliding_window a query attends only to keys fewer than sliding_window positions before it
+                 (query position - key position < sliding_window, as Mistral in transformers).
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +29,17 @@ from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_m
 from nnxlm.modules.rope import apply_rope
 
 
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-    """[batch, 1, length, length] bool: causal and within the same segment."""
+def attention_mask(
+    segment_ids_bt: jax.Array, positions_bt: jax.Array | None = None, sliding_window: int | None = None
+) -> jax.Array:
+    """[batch, 1, length, length] bool: causal and within the same segment; with a sliding window,
+    also only keys whose position is less than sliding_window before the query's."""
     length = segment_ids_bt.shape[1]
     causal_tt = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_segment_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return (causal_tt[None] & same_segment_btt)[:, None]
+    mask_btt = causal_tt[None] & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    if sliding_window is not None:
+        mask_btt &= positions_bt[:, :, None] - positions_bt[:, None, :] < sliding_window
+    return mask_btt[:, None]
 
 
 class Attention(nnx.Module):
@@ -37,6 +51,10 @@ class Attention(nnx.Module):
         num_kv_heads: int,
         head_dim: int,
         rope_theta: float = 10_000.0,
+        rope_scaling: dict | None = None,
+        qkv_bias: bool = False,
+        qk_norm: Callable[..., nnx.Module] | None = None,
+        sliding_window: int | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -44,7 +62,12 @@ class Attention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
         self.rope_theta = rope_theta
+        # a sorted tuple of items: module attributes must be hashable (see the rope_scaling property)
+        self._rope_scaling = tuple(sorted(rope_scaling.items())) if rope_scaling else None
+        self.qkv_bias, self.sliding_window = qkv_bias, sliding_window
         self.dtype = jnp.dtype(dtype)
 
         def param(shape, fan_in, axes):
@@ -54,6 +77,36 @@ class Attention(nnx.Module):
         self.k_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
         self.v_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
         self.o_proj = param((num_heads, head_dim, d_model), num_heads * head_dim, ("heads", "head_dim", "embed"))
+        if qkv_bias:
+
+            def bias(heads, axis):
+                return nnx.Param(jnp.zeros((heads, head_dim), param_dtype), logical_axes=(axis, "head_dim"))
+
+            self.q_bias = bias(num_heads, "heads")
+            self.k_bias, self.v_bias = bias(num_kv_heads, "kv_heads"), bias(num_kv_heads, "kv_heads")
+        if qk_norm is None:
+            self.q_norm = self.k_norm = None
+        else:
+            self.q_norm = qk_norm(head_dim, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = qk_norm(head_dim, param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        return dict(self._rope_scaling) if self._rope_scaling else None
+
+    def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+        """Queries [batch, length, heads, head_dim], keys and values [..., kv_heads, head_dim]."""
+        q_btnh, k_btkh, v_btkh = (project(x_btd, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qkv_bias:
+            q_btnh = q_btnh + self.q_bias[...].astype(self.dtype)
+            k_btkh = k_btkh + self.k_bias[...].astype(self.dtype)
+            v_btkh = v_btkh + self.v_bias[...].astype(self.dtype)
+        if self.q_norm is not None:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        scaling = self.rope_scaling
+        q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta, scaling)
+        k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta, scaling)
+        return q_btnh, k_btkh, v_btkh
 
     def init_cache(self, batch: int, max_length: int) -> tuple[jax.Array, jax.Array]:
         """Empty keys and values [batch, num_kv_heads, max_length, head_dim] in the compute dtype."""
@@ -66,17 +119,15 @@ class Attention(nnx.Module):
         """Without a cache: attention within x. With one (this layer's k and v, the key segment ids
         with x's already written at cache.index): returns (output, cache with x's k and v written)."""
         x = x_btd.astype(self.dtype)
-        q_btnh = apply_rope(project(x, self.q_proj[...]), positions_bt, self.rope_theta)
-        k_btkh = apply_rope(project(x, self.k_proj[...]), positions_bt, self.rope_theta)
-        v_btkh = project(x, self.v_proj[...])
+        q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt)
         if cache is None:
-            mask = attention_mask(segment_ids_bt)
+            mask = attention_mask(segment_ids_bt, positions_bt, self.sliding_window)
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, scale=self.head_dim**-0.5)
             return project(out_btnh, self.o_proj[...], contract=2)
         slot = (0, 0, cache.index, 0)
         k = jax.lax.dynamic_update_slice(cache.k, k_btkh.transpose(0, 2, 1, 3).astype(cache.k.dtype), slot)
         v = jax.lax.dynamic_update_slice(cache.v, v_btkh.transpose(0, 2, 1, 3).astype(cache.v.dtype), slot)
         cache = dataclasses.replace(cache, k=k, v=v)
-        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
+        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, self.sliding_window)
         out_btnh = cached_attention(q_btnh, cache, mask, self.head_dim**-0.5)
         return project(out_btnh, self.o_proj[...], contract=2), cache

@@ -58,12 +58,20 @@ def empty_layer_kv(batch: int, max_length: int, num_kv_heads: int, head_dim: int
     return jnp.zeros((batch, num_kv_heads, max_length, head_dim), dtype)
 
 
-def cached_attention_mask(segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array, index: jax.Array) -> jax.Array:
+def cached_attention_mask(
+    segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array, index: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
     """[batch, 1, length, max_length] bool for queries written at slots index.. of the cache:
-    causal over slots and within the same segment (so never to an empty or padding slot)."""
+    causal over slots and within the same segment (so never to an empty or padding slot). With a
+    sliding window, only slots less than sliding_window before the query's: a row's tokens fill
+    contiguous slots, so slot distance is position distance (left padding has segment 0 and is
+    masked by the segment test)."""
     length, max_length = segment_ids_bt.shape[1], key_segment_ids_bs.shape[1]
     query_slot_t = index + jnp.arange(length)
-    causal_ts = jnp.arange(max_length)[None, :] <= query_slot_t[:, None]
+    offset_ts = query_slot_t[:, None] - jnp.arange(max_length)[None, :]
+    causal_ts = offset_ts >= 0
+    if sliding_window is not None:
+        causal_ts &= offset_ts < sliding_window
     same_segment_bts = key_segment_ids_bs[:, None, :] == segment_ids_bt[:, :, None]
     return (causal_ts[None] & same_segment_bts)[:, None]
 

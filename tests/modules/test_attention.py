@@ -61,3 +61,90 @@ def test_rope_preserves_norms_and_is_identity_at_position_zero():
     np.testing.assert_allclose(apply_rope(x, jnp.zeros((1, 3), jnp.int32), 500.0), x, atol=1e-6)
     rotated = apply_rope(x, jnp.array([[1, 50, 3000]]), 500.0)
     np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def _inputs(length=10, batch=2, seed=7):
+    x = jax.random.normal(jax.random.key(seed), (batch, length, 32))
+    return x, jnp.broadcast_to(jnp.arange(length), (batch, length)), jnp.ones((batch, length), jnp.int32)
+
+
+def _twin(**options):
+    """An Attention with options and the plain one holding the same projection weights."""
+    plain = Attention(32, num_heads=4, num_kv_heads=2, head_dim=12, rngs=nnx.Rngs(0))
+    other = Attention(32, num_heads=4, num_kv_heads=2, head_dim=12, **options, rngs=nnx.Rngs(0))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(other, name)[...] = getattr(plain, name)[...]
+    return plain, other
+
+
+def test_default_options_keep_the_parameter_set():
+    attention = Attention(32, num_heads=4, num_kv_heads=2, head_dim=12, rngs=nnx.Rngs(0))
+    assert sorted(nnx.to_pure_dict(nnx.state(attention, nnx.Param))) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_zero_qkv_biases_equal_no_bias_and_biases_shift_the_projections():
+    plain, biased = _twin(qkv_bias=True)
+    assert biased.q_bias.shape == (4, 12) and biased.k_bias.shape == biased.v_bias.shape == (2, 12)
+    assert biased.q_bias.get_metadata()["logical_axes"] == ("heads", "head_dim")
+    assert biased.k_bias.get_metadata()["logical_axes"] == ("kv_heads", "head_dim")
+    x, positions, segments = _inputs()
+    np.testing.assert_allclose(biased(x, positions, segments), plain(x, positions, segments), atol=1e-6)
+    # a value bias b adds o_proj(b) to every output (attention weights sum to 1)
+    biased.v_bias[...] = jax.random.normal(jax.random.key(3), (2, 12))
+    shift = jnp.einsum("nh,nhd->d", jnp.repeat(biased.v_bias[...], 2, axis=0), biased.o_proj[...])
+    np.testing.assert_allclose(biased(x, positions, segments), plain(x, positions, segments) + shift, atol=1e-5)
+
+
+def test_qk_norm_normalises_each_query_and_key_head_before_rope():
+    from nnxlm.modules import RMSNorm
+
+    _, normed = _twin(qk_norm=RMSNorm)
+    assert normed.q_norm.scale.shape == normed.k_norm.scale.shape == (12,)
+    normed.q_norm.scale[...] = jax.random.normal(jax.random.key(4), (12,))
+    normed.k_norm.scale[...] = jax.random.normal(jax.random.key(5), (12,))
+    x, positions, segments = _inputs()
+
+    def rms_norm(y, scale):
+        return y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * scale
+
+    q = rms_norm(jnp.einsum("btd,dnh->btnh", x, normed.q_proj[...]), normed.q_norm.scale[...])
+    k = rms_norm(jnp.einsum("btd,dnh->btnh", x, normed.k_proj[...]), normed.k_norm.scale[...])
+    v = jnp.einsum("btd,dnh->btnh", x, normed.v_proj[...])
+    q, k = apply_rope(q, positions, normed.rope_theta), apply_rope(k, positions, normed.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    expected = jnp.einsum("btnh,nhd->btd", out, normed.o_proj[...])
+    np.testing.assert_allclose(normed(x, positions, segments), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sliding_window_as_long_as_the_row_is_full_attention_and_a_shorter_one_is_not():
+    plain, windowed = _twin(sliding_window=10)
+    x, positions, segments = _inputs(length=10)
+    np.testing.assert_allclose(windowed(x, positions, segments), plain(x, positions, segments), atol=1e-6)
+    _, short = _twin(sliding_window=4)
+    out = short(x, positions, segments)
+    np.testing.assert_allclose(out[:, :4], plain(x, positions, segments)[:, :4], atol=1e-5)  # within the window
+    assert not np.allclose(out[:, 4:], plain(x, positions, segments)[:, 4:], atol=1e-3)
+    # token t sees exactly tokens t-3..t: equal to attention over that slice alone (positions shifted)
+    t = 8
+    alone = short(x[:, t - 3 : t + 1], positions[:, t - 3 : t + 1], segments[:, t - 3 : t + 1])
+    np.testing.assert_allclose(out[:, t], alone[:, -1], atol=1e-5)
+
+
+def test_sliding_window_positions_restart_in_each_packed_document():
+    _, short = _twin(sliding_window=3)
+    x, _, _ = _inputs(length=10, batch=1)
+    positions = jnp.array([list(range(6)) + list(range(4))])
+    segments = jnp.array([[1] * 6 + [2] * 4])
+    packed = short(x, positions, segments)
+    np.testing.assert_allclose(packed[:, :6], short(x[:, :6], positions[:, :6], segments[:, :6]), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 6:], short(x[:, 6:], positions[:, 6:], segments[:, 6:]), atol=1e-5)
+
+
+def test_rope_scaling_reaches_the_attention():
+    scaling = {"type": "linear", "factor": 4.0}
+    _, scaled = _twin(rope_scaling=scaling)
+    plain, _ = _twin()
+    assert scaled.rope_scaling == scaling
+    x, positions, segments = _inputs()
+    # linear scaling by 4 is rope at a quarter of the positions
+    np.testing.assert_allclose(scaled(x, positions * 4, segments), plain(x, positions, segments), atol=1e-4, rtol=1e-4)

@@ -86,3 +86,74 @@ def test_cache_layout_and_logical_axes():
     for name in axes.k:
         assert name in DEFAULT_RULES  # shardable by the one table
     assert isinstance(jax.tree.map(lambda x: x, listed), KVCache)  # a pytree: jit, scan and while_loop carry it
+
+
+ATTENTION_OPTIONS = {
+    "qkv_bias": dict(qkv_bias=True),
+    "qk_norm": dict(qk_norm="rmsnorm"),
+    "rope_scaling": dict(
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    ),
+    "sliding_window": dict(sliding_window=3),
+    "all": dict(qkv_bias=True, qk_norm="rmsnorm", sliding_window=4),
+}
+
+
+def option_model(scan_layers=True, **options):
+    """The tiny GQA model with attention options set and every parameter moved off its init value
+    (zero biases and unit norm scales would hide a mistake)."""
+    import fiddle as fdl
+
+    from nnxlm.modules import RMSNorm
+    from nnxlm.recipes import models
+
+    cfg = models.llama_tiny(vocab_size=97)
+    cfg.scan_layers = scan_layers
+    for name, value in options.items():
+        setattr(cfg.block.attention, name, fdl.Partial(RMSNorm, eps=1e-6) if value == "rmsnorm" else value)
+    model = fdl.build(cfg)(rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    noisy = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+@pytest.mark.parametrize("option", sorted(ATTENTION_OPTIONS))
+@pytest.mark.parametrize("stacked", [True, False])
+def test_cached_decoding_equals_the_full_forward_with_every_attention_option(option, stacked):
+    model = option_model(True, **ATTENTION_OPTIONS[option])
+    ids = jax.random.randint(jax.random.key(0), (2, 11), 0, 97)
+    full = model(ids)
+    graphdef, state = nnx.split(model)
+    call = jax.jit(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache))
+    cache = model.init_cache(2, 16, stacked=stacked)
+    logits, cache = call(state, ids[:, :5], cache)  # a prefill longer than the window, then steps
+    pieces = [logits]
+    for t in range(5, 11):
+        logits, cache = call(state, ids[:, t : t + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_left_padded_prompt_decodes_as_the_prompt_alone_with_a_sliding_window():
+    model = option_model(False, sliding_window=3)
+    ids = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), jnp.array([[7, 3, 9, 4, 60, 12, 40]])], axis=1)
+    segment_ids = jnp.array([[0] * 5 + [1] * 7])
+    positions = jnp.array([[0] * 5 + list(range(7))])
+    graphdef, state = nnx.split(model)
+    call = jax.jit(lambda state, cache, *rows: nnx.merge(graphdef, state)(*rows, cache=cache))
+    cache = model.init_cache(1, 14)
+    logits, cache = call(state, cache, ids[:, :10], positions[:, :10], segment_ids[:, :10])
+    pieces = [logits[:, 5:]]
+    for t in range(10, 12):
+        step, cache = call(state, cache, ids[:, t : t + 1], positions[:, t : t + 1], segment_ids[:, t : t + 1])
+        pieces.append(step)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), model(ids[:, 5:]), atol=1e-5, rtol=1e-5)
