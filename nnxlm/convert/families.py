@@ -21,7 +21,8 @@ class Tensor:
       parameter then has an experts axis after the layers axis).
     path: the parameter's path in the model's pure dict (layers stacked along a leading axis).
     contract: None copies the array (reshaped); n means the HF tensor is a linear weight
-      [out, in] and the nnxlm kernel is [*in (n axes), *out], i.e. the transpose, reshaped.
+      [out, in] and the nnxlm kernel is [*in (n axes), *out], i.e. the transpose, reshaped;
+      0 means the HF tensor is a flat vector (a bias) that nnxlm holds reshaped ([heads, head_dim]).
     """
 
     hf: str
@@ -29,7 +30,7 @@ class Tensor:
     contract: int | None = 1
 
     def to_nnx(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        array = array if self.contract is None else array.T
+        array = array if self.contract in (None, 0) else array.T
         if math.prod(array.shape) != math.prod(shape):
             raise UserError(
                 f"HF tensor {self.hf} has shape {array.shape}, which does not fit {shape}: "
@@ -38,6 +39,8 @@ class Tensor:
         return array.reshape(shape)
 
     def to_hf(self, kernel: np.ndarray) -> np.ndarray:
+        if self.contract == 0:
+            return kernel.reshape(-1)
         if self.contract is None:
             return kernel
         rows = math.prod(kernel.shape[: self.contract])
@@ -70,9 +73,14 @@ def first(model: nnx.Module, kind: type):
 def families() -> dict[str, Family]:
     """Every supported HF architecture name -> its Family."""
     from nnxlm.convert.llama import LLAMA
+    from nnxlm.convert.mistral import MISTRAL
     from nnxlm.convert.mixtral import MIXTRAL
+    from nnxlm.convert.qwen2 import QWEN2
+    from nnxlm.convert.qwen3 import QWEN3
+    from nnxlm.convert.qwen3_moe import QWEN3_MOE
 
-    return {family.architecture: family for family in [MIXTRAL, LLAMA]}  # in the order models match
+    # in the order models match: the more specific families first
+    return {family.architecture: family for family in [QWEN3_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, LLAMA]}
 
 
 def family_of_config(config: dict) -> Family:

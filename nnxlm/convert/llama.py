@@ -1,30 +1,69 @@
-"""Llama 2 / Llama 3 (LlamaForCausalLM): RMSNorm pre-norm, rotary GQA, SwiGLU."""
+"""Llama 2 / 3 / 3.1-3.3 (LlamaForCausalLM): RMSNorm pre-norm, rotary GQA, SwiGLU; Llama 3.1+ with
+"llama3" rope scaling. Also the shared pieces of the Llama-like families (Mistral, Qwen, Mixtral)."""
 
 import fiddle as fdl
 from flax import nnx
 
 from nnxlm.convert.families import Family, Tensor, first, require
 from nnxlm.errors import UserError
-from nnxlm.modules import Attention, GatedMLP
+from nnxlm.modules import Attention, GatedMLP, RMSNorm
 from nnxlm.modules.moe import MoE
 from nnxlm.recipes import models
 
+# HF rope_type -> the fields nnxlm.modules.rope reads (besides rope_theta)
+ROPE_FIELDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(RoPE base, nnxlm rope scaling or None) from transformers-5 `rope_parameters` or the older
+    top-level `rope_theta` and `rope_scaling` fields."""
+    merged = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    theta = float(merged.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_FIELDS:
+        supported = ", ".join(map(repr, ("default", *ROPE_FIELDS)))
+        raise UserError(f"config.json rope_type={kind!r} is not supported: nnxlm supports {supported}")
+    missing = [field for field in ROPE_FIELDS[kind] if merged.get(field) is None]
+    if missing:
+        raise UserError(f"config.json rope scaling {kind!r} lacks {missing[0]}: the config is incomplete")
+    scaling = {"type": kind, **{field: merged[field] for field in ROPE_FIELDS[kind]}}
+    return theta, scaling
+
 
 def rope_theta(config: dict) -> float:
-    """The RoPE base, from transformers' `rope_parameters` or the older top-level fields."""
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = parameters.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise UserError(f"rope scaling {kind!r} is not supported yet: convert a model without rope_scaling")
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    """The RoPE base (see rope_settings)."""
+    return rope_settings(config)[0]
 
 
-def llama_recipe(config: dict) -> fdl.Partial:
+def rope_hf_config(attention: Attention) -> dict:
+    """The config.json rope fields of an Attention: rope_parameters (transformers 5) and the older
+    top-level rope_theta / rope_scaling."""
+    scaling = attention.rope_scaling
+    theta = attention.rope_theta
+    if not scaling:
+        return {"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    fields = {field: scaling[field] for field in ROPE_FIELDS[scaling["type"]]}
+    return {
+        "rope_theta": theta,
+        "rope_scaling": {"rope_type": scaling["type"], **fields},
+        "rope_parameters": {"rope_type": scaling["type"], "rope_theta": theta, **fields},
+    }
+
+
+def llama_recipe(config: dict, **options) -> fdl.Partial:
+    """The model recipe of a Llama-like config.json; options (qkv_bias, qk_norm, sliding_window)
+    are the attention variants of the families built on it."""
     require(config, "hidden_act", ("silu",))
-    require(config, "attention_bias", (False, None))
+    if not options.get("qkv_bias"):
+        require(config, "attention_bias", (False, None))
     require(config, "mlp_bias", (False, None))
     heads = config["num_attention_heads"]
+    theta, scaling = rope_settings(config)
     return models.llama(
         vocab_size=config["vocab_size"],
         d_model=config["hidden_size"],
@@ -33,9 +72,11 @@ def llama_recipe(config: dict) -> fdl.Partial:
         num_kv_heads=config.get("num_key_value_heads") or heads,
         mlp_dim=config["intermediate_size"],
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        rope_theta=rope_theta(config),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=config.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **options,
     )
 
 
@@ -53,8 +94,7 @@ def llama_hf_config(model: nnx.Module) -> dict:
         "head_dim": attention.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": model.final_norm.eps,
-        "rope_theta": attention.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": attention.rope_theta},
+        **rope_hf_config(attention),
         "tie_word_embeddings": model.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -93,9 +133,24 @@ def attention_and_norm_tensors() -> list[Tensor]:
     ]
 
 
-def is_llama(model: nnx.Module) -> bool:
+def attention_is(model: nnx.Module, *, qkv_bias=False, qk_norm=False, sliding_window=False) -> bool:
+    """Whether the model's attention has exactly these options: qkv_bias and qk_norm (an RMSNorm
+    with the layers' eps) on or off, sliding_window True (set), False (unset) or None (either)."""
+    attention = first(model, Attention)
+    if attention is None or attention.qkv_bias != qkv_bias or (attention.q_norm is not None) != qk_norm:
+        return False
+    if qk_norm and not (isinstance(attention.q_norm, RMSNorm) and attention.q_norm.eps == model.final_norm.eps):
+        return False
+    return sliding_window is None or (attention.sliding_window is not None) == sliding_window
+
+
+def is_dense_swiglu(model: nnx.Module) -> bool:
     mlp = first(model, GatedMLP)
     return first(model, MoE) is None and mlp is not None and mlp.activation == "silu"
+
+
+def is_llama(model: nnx.Module) -> bool:
+    return is_dense_swiglu(model) and attention_is(model)
 
 
 LLAMA = Family("LlamaForCausalLM", "llama", llama_recipe, llama_hf_config, llama_tensors, is_llama)

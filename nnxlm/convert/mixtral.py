@@ -1,17 +1,21 @@
 """Mixtral (MixtralForCausalLM): a Llama whose MLP is a top-k sparse mixture of SwiGLU experts,
-routed by a softmax whose top-k weights are renormalised to sum to 1."""
+routed by a softmax whose top-k weights are renormalised to sum to 1; attention as Mistral's
+(an optional sliding window)."""
 
 import fiddle as fdl
 from flax import nnx
 
-from nnxlm.convert.families import Family, Tensor, first, require
-from nnxlm.convert.llama import LAYER, attention_and_norm_tensors, llama_hf_config, llama_recipe
+from nnxlm.convert.families import Family, Tensor, first
+from nnxlm.convert.llama import LAYER, attention_and_norm_tensors, attention_is, llama_hf_config, llama_recipe
+from nnxlm.convert.mistral import sliding_window
+from nnxlm.convert.qwen3_moe import is_softmax_moe
+from nnxlm.modules import Attention
 from nnxlm.modules.moe import MoE
 
 
 def mixtral_recipe(config: dict) -> fdl.Partial:
-    require(config, "sliding_window", (None,))
-    cfg = llama_recipe(config)
+    window = sliding_window(config)
+    cfg = llama_recipe(config, **({"sliding_window": window} if window else {}))
     cfg.block.mlp = fdl.Partial(
         MoE,
         num_experts=config["num_local_experts"],
@@ -32,7 +36,7 @@ def mixtral_hf_config(model: nnx.Module) -> dict:
         intermediate_size=moe.gate.shape[-1],
         num_local_experts=moe.num_experts,
         num_experts_per_tok=moe.num_experts_per_token,
-        sliding_window=None,
+        sliding_window=first(model, Attention).sliding_window,
         router_aux_loss_coef=0.001,
     )
     for field in ("attention_bias", "mlp_bias"):
@@ -55,15 +59,7 @@ def mixtral_tensors(config: dict) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def is_mixtral(model: nnx.Module) -> bool:
-    moe = first(model, MoE)
-    return (
-        moe is not None
-        and moe.router_type == "softmax"
-        and moe.normalize_top_k
-        and moe.shared is None
-        and moe.router_bias is None
-        and moe.activation == "silu"
-    )
+    return is_softmax_moe(model) and first(model, MoE).normalize_top_k and attention_is(model, sliding_window=None)
 
 
 MIXTRAL = Family("MixtralForCausalLM", "mixtral", mixtral_recipe, mixtral_hf_config, mixtral_tensors, is_mixtral)

@@ -82,3 +82,32 @@ def test_the_command_line_converts_both_ways_and_names_bad_input(tmp_path, capsy
     assert "already holds checkpoints" in capsys.readouterr().err
     assert main(["convert", "from-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+LLAMA3_SCALING = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+
+
+def test_llama3_rope_scaling_round_trip(tmp_path):
+    import numpy as np
+
+    from nnxlm.modules.rope import inverse_frequencies
+
+    # original context 16 at theta 500: the slow half of head_dim 16 is scaled, the fast kept
+    scaled = inverse_frequencies(16, 500.0, {"type": "llama3", **LLAMA3_SCALING})
+    assert not np.allclose(scaled, inverse_frequencies(16, 500.0), rtol=1e-3)
+    check_round_trip(tiny_llama(rope_parameters={"rope_theta": 500.0, **LLAMA3_SCALING}), tmp_path)
+    config = __import__("json").loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["rope_parameters"] == {"rope_theta": 500.0, **LLAMA3_SCALING}
+
+
+def test_older_top_level_rope_fields_are_read():
+    from nnxlm.convert.llama import rope_settings
+
+    old = {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert rope_settings(old) == (500000.0, {"type": "linear", "factor": 2.0})
+    assert rope_settings({}) == (10_000.0, None)
+    with pytest.raises(UserError, match="rope_type='yarn' is not supported"):
+        rope_settings({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
