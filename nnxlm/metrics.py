@@ -4,7 +4,8 @@ MFU = achieved model FLOPs per second / peak FLOPs per second of the devices use
 per trained token follow the usual count: 6 x (parameters used in matmuls) for forward plus
 backward, plus causal attention, 6 x length x num_heads x head_dim per layer (QK^T and AV are
 2 x length x heads x head_dim multiply-adds each, halved by the causal mask, times 3 for
-forward + backward). Embedding lookups are not matmuls and are not counted; a tied head is.
+forward + backward; less with a sliding window). Embedding lookups are not matmuls and are not
+counted; a tied head is. A mixture of experts counts the k of E routed experts a token runs.
 """
 
 import json
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.attention import Attention
+from nnxlm.modules.moe import MoE
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -42,7 +44,12 @@ def training_flops_per_token(model: nnx.Module, seq_len: int) -> float:
         if isinstance(module, Attention):
             stacked = module.q_proj.ndim == 4  # [layers, embed, heads, head_dim] when scanned
             layers = module.q_proj.shape[0] if stacked else 1
-            attention += layers * module.num_heads * module.head_dim
+            # a sliding window w leaves a query w - w^2 / (2 seq_len) keys on average instead of seq_len / 2
+            w = min(seq_len, module.sliding_window or seq_len)
+            attention += layers * module.num_heads * module.head_dim * (2 * w - w * w / seq_len) / seq_len
+        if isinstance(module, MoE):  # each token runs k of the E routed experts
+            experts = module.gate.size + module.up.size + module.down.size
+            matmul_params -= experts * (1 - module.num_experts_per_token / module.num_experts)
     return 6.0 * matmul_params + 6.0 * seq_len * attention
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 from nnxlm import metrics
 from nnxlm.modules.attention import Attention
 from nnxlm.modules.mlp import GatedMLP
+from nnxlm.modules.moe import MoE
 
 
 def recipe_lines(cfg: fdl.Config) -> list[str]:
@@ -27,8 +28,10 @@ def activation_bytes_per_token(model: nnx.Module, seq_len: int, remat_policy: st
     """
     d = model.d_model
     attention = next(m for _, m in nnx.iter_graph(model) if isinstance(m, Attention))
-    mlp = next(m for _, m in nnx.iter_graph(model) if isinstance(m, GatedMLP))
-    h, k, hd, f = attention.num_heads, attention.num_kv_heads, attention.head_dim, mlp.gate.shape[-1]
+    mlp = next(m for _, m in nnx.iter_graph(model) if isinstance(m, (GatedMLP, MoE)))
+    # a mixture of experts keeps the hidden activations of each token's k experts
+    f = mlp.gate.shape[-1] * (mlp.num_experts_per_token if isinstance(mlp, MoE) else 1)
+    h, k, hd = attention.num_heads, attention.num_kv_heads, attention.head_dim
     full_layer = 3 * d + (2 * h + 2 * k) * hd + h * seq_len + 3 * f
     per_layer = {"none": full_layer, "dots": (2 * h + 2 * k) * hd + 2 * f, "full": d}[remat_policy]
     recompute = full_layer if remat_policy != "none" else 0  # one layer's worth during backward

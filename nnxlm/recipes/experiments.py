@@ -50,3 +50,55 @@ def llama3_8b() -> fdl.Config:
     cfg.model.scan_layers = True
     cfg.model.remat_policy = "full"
     return cfg
+
+
+def _published(name: str, seq_len: int, batch_size: int) -> fdl.Config:
+    """A pretraining-shaped recipe of a published model (scanned layers, full remat)."""
+    cfg = trainer(getattr(models, name)(), name=name, seq_len=seq_len, batch_size=batch_size, num_steps=500_000)
+    cfg.model.scan_layers = True
+    cfg.model.remat_policy = "full"
+    return cfg
+
+
+def llama3_1_8b() -> fdl.Config:
+    return _published("llama3_1_8b", 8192, 512)
+
+
+def llama3_2_1b() -> fdl.Config:
+    return _published("llama3_2_1b", 8192, 512)
+
+
+def llama3_2_3b() -> fdl.Config:
+    return _published("llama3_2_3b", 8192, 512)
+
+
+def llama3_3_70b() -> fdl.Config:
+    return _published("llama3_3_70b", 8192, 512)
+
+
+def mistral_7b() -> fdl.Config:
+    return _published("mistral_7b", 8192, 512)
+
+
+def qwen2_5_0_5b() -> fdl.Config:
+    return _published("qwen2_5_0_5b", 4096, 1024)
+
+
+def qwen2_5_1_5b() -> fdl.Config:
+    return _published("qwen2_5_1_5b", 4096, 1024)
+
+
+def qwen2_5_7b() -> fdl.Config:
+    return _published("qwen2_5_7b", 4096, 1024)
+
+
+def qwen3_0_6b() -> fdl.Config:
+    return _published("qwen3_0_6b", 4096, 1024)
+
+
+def qwen3_8b() -> fdl.Config:
+    return _published("qwen3_8b", 4096, 1024)
+
+
+def qwen3_30b_a3b() -> fdl.Config:
+    return _published("qwen3_30b_a3b", 4096, 1024)

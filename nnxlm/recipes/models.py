@@ -7,6 +7,7 @@ sub-recipes hold only their own numbers (heads, MLP width); the Transformer pass
 import fiddle as fdl
 
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
+from nnxlm.modules.moe import MoE
 
 
 def llama(
@@ -21,14 +22,28 @@ def llama(
     rope_theta: float = 10_000.0,
     norm_eps: float = 1e-5,
     tie_embeddings: bool = False,
+    rope_scaling: dict | None = None,
+    qkv_bias: bool = False,
+    qk_norm: bool = False,
+    sliding_window: int | None = None,
 ) -> fdl.Partial:
-    """A Llama-style decoder: RMSNorm pre-norm, rotary GQA, SwiGLU MLP."""
+    """A Llama-style decoder: RMSNorm pre-norm, rotary GQA, SwiGLU MLP.
+
+    The attention options (see nnxlm.modules.attention) make the Llama-like families: rope_scaling
+    (Llama 3.1+), qkv_bias (Qwen 2.5), qk_norm (an RMSNorm of norm_eps on each head: Qwen 3),
+    sliding_window (Mistral). Only options that are on appear in the recipe.
+    """
+    options = dict(rope_scaling=rope_scaling, qkv_bias=qkv_bias, sliding_window=sliding_window)
+    options = {name: value for name, value in options.items() if value}
+    if qk_norm:
+        options["qk_norm"] = fdl.Partial(RMSNorm, eps=norm_eps)
     attention = fdl.Partial(
         Attention,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim or d_model // num_heads,
         rope_theta=rope_theta,
+        **options,
     )
     block = fdl.Partial(
         DecoderBlock, attention=attention, mlp=fdl.Partial(GatedMLP, hidden_dim=mlp_dim, activation="silu")
@@ -65,3 +80,129 @@ def llama3_8b() -> fdl.Partial:
 def llama_tiny(vocab_size: int = 256) -> fdl.Partial:
     """A 4-layer, 64-wide model for tests and notebooks (about 0.2 M parameters at vocab 256)."""
     return llama(vocab_size=vocab_size, d_model=64, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=192, head_dim=16)
+
+
+def llama3_rope_scaling(factor: float) -> dict:
+    """Llama 3.1+ rope scaling of an 8192-token original context (config.json rope_scaling)."""
+    return {
+        "type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+def llama3_1_8b() -> fdl.Partial:
+    # Llama 3 8B's shapes with llama3 rope scaling (factor 8) for a 128 K context: 8.03 B parameters
+    cfg = llama3_8b()
+    cfg.block.attention.rope_scaling = llama3_rope_scaling(8.0)
+    return cfg
+
+
+def llama3_2_1b() -> fdl.Partial:
+    # tied embeddings, rope factor 32: 1.24 B parameters
+    return llama(
+        vocab_size=128_256,
+        d_model=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=8192,
+        head_dim=64,
+        rope_theta=500_000.0,
+        rope_scaling=llama3_rope_scaling(32.0),
+        tie_embeddings=True,
+    )
+
+
+def llama3_2_3b() -> fdl.Partial:
+    # tied embeddings, rope factor 32: 3.21 B parameters
+    return llama(
+        vocab_size=128_256,
+        d_model=3072,
+        num_layers=28,
+        num_heads=24,
+        num_kv_heads=8,
+        mlp_dim=8192,
+        head_dim=128,
+        rope_theta=500_000.0,
+        rope_scaling=llama3_rope_scaling(32.0),
+        tie_embeddings=True,
+    )
+
+
+def llama3_3_70b() -> fdl.Partial:
+    # 80 layers of 8192, GQA with 8 KV heads, rope factor 8: 70.6 B parameters
+    return llama(
+        vocab_size=128_256,
+        d_model=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        mlp_dim=28_672,
+        rope_theta=500_000.0,
+        rope_scaling=llama3_rope_scaling(8.0),
+    )
+
+
+def mistral_7b() -> fdl.Partial:
+    # Mistral 7B v0.1: GQA with 8 KV heads and a 4096-token sliding window: 7.24 B parameters
+    return llama(
+        vocab_size=32_000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14_336,
+        sliding_window=4096,
+    )
+
+
+def qwen2_5(**shape) -> fdl.Partial:
+    """Qwen 2.5: a Llama with q/k/v biases, theta 1e6, eps 1e-6, a 151,936-token vocabulary."""
+    return llama(**{"vocab_size": 151_936, **shape}, rope_theta=1_000_000.0, norm_eps=1e-6, qkv_bias=True)
+
+
+def qwen2_5_0_5b() -> fdl.Partial:
+    # 0.49 B parameters
+    return qwen2_5(d_model=896, num_layers=24, num_heads=14, num_kv_heads=2, mlp_dim=4864, tie_embeddings=True)
+
+
+def qwen2_5_1_5b() -> fdl.Partial:
+    # 1.54 B parameters
+    return qwen2_5(d_model=1536, num_layers=28, num_heads=12, num_kv_heads=2, mlp_dim=8960, tie_embeddings=True)
+
+
+def qwen2_5_7b() -> fdl.Partial:
+    # 7.62 B parameters
+    return qwen2_5(vocab_size=152_064, d_model=3584, num_layers=28, num_heads=28, num_kv_heads=4, mlp_dim=18_944)
+
+
+def qwen3(**shape) -> fdl.Partial:
+    """Qwen 3: a Llama with per-head qk RMSNorm, head_dim 128, theta 1e6, eps 1e-6."""
+    return llama(vocab_size=151_936, head_dim=128, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True, **shape)
+
+
+def qwen3_0_6b() -> fdl.Partial:
+    # 0.60 B parameters (tied embeddings)
+    return qwen3(d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8, mlp_dim=3072, tie_embeddings=True)
+
+
+def qwen3_8b() -> fdl.Partial:
+    # 8.19 B parameters
+    return qwen3(d_model=4096, num_layers=36, num_heads=32, num_kv_heads=8, mlp_dim=12_288)
+
+
+def qwen3_30b_a3b() -> fdl.Partial:
+    # 48 layers of 128 experts (8 active, width 768): 30.5 B parameters, 3.3 B active
+    cfg = qwen3(d_model=2048, num_layers=48, num_heads=32, num_kv_heads=4, mlp_dim=768)
+    cfg.block.mlp = fdl.Partial(
+        MoE,
+        num_experts=128,
+        num_experts_per_token=8,
+        expert_hidden_dim=768,
+        router="softmax",
+        normalize_top_k=True,
+    )
+    return cfg

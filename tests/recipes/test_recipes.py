@@ -33,7 +33,24 @@ def test_deepcopy_branches_a_recipe():
     assert base.model.block.mlp.hidden_dim == 192
 
 
-@pytest.mark.parametrize("name, billions", [("llama2_7b", "6.74 B"), ("llama3_8b", "8.03 B")])
+PUBLISHED_PARAMETER_COUNTS = [
+    ("llama2_7b", "6.74 B"),
+    ("llama3_8b", "8.03 B"),
+    ("llama3_1_8b", "8.03 B"),
+    ("llama3_2_1b", "1.24 B"),
+    ("llama3_2_3b", "3.21 B"),
+    ("llama3_3_70b", "70.55 B"),  # 70,553,706,496: "70.6 B" on the model card
+    ("mistral_7b", "7.24 B"),
+    ("qwen2_5_0_5b", "494.03 M"),
+    ("qwen2_5_1_5b", "1.54 B"),
+    ("qwen2_5_7b", "7.62 B"),
+    ("qwen3_0_6b", "596.05 M"),  # "0.6 B" on the model card
+    ("qwen3_8b", "8.19 B"),
+    ("qwen3_30b_a3b", "30.53 B"),  # "30.5 B"
+]
+
+
+@pytest.mark.parametrize("name, billions", PUBLISHED_PARAMETER_COUNTS)
 def test_inspect_reports_the_published_parameter_counts(name, billions):
     report = describe(directives.resolve([name]))
     assert f"({billions})" in report
@@ -112,3 +129,25 @@ def test_text_files_fiddler_points_a_recipe_at_user_data(tmp_path):
     cfg = directives.resolve(["tiny", f"fiddler:text_files('{tmp_path}/*.txt', eval_fraction=0.2)"])
     train, held_out = fdl.build(cfg.train_data).documents(), fdl.build(cfg.eval_data).documents()
     assert len(train) + len(held_out) == 30 and held_out and not set(train) & set(held_out)
+
+
+def test_moe_flops_count_the_active_experts_only():
+    from flax import nnx
+
+    from nnxlm.metrics import training_flops_per_token
+
+    cfg = directives.resolve(["qwen3_30b_a3b"])
+    model = nnx.eval_shape(lambda: fdl.build(cfg).model_factory(rngs=nnx.Rngs(0)))
+    # about 3.3 B active parameters: 6 x 3.3 G plus attention, far below 6 x 30.5 G
+    assert 19e9 < training_flops_per_token(model, 4096) < 26e9
+
+
+def test_published_recipes_set_the_family_attention_options():
+    attention = {
+        name: nnxlm.recipes.RECIPES[name]().model.block.attention
+        for name in ("mistral_7b", "qwen2_5_7b", "qwen3_8b", "llama3_3_70b")
+    }
+    assert attention["mistral_7b"].sliding_window == 4096
+    assert attention["qwen2_5_7b"].qkv_bias is True
+    assert attention["qwen3_8b"].qk_norm.eps == 1e-6
+    assert attention["llama3_3_70b"].rope_scaling["factor"] == 8.0
