@@ -102,3 +102,11 @@ def qwen3_8b() -> fdl.Config:
 
 def qwen3_30b_a3b() -> fdl.Config:
     return _published("qwen3_30b_a3b", 4096, 1024)
+
+
+def mixtral_8x7b() -> fdl.Config:
+    return _published("mixtral_8x7b", 4096, 1024)
+
+
+def mixtral_8x22b() -> fdl.Config:
+    return _published("mixtral_8x22b", 4096, 1024)

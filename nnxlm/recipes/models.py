@@ -194,6 +194,25 @@ def qwen3_8b() -> fdl.Partial:
     return qwen3(d_model=4096, num_layers=36, num_heads=32, num_kv_heads=8, mlp_dim=12_288)
 
 
+def mixtral(*, mlp_dim: int, vocab_size: int = 32_000, num_experts: int = 8, **shape) -> fdl.Partial:
+    """Mixtral: a Llama whose MLP is a top-2 mixture of SwiGLU experts (RoPE theta 1e6)."""
+    cfg = llama(vocab_size=vocab_size, mlp_dim=mlp_dim, rope_theta=1_000_000.0, norm_eps=1e-5, **shape)
+    cfg.block.mlp = fdl.Partial(
+        MoE, num_experts=num_experts, num_experts_per_token=2, expert_hidden_dim=mlp_dim, router="softmax"
+    )
+    return cfg
+
+
+def mixtral_8x7b() -> fdl.Partial:
+    # 32 layers x 8 experts x 3 x 4096 x 14336 = 45.1 B in experts: 46.7 B parameters, 12.9 B active
+    return mixtral(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14_336)
+
+
+def mixtral_8x22b() -> fdl.Partial:
+    # 56 layers of 8 experts 16384 wide, 32768-token vocabulary: 141 B parameters, 39 B active
+    return mixtral(vocab_size=32_768, d_model=6144, num_layers=56, num_heads=48, num_kv_heads=8, mlp_dim=16_384)
+
+
 def qwen3_30b_a3b() -> fdl.Partial:
     # 48 layers of 128 experts (8 active, width 768): 30.5 B parameters, 3.3 B active
     cfg = qwen3(d_model=2048, num_layers=48, num_heads=32, num_kv_heads=4, mlp_dim=768)

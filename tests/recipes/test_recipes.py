@@ -41,6 +41,8 @@ PUBLISHED_PARAMETER_COUNTS = [
     ("llama3_2_3b", "3.21 B"),
     ("llama3_3_70b", "70.55 B"),  # 70,553,706,496: "70.6 B" on the model card
     ("mistral_7b", "7.24 B"),
+    ("mixtral_8x7b", "46.70 B"),
+    ("mixtral_8x22b", "140.63 B"),  # "141 B" on the model card
     ("qwen2_5_0_5b", "494.03 M"),
     ("qwen2_5_1_5b", "1.54 B"),
     ("qwen2_5_7b", "7.62 B"),
