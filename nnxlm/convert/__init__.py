@@ -33,7 +33,7 @@ def from_hf(source: str, destination: str) -> str:
     family = family_of_config(config)
     model_recipe = family.recipe(config)
     abstract = nnx.eval_shape(lambda: fdl.build(model_recipe)(rngs=nnx.Rngs(0)))
-    target = stack_layers(jax.tree.map(lambda v: v, nnx.to_pure_dict(nnx.state(abstract))))
+    target = stack_layers(nnx.to_pure_dict(nnx.state(abstract)))
     reader = TensorReader(source)
     params = _read_params(family.tensors(config), reader, target, config["num_hidden_layers"])
     if os.path.exists(os.path.join(destination, "checkpoints")):
@@ -64,7 +64,7 @@ def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -
         used.add(tensor.hf)
     for tensor in layer_tensors:
         stacked = _get(params, ("layers", *tensor.path))
-        for index, name in _layer_names(tensor, num_layers, stacked.shape):
+        for index, name in _layer_names(tensor, num_layers, stacked.shape[1:]):
             stacked[index] = tensor.to_nnx(reader.get(name), stacked[index].shape)
             used.add(name)
     unused = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
@@ -76,11 +76,12 @@ def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -
     return params
 
 
-def _layer_names(tensor, num_layers: int, stacked_shape) -> list[tuple[tuple[int, ...], str]]:
-    """(index into the stacked parameter, HF name) for every layer (and expert) of a tensor rule."""
+def _layer_names(tensor, num_layers: int, layer_shape) -> list[tuple[tuple[int, ...], str]]:
+    """(index into the stacked parameter, HF name) for every layer (and expert) of a tensor rule;
+    layer_shape is one layer's shape (its first axis counts the experts of an {e} rule)."""
     if "{e}" not in tensor.hf:
         return [((i,), tensor.hf.format(i=i)) for i in range(num_layers)]
-    experts = stacked_shape[1]
+    experts = layer_shape[0]
     return [((i, e), tensor.hf.format(i=i, e=e)) for i in range(num_layers) for e in range(experts)]
 
 
@@ -99,16 +100,22 @@ def to_hf(model_or_path, destination: str) -> str:
     model = load_model(model_or_path) if isinstance(model_or_path, str) else model_or_path
     family = family_of_model(model)
     config = family.hf_config(model)
-    params = stack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    listed = all(isinstance(key, int) for key in params["layers"])  # an unscanned model's layers
     global_tensors, layer_tensors = family.tensors(config)
 
-    def tensors():
+    def layer_array(path, index):  # one layer's (and expert's) array, without stacking the model
+        if listed:
+            return _get(params["layers"][index[0]], path)[index[1:]]
+        return _get(params["layers"], path)[index]
+
+    def tensors():  # one at a time: memory stays near the model plus one shard
         for tensor in global_tensors:
             yield tensor.hf, tensor.to_hf(np.asarray(_get(params, tensor.path)))
         for tensor in layer_tensors:
-            stacked = _get(params, ("layers", *tensor.path))
-            for index, name in _layer_names(tensor, model.num_layers, stacked.shape):
-                yield name, tensor.to_hf(np.asarray(stacked[index]))
+            first_layer = _get(params["layers"][0], tensor.path) if listed else _get(params["layers"], tensor.path)[0]
+            for index, name in _layer_names(tensor, model.num_layers, first_layer.shape):
+                yield name, tensor.to_hf(np.asarray(layer_array(tensor.path, index)))
 
     os.makedirs(destination, exist_ok=True)
     write_tensors(destination, tensors())
