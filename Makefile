@@ -3,31 +3,41 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint format clean
+.PHONY: setup train test lint format bench clean
 
-# The virtual environment is rebuilt when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+# The package alone (what training needs); reinstalled when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# Plus the test extras: pytest, ruff, notebook runners, torch (CPU) and transformers.
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed
 
 # The demo: train a small Llama on the standard library's source code, then print completions.
-train: setup
+train: $(VENV)/.installed
 	$(BIN)/nnxlm train --recipe recipes/demo.py
 
-test: setup lint
+test: lint
 	$(BIN)/pytest -q
 
-lint: setup
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: setup
+format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.decode
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
