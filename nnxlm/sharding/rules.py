@@ -14,6 +14,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
+    "q_lora": None,  # MLA query / key-value latent ranks (nnxlm.modules.mla)
+    "kv_lora": None,
     "norm": None,
     "layers": None,
     "expert": None,  # a later expert-parallel mesh axis goes here

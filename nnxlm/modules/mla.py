@@ -1,0 +1,243 @@
+"""Multi-head latent attention (DeepSeek-V2 / V3), with DeepSeek's YaRN rotary scaling.
+
+Keys and values are not projected from x directly: x is first compressed into one latent vector
+per token, kv [kv_lora_rank] (RMS-normalised), from which every head's key part k_nope and value
+are expanded by kv_b_proj. Position enters through a separate, small key part k_rope
+[qk_rope_head_dim], projected from x alongside the latent and shared by all heads (MQA style), to
+which RoPE is applied. A head's key is [k_nope, k_rope], its query [q_nope, q_rope] (RoPE on
+q_rope only), so query/key heads have qk_nope_head_dim + qk_rope_head_dim dims and values
+v_head_dim. Queries may also go through a low-rank bottleneck (q_lora_rank; None = a plain
+projection). What a token leaves behind for decoding is only (kv, k_rope): kv_lora_rank +
+qk_rope_head_dim numbers per token and layer, whatever the number of heads (see _latents).
+
+RoPE layout (rope_interleave, default True as in DeepSeek's checkpoints and transformers'
+DeepseekV3Config): the rope dims are rotated as interleaved pairs (x[2i], x[2i+1]) by frequency i;
+the rotated vector is returned de-interleaved ([rotated evens, rotated odds]), exactly as
+transformers' apply_rotary_pos_emb_interleave does. Queries and keys share the layout, so scores
+are those of the interleaved rotation. rope_interleave=False is the half-split layout (x[i],
+x[i + r/2]) of nnxlm.modules.rope.
+
+rope_scaling (None, or DeepSeek-V3's {"type": "yarn", ...}; "rope_type" is accepted for "type"):
+  factor                           context extension factor s
+  original_max_position_embeddings pre-training context length L
+  beta_fast, beta_slow             rotation counts bounding the interpolation ramp (default 32, 1)
+  mscale, mscale_all_dim           m(s, a) = 0.1 a ln s + 1 (1 for s <= 1): cos and sin are scaled
+                                   by m(s, mscale) / m(s, mscale_all_dim) (when both are set, else
+                                   m(s, 1)); the softmax scale (qk head dim ** -0.5) by
+                                   m(s, mscale_all_dim) ** 2 when mscale_all_dim is set
+  attention_factor                 optional: overrides the cos/sin factor above
+  truncate                         optional (default True): floor/ceil the ramp bounds
+as transformers' _compute_yarn_parameters and DeepseekV3Attention compute them.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxlm.modules.attention import attention_mask
+from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.norms import RMSNorm
+
+YARN_KEYS = frozenset(
+    {
+        "type",
+        "rope_type",
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+        "truncate",
+    }
+)
+
+
+def _check_scaling(scaling: dict | None) -> None:
+    if not scaling:
+        return
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind != "yarn":
+        raise ValueError(f"MLA supports rope_scaling of type 'yarn' only, got {kind!r}")
+    unknown = set(scaling) - YARN_KEYS
+    if unknown:
+        raise ValueError(f"unknown yarn rope_scaling keys {sorted(unknown)}; known: {sorted(YARN_KEYS)}")
+    for key in ("factor", "original_max_position_embeddings"):
+        if scaling.get(key) is None:
+            raise ValueError(f"yarn rope_scaling needs {key!r}")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """DeepSeek's attention-temperature correction m(s, a) = 0.1 a ln s + 1 (1 when s <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(rope_dim: int, theta: float, scaling: dict | None = None) -> tuple[jax.Array, float]:
+    """[rope_dim // 2] float32 inverse frequencies (fastest first) and the factor on cos and sin."""
+    if rope_dim % 2:
+        raise ValueError(f"rotary embedding needs an even qk_rope_head_dim, got {rope_dim}")
+    _check_scaling(scaling)
+    exponents = jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim
+    base_freq = jnp.float32(theta) ** exponents
+    extrapolation = 1.0 / base_freq
+    if not scaling:
+        return extrapolation, 1.0
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    context = float(scaling["original_max_position_embeddings"])
+
+    def correction_dim(rotations):  # the dim index whose wavelength fits `rotations` times in context
+        return rope_dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rope_dim - 1)
+    if low == high:
+        high += 0.001  # avoids a zero-width ramp
+    ramp = jnp.clip((jnp.arange(rope_dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1 for the fast dims (extrapolated, kept), 0 for the slow (interpolated)
+    inv_freq = (extrapolation / factor) * (1.0 - keep) + extrapolation * keep
+    return inv_freq, float(attention_factor)
+
+
+def softmax_scale(qk_head_dim: int, scaling: dict | None = None) -> float:
+    """qk_head_dim ** -0.5, times m(factor, mscale_all_dim) ** 2 under yarn with mscale_all_dim."""
+    scale = qk_head_dim**-0.5
+    if scaling and scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+    return scale
+
+
+def apply_mla_rope(
+    x_btnr: jax.Array,
+    positions_bt: jax.Array,
+    theta: float,
+    scaling: dict | None = None,
+    interleave: bool = True,
+) -> jax.Array:
+    """Rotates [batch, length, heads, rope_dim] by positions [batch, length] (see the module doc
+    for the layouts); the result is scaled by YaRN's attention factor (1 without scaling)."""
+    inv_freq, attention_factor = rope_frequencies(x_btnr.shape[-1], theta, scaling)
+    angles_btr = positions_bt[..., None].astype(jnp.float32) * inv_freq
+    cos = (jnp.cos(angles_btr) * attention_factor)[:, :, None, :]
+    sin = (jnp.sin(angles_btr) * attention_factor)[:, :, None, :]
+    x = x_btnr.astype(jnp.float32)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnr.dtype)
+
+
+class MLA(nnx.Module):
+    """Causal multi-head latent attention over packed rows; same call as nnxlm's Attention."""
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int,
+        q_lora_rank: int | None,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        rope_theta: float = 10_000.0,
+        rope_scaling: dict | None = None,
+        rope_interleave: bool = True,
+        norm_eps: float = 1e-6,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
+        _check_scaling(rope_scaling)
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {qk_rope_head_dim}")
+        self.num_heads, self.q_lora_rank, self.kv_lora_rank = num_heads, q_lora_rank, kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.rope_theta, self.rope_interleave = rope_theta, rope_interleave
+        # a sorted tuple of items: module attributes must be hashable (see the rope_scaling property)
+        self._rope_scaling = tuple(sorted(rope_scaling.items())) if rope_scaling else None
+        self.scale = softmax_scale(self.qk_head_dim, rope_scaling)
+        self.dtype = jnp.dtype(dtype)
+
+        def param(shape, fan_in, axes):
+            return nnx.Param(dense_init(rngs, shape, fan_in, param_dtype), logical_axes=axes)
+
+        def norm(dim):
+            return RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+        if q_lora_rank is None:
+            self.q_proj = param((d_model, num_heads, self.qk_head_dim), d_model, ("embed", "heads", "head_dim"))
+        else:
+            self.q_a_proj = param((d_model, q_lora_rank), d_model, ("embed", "q_lora"))
+            self.q_a_norm = norm(q_lora_rank)
+            self.q_b_proj = param(
+                (q_lora_rank, num_heads, self.qk_head_dim), q_lora_rank, ("q_lora", "heads", "head_dim")
+            )
+        self.kv_a_proj = param((d_model, kv_lora_rank + qk_rope_head_dim), d_model, ("embed", "kv_lora"))
+        self.kv_a_norm = norm(kv_lora_rank)
+        self.kv_b_proj = param(
+            (kv_lora_rank, num_heads, qk_nope_head_dim + v_head_dim), kv_lora_rank, ("kv_lora", "heads", "head_dim")
+        )
+        self.o_proj = param((num_heads, v_head_dim, d_model), num_heads * v_head_dim, ("heads", "head_dim", "embed"))
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        return dict(self._rope_scaling) if self._rope_scaling else None
+
+    def _rope(self, x_btnr: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        return apply_mla_rope(x_btnr, positions_bt, self.rope_theta, self.rope_scaling, self.rope_interleave)
+
+    def _queries(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """[batch, length, heads, qk_nope_head_dim + qk_rope_head_dim], RoPE on the last part."""
+        if self.q_lora_rank is None:
+            q_btnh = project(x_btd, self.q_proj[...])
+        else:
+            q_btnh = project(self.q_a_norm(project(x_btd, self.q_a_proj[...])), self.q_b_proj[...])
+        q_nope, q_rope = jnp.split(q_btnh, [self.qk_nope_head_dim], axis=-1)
+        return jnp.concatenate([q_nope, self._rope(q_rope, positions_bt)], axis=-1)
+
+    def _latents(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What a KV cache keeps per token: the normalised latent kv [batch, length, kv_lora_rank]
+        and the rotated shared rope key [batch, length, qk_rope_head_dim]."""
+        kv_btc, k_rope_btr = jnp.split(project(x_btd, self.kv_a_proj[...]), [self.kv_lora_rank], axis=-1)
+        k_rope_btr = self._rope(k_rope_btr[:, :, None, :], positions_bt)[:, :, 0, :]
+        return self.kv_a_norm(kv_btc), k_rope_btr
+
+    def _expand(self, kv_btc: jax.Array, k_rope_btr: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Latents (of any number of tokens, e.g. a cache's) to keys [batch, length, heads,
+        qk_nope_head_dim + qk_rope_head_dim] and values [batch, length, heads, v_head_dim]."""
+        k_nope_btnh, v_btnv = jnp.split(project(kv_btc, self.kv_b_proj[...]), [self.qk_nope_head_dim], axis=-1)
+        k_rope_btnr = jnp.broadcast_to(k_rope_btr[:, :, None, :], (*k_nope_btnh.shape[:-1], self.qk_rope_head_dim))
+        return jnp.concatenate([k_nope_btnh, k_rope_btnr.astype(k_nope_btnh.dtype)], axis=-1), v_btnv
+
+    def _keys_values(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self._expand(*self._latents(x_btd, positions_bt))
+
+    def _attend(self, q_btnh: jax.Array, k_bsnh: jax.Array, v_bsnv: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
+        """Softmax attention (float32 logits and softmax), [batch, length, heads, v_head_dim]."""
+        logits = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bsnh, preferred_element_type=jnp.float32) * self.scale
+        logits = jnp.where(mask_b1ts, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_bsnv.dtype)
+        return jnp.einsum("bnts,bsnv->btnv", probs, v_bsnv)
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+        """Attention within x [batch, length, d_model]: causal, within each packed segment."""
+        x = x_btd.astype(self.dtype)
+        q_btnh = self._queries(x, positions_bt)
+        k_btnh, v_btnv = self._keys_values(x, positions_bt)
+        out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
+        return project(out_btnv, self.o_proj[...], contract=2)
