@@ -15,6 +15,15 @@ Options (off by default; each adds what the Hugging Face families need):
                  query and key head over head_dim before RoPE (Qwen 3: RMSNorm).
   sliding_window a query attends only to keys fewer than sliding_window positions before it
                  (query position - key position < sliding_window, as Mistral in transformers).
+  softcap        attention scores become softcap * tanh(scores / softcap) before the softmax
+                 (Gemma 2 attn_logit_softcapping).
+  query_pre_attn_scalar  scores are scaled by query_pre_attn_scalar ** -0.5 instead of
+                 head_dim ** -0.5 (Gemma 2 / 3).
+
+A call may also take a layer's own `window` (an int32 scalar, possibly traced: keys fewer than
+`window` positions back; a huge value is global attention) and RoPE `inv_freq` ([head_dim // 2]),
+which replace sliding_window and rope_theta / rope_scaling: layers that differ only in these
+(Gemma 2 / 3 local and global layers) then share one stacked module (see Transformer.layer_pattern).
 """
 
 import dataclasses
@@ -55,6 +64,8 @@ class Attention(nnx.Module):
         qkv_bias: bool = False,
         qk_norm: Callable[..., nnx.Module] | None = None,
         sliding_window: int | None = None,
+        softcap: float | None = None,
+        query_pre_attn_scalar: float | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -68,6 +79,8 @@ class Attention(nnx.Module):
         # a sorted tuple of items: module attributes must be hashable (see the rope_scaling property)
         self._rope_scaling = tuple(sorted(rope_scaling.items())) if rope_scaling else None
         self.qkv_bias, self.sliding_window = qkv_bias, sliding_window
+        self.softcap, self.query_pre_attn_scalar = softcap, query_pre_attn_scalar
+        self.scale = (query_pre_attn_scalar or head_dim) ** -0.5
         self.dtype = jnp.dtype(dtype)
 
         def param(shape, fan_in, axes):
@@ -94,7 +107,7 @@ class Attention(nnx.Module):
     def rope_scaling(self) -> dict | None:
         return dict(self._rope_scaling) if self._rope_scaling else None
 
-    def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+    def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array | None = None):
         """Queries [batch, length, heads, head_dim], keys and values [..., kv_heads, head_dim]."""
         q_btnh, k_btkh, v_btkh = (project(x_btd, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
         if self.qkv_bias:
@@ -104,8 +117,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         scaling = self.rope_scaling
-        q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta, scaling)
-        k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta, scaling)
+        q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta, scaling, inv_freq)
+        k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta, scaling, inv_freq)
         return q_btnh, k_btkh, v_btkh
 
     def init_cache(self, batch: int, max_length: int) -> tuple[jax.Array, jax.Array]:
@@ -114,20 +127,33 @@ class Attention(nnx.Module):
         return kv, kv
 
     def __call__(
-        self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array, cache: KVCache | None = None
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        segment_ids_bt: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        window: jax.Array | None = None,
+        inv_freq: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Without a cache: attention within x. With one (this layer's k and v, the key segment ids
-        with x's already written at cache.index): returns (output, cache with x's k and v written)."""
+        with x's already written at cache.index): returns (output, cache with x's k and v written).
+        window and inv_freq: this layer's own (see the module docstring)."""
         x = x_btd.astype(self.dtype)
-        q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt)
+        q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt, inv_freq)
+        window = self.sliding_window if window is None else window
         if cache is None:
-            mask = attention_mask(segment_ids_bt, positions_bt, self.sliding_window)
-            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, scale=self.head_dim**-0.5)
+            mask = attention_mask(segment_ids_bt, positions_bt, window)
+            if self.softcap is None:
+                out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, scale=self.scale)
+            else:  # the cache layout's attention, over x's own keys and values
+                own = KVCache(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3), segment_ids_bt, 0)
+                out_btnh = cached_attention(q_btnh, own, mask, self.scale, self.softcap)
             return project(out_btnh, self.o_proj[...], contract=2)
         slot = (0, 0, cache.index, 0)
         k = jax.lax.dynamic_update_slice(cache.k, k_btkh.transpose(0, 2, 1, 3).astype(cache.k.dtype), slot)
         v = jax.lax.dynamic_update_slice(cache.v, v_btkh.transpose(0, 2, 1, 3).astype(cache.v.dtype), slot)
         cache = dataclasses.replace(cache, k=k, v=v)
-        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, self.sliding_window)
-        out_btnh = cached_attention(q_btnh, cache, mask, self.head_dim**-0.5)
+        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, window)
+        out_btnh = cached_attention(q_btnh, cache, mask, self.scale, self.softcap)
         return project(out_btnh, self.o_proj[...], contract=2), cache

@@ -1,4 +1,5 @@
-"""Pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x))."""
+"""Pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x)); with post_norms (Gemma 2 / 3),
+x + norm(attention(norm(x))), then x + norm(mlp(norm(x)))."""
 
 from collections.abc import Callable
 
@@ -23,6 +24,8 @@ class DecoderBlock(nnx.Module):
       mlp: factory called as mlp(d_model, dtype=, param_dtype=, rngs=).
       norm: factory called as norm(d_model, param_dtype=, rngs=).
       dropout_rate: on each residual branch during training.
+      post_norms: also normalise each branch's output before the residual add (Gemma 2 / 3:
+        post_attention_norm and post_mlp_norm).
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class DecoderBlock(nnx.Module):
         mlp: Callable[..., nnx.Module],
         norm: Callable[..., nnx.Module],
         dropout_rate: float = 0.0,
+        post_norms: bool = False,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -43,15 +47,25 @@ class DecoderBlock(nnx.Module):
         self.attention = attention(d_model, **dtypes, rngs=rngs)
         self.mlp_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
         self.mlp = mlp(d_model, **dtypes, rngs=rngs)
+        self.post_norms = post_norms
+        if post_norms:
+            self.post_attention_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
+            self.post_mlp_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, dropout_key=None, cache=None):
-        """x [batch, length, embed] -> same; with a KVCache of this layer, (x, updated cache)."""
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, dropout_key=None, cache=None, layer=None):
+        """x [batch, length, embed] -> same; with a KVCache of this layer, (x, updated cache).
+        layer: this layer's own attention settings ({"window": ..., "inv_freq": ...}, see Attention)."""
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        layer = layer or {}
         if cache is None:
-            h = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt)
+            h = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt, **layer)
         else:
-            h, cache = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt, cache)
+            h, cache = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt, cache, **layer)
+        if self.post_norms:
+            h = self.post_attention_norm(h)
         x_btd = x_btd + dropout(h, self.dropout_rate, keys[0])
         h = self.mlp(self.mlp_norm(x_btd))
+        if self.post_norms:
+            h = self.post_mlp_norm(h)
         x_btd = x_btd + dropout(h, self.dropout_rate, keys[1])
         return x_btd if cache is None else (x_btd, cache)

@@ -76,11 +76,11 @@ def cached_attention_mask(
     return (causal_ts[None] & same_segment_bts)[:, None]
 
 
-def cached_attention(q_btnh, cache: KVCache, mask_b1ts, scale: float) -> jax.Array:
+def cached_attention(q_btnh, cache: KVCache, mask_b1ts, scale: float, softcap: float | None = None) -> jax.Array:
     """Attention of queries [batch, length, heads, head_dim] over every slot of one layer's cache
     ([batch, kv_heads, max_length, head_dim]); the queries sharing a kv head are stacked into the
     rows of one matmul. Softmax in float32, masked slots at the dtype's lowest value, as in
-    jax.nn.dot_product_attention."""
+    jax.nn.dot_product_attention. softcap: scores become softcap * tanh(scores / softcap) (Gemma 2)."""
     batch, length, num_heads, head_dim = q_btnh.shape
     num_kv_heads, max_length = cache.k.shape[1], cache.k.shape[2]
     group = num_heads // num_kv_heads
@@ -88,6 +88,8 @@ def cached_attention(q_btnh, cache: KVCache, mask_b1ts, scale: float) -> jax.Arr
     q_bkqh = q_bkqh.reshape(batch, num_kv_heads, length * group, head_dim)
     scores_bkqs = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, cache.k) * jnp.asarray(scale, q_btnh.dtype)
     scores_bktgs = scores_bkqs.reshape(batch, num_kv_heads, length, group, max_length).astype(jnp.float32)
+    if softcap is not None:
+        scores_bktgs = softcap * jnp.tanh(scores_bktgs / softcap)
     scores_bktgs = jnp.where(mask_b1ts[:, :, :, None], scores_bktgs, jnp.finfo(jnp.float32).min)
     probs_bkqs = jax.nn.softmax(scores_bktgs, axis=-1).astype(cache.v.dtype)
     probs_bkqs = probs_bkqs.reshape(batch, num_kv_heads, length * group, max_length)

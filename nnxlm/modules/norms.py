@@ -11,14 +11,21 @@ class RMSNorm(nnx.Module):
     Args:
       dim: size of the normalised (last) axis.
       eps: added to the mean square before the reciprocal square root.
+      offset: the normalised x is multiplied by (offset + scale), with scale initialised to
+        1 - offset; offset=1.0 is Gemma's x * (1 + w) with w stored around zero.
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype="float32", rngs: nnx.Rngs = None):
+    def __init__(
+        self, dim: int, *, eps: float = 1e-6, offset: float = 0.0, param_dtype="float32", rngs: nnx.Rngs = None
+    ):
         del rngs  # deterministic init; accepted so every factory has the same call shape
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+        self.eps, self.offset = eps, offset
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.offset:
+            scale = self.offset + scale
+        return (y * scale).astype(x.dtype)

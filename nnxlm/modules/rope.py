@@ -41,10 +41,19 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None
     raise ValueError(f"unknown rope scaling type {kind!r}: use one of {SCALING_TYPES}")
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float, scaling: dict | None = None) -> jax.Array:
-    """Rotates queries or keys [batch, length, heads, head_dim] by their positions [batch, length]."""
+def apply_rope(
+    x_bthd: jax.Array,
+    positions_bt: jax.Array,
+    theta: float,
+    scaling: dict | None = None,
+    inv_freq: jax.Array | None = None,
+) -> jax.Array:
+    """Rotates queries or keys [batch, length, heads, head_dim] by their positions [batch, length];
+    inv_freq ([head_dim // 2], possibly traced: a layer's own) replaces theta and scaling."""
     head_dim = x_bthd.shape[-1]
-    angles_bth = positions_bt[..., None].astype(jnp.float32) * inverse_frequencies(head_dim, theta, scaling)
+    if inv_freq is None:
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq.astype(jnp.float32)
     sin = jnp.sin(angles_bth)[:, :, None, :]  # broadcast over heads
     cos = jnp.cos(angles_bth)[:, :, None, :]
     x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)

@@ -22,6 +22,11 @@ from nnxlm.modules.dense import dense_init, project
 from nnxlm.modules.embed import Embedder
 from nnxlm.modules.kv_cache import KVCache
 from nnxlm.modules.norms import RMSNorm
+from nnxlm.modules.rope import inverse_frequencies
+
+# The window of a global layer in a layer_pattern: larger than any position distance.
+GLOBAL_WINDOW = jnp.iinfo(jnp.int32).max
+PATTERN_FIELDS = ("sliding_window", "rope_theta", "rope_scaling")
 
 # What the backward pass may keep instead of recomputing: "none" keeps everything (no remat),
 # "full" keeps only each block's input, "dots" keeps matmul outputs without a batch dimension.
@@ -42,6 +47,13 @@ class Transformer(nnx.Module):
       scan_layers: stack layers and apply them with nnx.scan instead of a Python loop.
       remat_policy: one of REMAT_POLICIES, applied to each block.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
+      embed_scale: multiply the embeddings by sqrt(d_model) (in the compute dtype), as Gemma.
+      final_logit_softcap: logits become cap * tanh(logits / cap) (Gemma 2).
+      layer_pattern: per-layer attention settings cycled over the layers (layer i takes entry
+        i % len): dicts of sliding_window (None: global), rope_theta and rope_scaling, each
+        replacing the attention recipe's own value (Gemma 2: ({"sliding_window": 4096},
+        {"sliding_window": None})). The layers keep one parameter shape; each layer's window and
+        RoPE frequencies are passed into its block call as traced values (scanned with the layers).
     """
 
     def __init__(
@@ -55,6 +67,9 @@ class Transformer(nnx.Module):
         tie_embeddings: bool = False,
         scan_layers: bool = True,
         remat_policy: str = "none",
+        embed_scale: bool = False,
+        final_logit_softcap: float | None = None,
+        layer_pattern: tuple[dict, ...] | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -64,6 +79,13 @@ class Transformer(nnx.Module):
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
         self.tie_embeddings, self.scan_layers, self.remat_policy = tie_embeddings, scan_layers, remat_policy
         self.dtype = jnp.dtype(dtype)
+        self.embed_scale, self.final_logit_softcap = embed_scale, final_logit_softcap
+        if layer_pattern is not None:
+            unknown = sorted({field for entry in layer_pattern for field in entry} - set(PATTERN_FIELDS))
+            if not layer_pattern or unknown:
+                raise ValueError(f"layer_pattern entries take only {PATTERN_FIELDS}; got {unknown or 'no entries'}")
+        # a tuple of sorted item tuples: module attributes must be hashable (see layer_pattern)
+        self._layer_pattern = None if layer_pattern is None else tuple(_freeze(entry) for entry in layer_pattern)
         # Unit-variance embeddings give the residual stream a token signal as strong as a block's
         # output; a tied table doubles as the head, where std 1/sqrt(d) keeps logits at unit scale.
         init_std = d_model**-0.5 if tie_embeddings else 1.0
@@ -94,6 +116,28 @@ class Transformer(nnx.Module):
         x_btd, cache = self.features(ids_bt, positions_bt, segment_ids_bt, dropout_key=dropout_key, cache=cache)
         return self.logits(x_btd), cache
 
+    @property
+    def layer_pattern(self) -> tuple[dict, ...] | None:
+        return None if self._layer_pattern is None else tuple(_thaw(entry) for entry in self._layer_pattern)
+
+    def layer_settings(self) -> list[dict]:
+        """Each layer's effective sliding_window, rope_theta and rope_scaling (the pattern's entry
+        over the attention's own)."""
+        attention = self.layers.attention if self.scan_layers else self.layers[0].attention
+        own = {field: getattr(attention, field) for field in PATTERN_FIELDS}
+        pattern = self.layer_pattern or ({},)
+        return [{**own, **pattern[i % len(pattern)]} for i in range(self.num_layers)]
+
+    def _layer_values(self) -> dict | None:
+        """{"window": int32 [layers], "inv_freq": float32 [layers, head_dim // 2]} of a layer_pattern."""
+        if self._layer_pattern is None:
+            return None
+        attention = self.layers.attention if self.scan_layers else self.layers[0].attention
+        settings = self.layer_settings()
+        windows = [GLOBAL_WINDOW if s["sliding_window"] is None else s["sliding_window"] for s in settings]
+        inv_freq = [inverse_frequencies(attention.head_dim, s["rope_theta"], s["rope_scaling"]) for s in settings]
+        return {"window": jnp.array(windows, jnp.int32), "inv_freq": jnp.stack(inv_freq)}
+
     def features(self, ids_bt, positions_bt=None, segment_ids_bt=None, *, dropout_key=None, cache=None):
         """The final-normed hidden states [batch, length, embed] (and the new cache, given one)."""
         if positions_bt is None:
@@ -103,6 +147,8 @@ class Transformer(nnx.Module):
             segment_ids_bt = jnp.ones_like(ids_bt, dtype=jnp.int32)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
         x_btd = self.embedder.embed(ids_bt, self.dtype)
+        if self.embed_scale:
+            x_btd = x_btd * jnp.asarray(self.d_model**0.5, self.dtype)
         if cache is None:
             x_btd = self._apply_layers(x_btd, positions_bt, segment_ids_bt, keys)
             return self.final_norm(x_btd)
@@ -119,7 +165,10 @@ class Transformer(nnx.Module):
             logits_btv = self.embedder.attend(x_btd)
         else:
             logits_btv = project(x_btd, self.head[...])
-        return logits_btv.astype(jnp.float32)
+        logits_btv = logits_btv.astype(jnp.float32)
+        if self.final_logit_softcap is not None:
+            logits_btv = self.final_logit_softcap * jnp.tanh(logits_btv / self.final_logit_softcap)
+        return logits_btv
 
     def init_cache(self, batch: int, max_length: int, stacked: bool | None = None) -> KVCache:
         """An empty KVCache with max_length slots a row (see nnxlm.modules.kv_cache): k and v with a
@@ -146,18 +195,25 @@ class Transformer(nnx.Module):
         self.scan_layers = False
 
     def _apply_layers(self, x_btd, positions_bt, segment_ids_bt, keys):
-        def apply_block(block, x, positions, segment_ids, key):
-            return block(x, positions, segment_ids, key)
+        values = self._layer_values()
+
+        def apply_block(block, x, positions, segment_ids, key, layer):
+            if layer is None:
+                return block(x, positions, segment_ids, key)
+            return block(x, positions, segment_ids, key, layer=layer)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             apply_block = nnx.remat(apply_block, policy=policy)
         if self.scan_layers:
             key_axis = None if keys is None else 0
-            scan = nnx.scan(apply_block, in_axes=(0, nnx.Carry, None, None, key_axis), out_axes=nnx.Carry)
-            return scan(self.layers, x_btd, positions_bt, segment_ids_bt, keys)
+            value_axis = None if values is None else 0
+            in_axes = (0, nnx.Carry, None, None, key_axis, value_axis)
+            scan = nnx.scan(apply_block, in_axes=in_axes, out_axes=nnx.Carry)
+            return scan(self.layers, x_btd, positions_bt, segment_ids_bt, keys, values)
         for i, block in enumerate(self.layers):
-            x_btd = apply_block(block, x_btd, positions_bt, segment_ids_bt, None if keys is None else keys[i])
+            key = None if keys is None else keys[i]
+            x_btd = apply_block(block, x_btd, positions_bt, segment_ids_bt, key, _layer(values, i))
         return x_btd
 
     def _apply_layers_cached(self, x_btd, positions_bt, segment_ids_bt, keys, cache):
@@ -169,17 +225,25 @@ class Transformer(nnx.Module):
         the scan's at batch 1 and 8.
         """
 
-        def apply_block(block, x, positions, segment_ids, key, k, v, key_segments, index):
+        values = self._layer_values()
+
+        def apply_block(block, x, positions, segment_ids, key, k, v, key_segments, index, layer=None):
             layer_cache = KVCache(k=k, v=v, segment_ids=key_segments, index=index)
-            x, layer_cache = block(x, positions, segment_ids, key, cache=layer_cache)
+            if layer is None:
+                x, layer_cache = block(x, positions, segment_ids, key, cache=layer_cache)
+            else:
+                x, layer_cache = block(x, positions, segment_ids, key, cache=layer_cache, layer=layer)
             return x, (layer_cache.k, layer_cache.v)
 
         shared = (cache.segment_ids, cache.index)
         if self.scan_layers and not isinstance(cache.k, tuple):
             key_axis = None if keys is None else 0
-            in_axes = (0, nnx.Carry, None, None, key_axis, 0, 0, None, None)
+            value_axis = None if values is None else 0
+            in_axes = (0, nnx.Carry, None, None, key_axis, 0, 0, None, None, value_axis)
             scan = nnx.scan(apply_block, in_axes=in_axes, out_axes=(nnx.Carry, 0))
-            x_btd, (k, v) = scan(self.layers, x_btd, positions_bt, segment_ids_bt, keys, cache.k, cache.v, *shared)
+            x_btd, (k, v) = scan(
+                self.layers, x_btd, positions_bt, segment_ids_bt, keys, cache.k, cache.v, *shared, values
+            )
             return x_btd, dataclasses.replace(cache, k=k, v=v)
         if self.scan_layers:  # each layer's parameters sliced out (see unstack_layers)
             graphdef, stacked = nnx.split(self.layers)
@@ -190,13 +254,25 @@ class Transformer(nnx.Module):
         for i, block in enumerate(blocks):
             key = None if keys is None else keys[i]
             x_btd, (k, v) = apply_block(
-                block, x_btd, positions_bt, segment_ids_bt, key, cache.k[i], cache.v[i], *shared
+                block, x_btd, positions_bt, segment_ids_bt, key, cache.k[i], cache.v[i], *shared, _layer(values, i)
             )
             ks.append(k)
             vs.append(v)
         if isinstance(cache.k, tuple):
             return x_btd, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
         return x_btd, dataclasses.replace(cache, k=jnp.stack(ks), v=jnp.stack(vs))
+
+
+def _layer(values: dict | None, i: int) -> dict | None:
+    return None if values is None else {name: value[i] for name, value in values.items()}
+
+
+def _freeze(entry: dict) -> tuple:
+    return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v) for k, v in entry.items()))
+
+
+def _thaw(entry: tuple) -> dict:
+    return {k: dict(v) if k == "rope_scaling" and v is not None else v for k, v in entry}
 
 
 def _stacked(make_block, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:

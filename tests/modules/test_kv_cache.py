@@ -157,3 +157,47 @@ def test_a_left_padded_prompt_decodes_as_the_prompt_alone_with_a_sliding_window(
         step, cache = call(state, cache, ids[:, t : t + 1], positions[:, t : t + 1], segment_ids[:, t : t + 1])
         pieces.append(step)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), model(ids[:, 5:]), atol=1e-5, rtol=1e-5)
+
+
+def gemma_tiny(version: int, scan_layers: bool):
+    """A Gemma 2 (alternating window-4 / global layers, soft-capping) or Gemma 3 (two local layers
+    of RoPE base 100 to one global with linear scaling, qk norms) model of 3 layers."""
+    import fiddle as fdl
+
+    from nnxlm.recipes import models
+
+    shape = dict(vocab_size=97, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48, head_dim=16)
+    if version == 2:
+        pattern = ({"sliding_window": 4}, {"sliding_window": None})
+        cfg = models.gemma(**shape, post_norms=True, attn_softcap=5.0, final_logit_softcap=3.0, layer_pattern=pattern)
+    else:
+        local = {"sliding_window": 4, "rope_theta": 100.0}
+        pattern = (local, local, {"sliding_window": None, "rope_scaling": {"type": "linear", "factor": 4.0}})
+        cfg = models.gemma(**shape, post_norms=True, qk_norm=True, query_pre_attn_scalar=24, layer_pattern=pattern)
+    cfg.scan_layers = scan_layers
+    return fdl.build(cfg)(rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("version, scan_layers, stacked", [(2, True, True), (3, True, True), (3, False, False)])
+def test_cached_decoding_of_local_and_global_layers_past_the_window(version, scan_layers, stacked):
+    model = gemma_tiny(version, scan_layers)
+    ids = jax.random.randint(jax.random.key(1), (2, 11), 0, 97)
+    full = model(ids)
+    cache = model.init_cache(2, 16, stacked=stacked)
+    logits, cache = model(ids[:, :5], cache=cache)
+    pieces = [logits]
+    for t in range(5, 11):
+        logits, cache = model(ids[:, t : t + 1], cache=cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_pattern_changes_the_numbers_and_scanned_equals_unrolled():
+    from tests.modules.helpers import copy_weights
+
+    scanned, unrolled = gemma_tiny(3, True), gemma_tiny(3, False)
+    copy_weights(scanned, unrolled)
+    ids = jax.random.randint(jax.random.key(2), (1, 12), 0, 97)
+    np.testing.assert_allclose(scanned(ids), unrolled(ids), atol=1e-5, rtol=1e-5)
+    scanned._layer_pattern = None  # every layer global with the attention's own RoPE
+    assert np.max(np.abs(scanned(ids) - unrolled(ids))) > 1e-3

@@ -29,3 +29,12 @@ def test_gated_mlp_is_down_of_activated_gate_times_up(activation, function):
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="unknown MLP activation"):
         GatedMLP(8, hidden_dim=16, activation="relu6", rngs=nnx.Rngs(0))
+
+
+def test_rmsnorm_offset_scales_by_one_plus_a_zero_initialised_weight():
+    plain, gemma = RMSNorm(8), RMSNorm(8, offset=1.0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(gemma.scale[...], np.zeros(8))
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    np.testing.assert_allclose(gemma(x), plain(x), rtol=1e-6)
+    gemma.scale[...] = plain.scale[...] * 0.5
+    np.testing.assert_allclose(gemma(x), plain(x) * 1.5, rtol=1e-6)
