@@ -72,6 +72,7 @@ def first(model: nnx.Module, kind: type):
 
 def families() -> dict[str, Family]:
     """Every supported HF architecture name -> its Family."""
+    from nnxlm.convert.gemma import GEMMA, GEMMA2, GEMMA3
     from nnxlm.convert.llama import LLAMA
     from nnxlm.convert.mistral import MISTRAL
     from nnxlm.convert.mixtral import MIXTRAL
@@ -80,7 +81,8 @@ def families() -> dict[str, Family]:
     from nnxlm.convert.qwen3_moe import QWEN3_MOE
 
     # in the order models match: the more specific families first
-    return {family.architecture: family for family in [QWEN3_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, LLAMA]}
+    ordered = [GEMMA3, GEMMA2, GEMMA, QWEN3_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, LLAMA]
+    return {family.architecture: family for family in ordered}
 
 
 def family_of_config(config: dict) -> Family:
