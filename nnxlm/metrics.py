@@ -40,17 +40,25 @@ def training_flops_per_token(model: nnx.Module, seq_len: int) -> float:
             is_lookup_table = "embedder" in path and not getattr(model, "tie_embeddings", False)
             matmul_params += 0 if is_lookup_table else param.size
     attention = 0
+    settings = model.layer_settings() if hasattr(model, "layer_settings") else None
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Attention):
             stacked = module.q_proj.ndim == 4  # [layers, embed, heads, head_dim] when scanned
             layers = module.q_proj.shape[0] if stacked else 1
+            windows = [s["sliding_window"] for s in settings] if settings else [module.sliding_window]
             # a sliding window w leaves a query w - w^2 / (2 seq_len) keys on average instead of seq_len / 2
-            w = min(seq_len, module.sliding_window or seq_len)
-            attention += layers * module.num_heads * module.head_dim * (2 * w - w * w / seq_len) / seq_len
+            fraction = sum(_window_fraction(w, seq_len) for w in windows) / len(windows)
+            attention += layers * module.num_heads * module.head_dim * fraction
         if isinstance(module, MoE):  # each token runs k of the E routed experts
             experts = module.gate.size + module.up.size + module.down.size
             matmul_params -= experts * (1 - module.num_experts_per_token / module.num_experts)
     return 6.0 * matmul_params + 6.0 * seq_len * attention
+
+
+def _window_fraction(window: int | None, seq_len: int) -> float:
+    """Attended keys a query sees with this window, relative to full causal attention."""
+    w = min(seq_len, window or seq_len)
+    return (2 * w - w * w / seq_len) / seq_len
 
 
 def parameter_count(model: nnx.Module) -> int:

@@ -4,6 +4,13 @@ Model-only recipes live in nnxlm.recipes.models, edits in nnxlm.recipes.fiddlers
 
 from nnxlm.recipes import fiddlers, models
 from nnxlm.recipes.experiments import (
+    gemma2_2b,
+    gemma2_9b,
+    gemma2_27b,
+    gemma3_1b,
+    gemma3_4b,
+    gemma_2b,
+    gemma_7b,
     llama2_7b,
     llama3_1_8b,
     llama3_2_1b,
@@ -40,11 +47,25 @@ RECIPES = {
     "qwen3_0_6b": qwen3_0_6b,
     "qwen3_8b": qwen3_8b,
     "qwen3_30b_a3b": qwen3_30b_a3b,
+    "gemma_2b": gemma_2b,
+    "gemma_7b": gemma_7b,
+    "gemma2_2b": gemma2_2b,
+    "gemma2_9b": gemma2_9b,
+    "gemma2_27b": gemma2_27b,
+    "gemma3_1b": gemma3_1b,
+    "gemma3_4b": gemma3_4b,
 }
 
 __all__ = [
     "RECIPES",
     "fiddlers",
+    "gemma_2b",
+    "gemma_7b",
+    "gemma2_2b",
+    "gemma2_9b",
+    "gemma2_27b",
+    "gemma3_1b",
+    "gemma3_4b",
     "models",
     "llama2_7b",
     "llama3_1_8b",

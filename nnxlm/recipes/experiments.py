@@ -110,3 +110,31 @@ def mixtral_8x7b() -> fdl.Config:
 
 def mixtral_8x22b() -> fdl.Config:
     return _published("mixtral_8x22b", 4096, 1024)
+
+
+def gemma_2b() -> fdl.Config:
+    return _published("gemma_2b", 8192, 512)
+
+
+def gemma_7b() -> fdl.Config:
+    return _published("gemma_7b", 8192, 512)
+
+
+def gemma2_2b() -> fdl.Config:
+    return _published("gemma2_2b", 8192, 512)
+
+
+def gemma2_9b() -> fdl.Config:
+    return _published("gemma2_9b", 8192, 512)
+
+
+def gemma2_27b() -> fdl.Config:
+    return _published("gemma2_27b", 8192, 512)
+
+
+def gemma3_1b() -> fdl.Config:
+    return _published("gemma3_1b", 8192, 512)
+
+
+def gemma3_4b() -> fdl.Config:
+    return _published("gemma3_4b", 8192, 512)

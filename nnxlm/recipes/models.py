@@ -4,6 +4,8 @@ Each family is one function of its published hyperparameters; sizes are calls of
 sub-recipes hold only their own numbers (heads, MLP width); the Transformer passes d_model.
 """
 
+import copy
+
 import fiddle as fdl
 
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
@@ -225,3 +227,128 @@ def qwen3_30b_a3b() -> fdl.Partial:
         normalize_top_k=True,
     )
     return cfg
+
+
+def gemma(
+    *,
+    vocab_size: int = 256_000,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    mlp_dim: int,
+    head_dim: int = 256,
+    rope_theta: float = 10_000.0,
+    norm_eps: float = 1e-6,
+    tie_embeddings: bool = True,
+    post_norms: bool = False,
+    qk_norm: bool = False,
+    attn_softcap: float | None = None,
+    final_logit_softcap: float | None = None,
+    query_pre_attn_scalar: float | None = None,
+    layer_pattern: tuple[dict, ...] | None = None,
+) -> fdl.Partial:
+    """A Gemma decoder: embeddings times sqrt(d_model), RMSNorm x * (1 + w), rotary MQA / GQA with
+    head_dim 256, tanh-GELU GeGLU, tied head (Gemma 1). Gemma 2 adds post_norms (a norm on each
+    branch's output), attention and final-logit soft-capping, query_pre_attn_scalar and a
+    layer_pattern of local (sliding-window) and global layers; Gemma 3 adds qk_norm and a local
+    RoPE base in the pattern. Only options that are on appear in the recipe."""
+    norm = fdl.Partial(RMSNorm, eps=norm_eps, offset=1.0)
+    options = dict(softcap=attn_softcap, query_pre_attn_scalar=query_pre_attn_scalar)
+    options = {name: value for name, value in options.items() if value}
+    if qk_norm:
+        options["qk_norm"] = copy.deepcopy(norm)
+    attention = fdl.Partial(
+        Attention, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_theta=rope_theta, **options
+    )
+    block = fdl.Partial(
+        DecoderBlock, attention=attention, mlp=fdl.Partial(GatedMLP, hidden_dim=mlp_dim, activation="gelu_tanh")
+    )
+    if post_norms:
+        block.post_norms = True
+    model = fdl.Partial(
+        Transformer,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        block=block,
+        norm=norm,
+        tie_embeddings=tie_embeddings,
+        embed_scale=True,
+    )
+    if final_logit_softcap:
+        model.final_logit_softcap = final_logit_softcap
+    if layer_pattern:
+        model.layer_pattern = layer_pattern
+    return model
+
+
+def gemma_2b() -> fdl.Partial:
+    # multi-query attention (1 KV head), tied 256,000-token vocabulary: 2.51 B parameters
+    return gemma(d_model=2048, num_layers=18, num_heads=8, num_kv_heads=1, mlp_dim=16_384)
+
+
+def gemma_7b() -> fdl.Partial:
+    # 16 heads of 256 (4096 wide attention on a 3072 model): 8.54 B parameters
+    return gemma(d_model=3072, num_layers=28, num_heads=16, num_kv_heads=16, mlp_dim=24_576)
+
+
+def gemma2(**shape) -> fdl.Partial:
+    """Gemma 2: alternating 4096-token local and global layers, soft-capping, post-norms."""
+    local_global = ({"sliding_window": 4096}, {"sliding_window": None})
+    options = dict(post_norms=True, attn_softcap=50.0, final_logit_softcap=30.0, layer_pattern=local_global)
+    return gemma(**{"query_pre_attn_scalar": 256, **options, **shape})
+
+
+def gemma2_2b() -> fdl.Partial:
+    # 2.61 B parameters
+    return gemma2(d_model=2304, num_layers=26, num_heads=8, num_kv_heads=4, mlp_dim=9216)
+
+
+def gemma2_9b() -> fdl.Partial:
+    # 9.24 B parameters
+    return gemma2(d_model=3584, num_layers=42, num_heads=16, num_kv_heads=8, mlp_dim=14_336)
+
+
+def gemma2_27b() -> fdl.Partial:
+    # head_dim 128, queries scaled by (d_model / num_heads) ** -0.5 = 144 ** -0.5: 27.2 B parameters
+    return gemma2(
+        d_model=4608,
+        num_layers=46,
+        num_heads=32,
+        num_kv_heads=16,
+        mlp_dim=36_864,
+        head_dim=128,
+        query_pre_attn_scalar=144,
+    )
+
+
+def gemma3(*, sliding_window: int = 1024, rope_scaling: dict | None = None, **shape) -> fdl.Partial:
+    """Gemma 3 (text): 5 local layers (window 1024, RoPE base 10,000) to 1 global (base 1e6, with
+    rope_scaling on the global layers only), per-head qk RMSNorm, no soft-capping, 262,144 tokens."""
+    local = {"sliding_window": sliding_window, "rope_theta": 10_000.0, "rope_scaling": None}
+    pattern = (local,) * 5 + ({"sliding_window": None, "rope_theta": 1_000_000.0, "rope_scaling": rope_scaling},)
+    return gemma(
+        **{"vocab_size": 262_144, "query_pre_attn_scalar": 256, **shape},
+        rope_theta=1_000_000.0,
+        post_norms=True,
+        qk_norm=True,
+        layer_pattern=copy.deepcopy(pattern),
+    )
+
+
+def gemma3_1b() -> fdl.Partial:
+    # 1.00 B parameters (a 512-token local window)
+    return gemma3(d_model=1152, num_layers=26, num_heads=4, num_kv_heads=1, mlp_dim=6912, sliding_window=512)
+
+
+def gemma3_4b() -> fdl.Partial:
+    # the language model of Gemma 3 4B, linear rope factor 8 on global layers: 3.88 B parameters
+    return gemma3(
+        d_model=2560,
+        num_layers=34,
+        num_heads=8,
+        num_kv_heads=4,
+        mlp_dim=10_240,
+        rope_scaling={"type": "linear", "factor": 8.0},
+    )

@@ -49,6 +49,11 @@ PUBLISHED_PARAMETER_COUNTS = [
     ("qwen3_0_6b", "596.05 M"),  # "0.6 B" on the model card
     ("qwen3_8b", "8.19 B"),
     ("qwen3_30b_a3b", "30.53 B"),  # "30.5 B"
+    ("gemma_2b", "2.51 B"),
+    ("gemma_7b", "8.54 B"),
+    ("gemma2_2b", "2.61 B"),
+    ("gemma2_9b", "9.24 B"),
+    ("gemma2_27b", "27.23 B"),  # "27.2 B" on the model card
 ]
 
 
@@ -153,3 +158,21 @@ def test_published_recipes_set_the_family_attention_options():
     assert attention["qwen2_5_7b"].qkv_bias is True
     assert attention["qwen3_8b"].qk_norm.eps == 1e-6
     assert attention["llama3_3_70b"].rope_scaling["factor"] == 8.0
+
+
+def test_training_flops_count_sliding_windows_per_layer():
+    import fiddle as fdl
+    from flax import nnx
+
+    from nnxlm.metrics import training_flops_per_token
+
+    def flops(**changes):
+        cfg = nnxlm.recipes.models.llama_tiny()
+        for name, value in changes.items():
+            setattr(cfg, name, value)
+        return training_flops_per_token(nnx.eval_shape(lambda: fdl.build(cfg)(rngs=nnx.Rngs(0))), 64)
+
+    full_attention = 6 * 64 * 4 * 4 * 16  # 6 x seq_len x layers x heads x head_dim
+    # every second layer sees 16 of 64 keys: (2 * 16 - 16 * 16 / 64) / 64 = 7 / 16 of full attention
+    alternating = flops(layer_pattern=({"sliding_window": 16}, {"sliding_window": None}))
+    assert abs((flops() - alternating) - full_attention * (1 - (1 + 7 / 16) / 2)) < 1e-6
