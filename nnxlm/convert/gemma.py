@@ -8,7 +8,7 @@ Transformer's layer_pattern, its shortest period."""
 from flax import nnx
 
 from nnxlm.convert.families import Family, Tensor, first, require
-from nnxlm.convert.llama import LAYER, rope_hf_config, rope_settings
+from nnxlm.convert.llama import LAYER, mlp_tensors, model_tensors, projection_tensors, rope_hf_config, rope_settings
 from nnxlm.convert.qwen3 import qk_norm_tensors
 from nnxlm.errors import UserError
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
@@ -207,20 +207,10 @@ def gemma3_hf_config(model: Transformer) -> dict:
 
 
 def gemma_tensors(config: dict, post_norms: bool = False, qk_norm: bool = False):
-    model = [
-        Tensor("model.embed_tokens.weight", ("embedder", "embedding"), None),
-        Tensor("model.norm.weight", ("final_norm", "scale"), None),
-    ]
-    if not config.get("tie_word_embeddings", True):
-        model.append(Tensor("lm_head.weight", ("head",), 1))
+    model = model_tensors(tied=bool(config.get("tie_word_embeddings", True)))
     layer = [
-        Tensor(LAYER + "self_attn.q_proj.weight", ("attention", "q_proj")),
-        Tensor(LAYER + "self_attn.k_proj.weight", ("attention", "k_proj")),
-        Tensor(LAYER + "self_attn.v_proj.weight", ("attention", "v_proj")),
-        Tensor(LAYER + "self_attn.o_proj.weight", ("attention", "o_proj"), 2),
-        Tensor(LAYER + "mlp.gate_proj.weight", ("mlp", "gate")),
-        Tensor(LAYER + "mlp.up_proj.weight", ("mlp", "up")),
-        Tensor(LAYER + "mlp.down_proj.weight", ("mlp", "down")),
+        *projection_tensors(),
+        *mlp_tensors(),
         Tensor(LAYER + "input_layernorm.weight", ("attention_norm", "scale"), None),
     ]
     if post_norms:  # Gemma 2 / 3: post_attention_layernorm normalises the attention's output

@@ -104,30 +104,42 @@ def llama_hf_config(model: nnx.Module) -> dict:
 
 
 def llama_tensors(config: dict) -> tuple[list[Tensor], list[Tensor]]:
-    model = [
-        Tensor("model.embed_tokens.weight", ("embedder", "embedding"), None),
-        Tensor("model.norm.weight", ("final_norm", "scale"), None),
-    ]
-    if not config.get("tie_word_embeddings", False):
-        model.append(Tensor("lm_head.weight", ("head",), 1))
-    mlp = [
-        Tensor(LAYER + "mlp.gate_proj.weight", ("mlp", "gate")),
-        Tensor(LAYER + "mlp.up_proj.weight", ("mlp", "up")),
-        Tensor(LAYER + "mlp.down_proj.weight", ("mlp", "down")),
-    ]
-    return model, attention_and_norm_tensors() + mlp
+    tied = bool(config.get("tie_word_embeddings", False))
+    return model_tensors(tied), attention_and_norm_tensors() + mlp_tensors()
 
 
 LAYER = "model.layers.{i}."
 
 
-def attention_and_norm_tensors() -> list[Tensor]:
-    """A Llama layer's attention projections and its two norms (shared by the Llama-like families)."""
+def model_tensors(tied: bool) -> list[Tensor]:
+    """The embedding table, the final norm and, unless tied to the embedding, the output head."""
+    tensors = [
+        Tensor("model.embed_tokens.weight", ("embedder", "embedding"), None),
+        Tensor("model.norm.weight", ("final_norm", "scale"), None),
+    ]
+    return tensors if tied else [*tensors, Tensor("lm_head.weight", ("head",), 1)]
+
+
+def mlp_tensors() -> list[Tensor]:
+    return [
+        Tensor(LAYER + "mlp.gate_proj.weight", ("mlp", "gate")),
+        Tensor(LAYER + "mlp.up_proj.weight", ("mlp", "up")),
+        Tensor(LAYER + "mlp.down_proj.weight", ("mlp", "down")),
+    ]
+
+
+def projection_tensors() -> list[Tensor]:
     return [
         Tensor(LAYER + "self_attn.q_proj.weight", ("attention", "q_proj")),
         Tensor(LAYER + "self_attn.k_proj.weight", ("attention", "k_proj")),
         Tensor(LAYER + "self_attn.v_proj.weight", ("attention", "v_proj")),
         Tensor(LAYER + "self_attn.o_proj.weight", ("attention", "o_proj"), 2),
+    ]
+
+
+def attention_and_norm_tensors() -> list[Tensor]:
+    """A Llama layer's attention projections and its two norms (shared by the Llama-like families)."""
+    return projection_tensors() + [
         Tensor(LAYER + "input_layernorm.weight", ("attention_norm", "scale"), None),
         Tensor(LAYER + "post_attention_layernorm.weight", ("mlp_norm", "scale"), None),
     ]

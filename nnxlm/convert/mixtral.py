@@ -6,7 +6,14 @@ import fiddle as fdl
 from flax import nnx
 
 from nnxlm.convert.families import Family, Tensor, first
-from nnxlm.convert.llama import LAYER, attention_and_norm_tensors, attention_is, llama_hf_config, llama_recipe
+from nnxlm.convert.llama import (
+    LAYER,
+    attention_and_norm_tensors,
+    attention_is,
+    llama_hf_config,
+    llama_recipe,
+    model_tensors,
+)
 from nnxlm.convert.mistral import sliding_window
 from nnxlm.convert.qwen3_moe import is_softmax_moe
 from nnxlm.modules import Attention
@@ -45,9 +52,7 @@ def mixtral_hf_config(model: nnx.Module) -> dict:
 
 
 def mixtral_tensors(config: dict) -> tuple[list[Tensor], list[Tensor]]:
-    from nnxlm.convert.llama import llama_tensors
-
-    model, _ = llama_tensors(config)
+    model = model_tensors(tied=bool(config.get("tie_word_embeddings", False)))
     moe = LAYER + "block_sparse_moe."
     experts = [
         Tensor(moe + "gate.weight", ("mlp", "router")),

@@ -6,7 +6,14 @@ import fiddle as fdl
 from flax import nnx
 
 from nnxlm.convert.families import Family, Tensor, first, require
-from nnxlm.convert.llama import LAYER, attention_and_norm_tensors, attention_is, llama_hf_config, llama_recipe
+from nnxlm.convert.llama import (
+    LAYER,
+    attention_and_norm_tensors,
+    attention_is,
+    llama_hf_config,
+    llama_recipe,
+    model_tensors,
+)
 from nnxlm.convert.qwen3 import qk_norm_tensors
 from nnxlm.errors import UserError
 from nnxlm.modules.moe import MoE
@@ -55,9 +62,7 @@ def qwen3_moe_hf_config(model: nnx.Module) -> dict:
 
 
 def qwen3_moe_tensors(config: dict) -> tuple[list[Tensor], list[Tensor]]:
-    from nnxlm.convert.llama import llama_tensors
-
-    model, _ = llama_tensors(config)
+    model = model_tensors(tied=bool(config.get("tie_word_embeddings", False)))
     mlp = LAYER + "mlp."
     experts = [
         Tensor(mlp + "gate.weight", ("mlp", "router")),
