@@ -8,6 +8,16 @@ from transformers import AutoModelForCausalLM
 import nnxlm
 from nnxlm.convert import from_hf, to_hf
 
+# Shapes that expose mapping mistakes: 2 KV heads under 4 query heads, head_dim 16 != 48 / 4.
+TINY_SHAPE = dict(
+    vocab_size=101,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 PROMPT = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]]
 
 

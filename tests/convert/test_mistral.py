@@ -2,18 +2,12 @@ import json
 
 from transformers import MistralConfig, MistralForCausalLM
 
-from tests.convert.harness import check_round_trip, perturbed
+from tests.convert.harness import TINY_SHAPE, check_round_trip, perturbed
 
 
 def tiny_mistral(**changes):
     config = dict(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_SHAPE,
         rms_norm_eps=1e-5,
         rope_theta=500.0,
         sliding_window=8,  # shorter than the 16-token prompt

@@ -4,18 +4,12 @@ import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from nnxlm.errors import UserError
-from tests.convert.harness import check_round_trip, perturbed
+from tests.convert.harness import TINY_SHAPE, check_round_trip, perturbed
 
 
 def tiny_qwen2(**changes):
     config = dict(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_SHAPE,
         rms_norm_eps=1e-6,
         rope_theta=1000.0,
         tie_word_embeddings=True,  # as the 0.5 B - 3 B models
