@@ -8,6 +8,7 @@ Construction only records the recipe; `setup()` (called by fit/evaluate) builds 
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -30,7 +31,14 @@ from nnxlm.loss import cross_entropy
 from nnxlm.modules.moe import MoE
 from nnxlm.optim import AdamW
 from nnxlm.recipes.serialization import as_config, to_json
-from nnxlm.sharding import logical_to_spec, make_mesh, state_shardings
+from nnxlm.sharding import (
+    activation_sharding,
+    constrain,
+    logical_to_spec,
+    make_mesh,
+    state_shardings,
+    unsplit_dimensions,
+)
 from nnxlm.train_state import TrainState
 
 
@@ -45,7 +53,9 @@ class Trainer:
       workdir: run directory (checkpoints, metrics.jsonl, TensorBoard events, recipe.json).
       tokenizer_path: a SentencePiece model; None uses <workdir>/tokenizer.model, trained on
         tokenizer_train_chars characters of the training data on the first run.
-      seq_len, batch_size: tokens per row and rows per step (global, over all devices).
+      seq_len, batch_size: tokens per row and rows per step (global, over all devices and hosts).
+      grad_accum_steps: the batch is processed as this many micro-batches of batch_size /
+        grad_accum_steps rows whose gradients are summed before one update (the same update).
       eval_every, checkpoint_every: in steps; 0 evaluates never / checkpoints only at the end.
       mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
         entries of the logical-axis table.
@@ -70,6 +80,7 @@ class Trainer:
         tokenizer_train_chars: int = 5_000_000,
         seq_len: int = 256,
         batch_size: int = 8,
+        grad_accum_steps: int = 1,
         num_steps: int = 1000,
         seed: int = 0,
         eval_every: int = 100,
@@ -107,9 +118,12 @@ class Trainer:
             raise UserError("the recipe has no train_data: set it to a data source (nnxlm.data)")
         self.mesh = make_mesh(self.mesh_axes)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
+        self._check_batch_divides()
         self.tx, self.schedule = self.optimizer.build(self.num_steps)
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
         self.state_shardings = state_shardings(abstract_state, self.mesh, self.sharding_rules)
+        for note in unsplit_dimensions(abstract_state["model"], self.mesh, self.sharding_rules):
+            print(f"nnxlm: replicated where the mesh does not divide it: {note}", file=sys.stderr)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         abstract_model = nnx.merge(self.graphdef, abstract_state).model
         self.model_vocab_size = abstract_model.vocab_size
@@ -141,6 +155,24 @@ class Trainer:
         self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, self.batch_sharding))
         self._ready = True
         return self
+
+    def _check_batch_divides(self) -> None:
+        steps = self.grad_accum_steps
+        if steps < 1 or self.batch_size % steps:
+            raise UserError(f"batch_size {self.batch_size} must divide by grad_accum_steps {steps} (at least 1)")
+        for size, axes, what in zip(
+            (self.batch_size // steps, self.seq_len),
+            self.batch_sharding.spec,
+            ("rows a micro-batch", "seq_len"),
+            strict=True,
+        ):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            shards = math.prod(self.mesh.shape[a] for a in axes)
+            if size % shards:
+                raise UserError(
+                    f"{what} ({size}) must divide by the {shards} devices of mesh axes {' x '.join(axes)}: "
+                    "change batch_size, seq_len, grad_accum_steps or the mesh"
+                )
 
     def _create_state(self) -> TrainState:
         return TrainState(self.model_factory(rngs=nnx.Rngs(self.seed)), self.tx, self.seed)
@@ -192,23 +224,53 @@ class Trainer:
     # The compiled steps: pure functions of (state, batch), compiled once.
 
     def _loss(self, model, batch, dropout_key):
-        """(loss to differentiate, cross-entropy, tokens counted, mixture-of-experts balance loss)."""
+        """(token loss with z-loss, cross-entropy, tokens counted, mixture-of-experts balance loss)."""
         forward = nnx.capture(model, nnx.Intermediate)  # collects what layers sow (MoE balance losses)
         logits, sown = forward(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
         total, nll, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.z_loss_weight)
         balance = sum((jnp.sum(x) for x in jax.tree.leaves(sown)), jnp.zeros((), jnp.float32))
-        return total + self.moe_balance_weight * balance, nll, count, balance
+        return total, nll, count, balance
+
+    def _gradients(self, model, batch, dropout_key):
+        """(gradients, cross-entropy, balance loss) of the batch, over grad_accum_steps micro-batches.
+
+        Each micro-batch's token loss is weighted by its share of the batch's counted tokens, so the
+        summed micro-batch gradients are the gradient of the whole batch's mean token loss (a mean
+        of micro-batch means would weigh sparsely counted micro-batches more).
+        """
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        batch_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        steps = self.grad_accum_steps
+
+        def objective(params, micro, key):
+            total, nll, count, balance = self._loss(nnx.merge(graphdef, params, rest), micro, key)
+            share = count / batch_tokens
+            return total * share + self.moe_balance_weight * balance / steps, (nll * share, balance / steps)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if steps == 1:
+            (_, (loss, balance)), grads = grad_fn(params, batch, dropout_key)
+            return grads, loss, balance
+        # rows i, i + steps, i + 2 steps, ... form micro-batch i: each device keeps its own rows
+        micro_batches = jax.tree.map(lambda x: x.reshape(-1, steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def accumulate(carry, inputs):
+            micro, key = inputs
+            micro = {name: constrain(x, ("batch", "length")) for name, x in micro.items()}
+            (_, aux), grads = grad_fn(params, micro, key)
+            return jax.tree.map(jnp.add, carry, (grads, *aux)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+        keys = jax.random.split(dropout_key, steps)
+        (grads, loss, balance), _ = jax.lax.scan(accumulate, zeros, (micro_batches, keys))
+        return grads, loss, balance
 
     def _train_step_fn(self, state, batch):
         train_state = nnx.merge(self.graphdef, state)
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
-
-        def total_loss(model):
-            total, nll, _, balance = self._loss(model, batch, dropout_key)
-            return total, (nll, balance)
-
-        (_, (loss, balance)), grads = nnx.value_and_grad(total_loss, has_aux=True)(train_state.model)
+        with activation_sharding(self.mesh, self.sharding_rules):
+            grads, loss, balance = self._gradients(train_state.model, batch, dropout_key)
         train_state.optimizer.update(train_state.model, grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         metrics = {"loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
@@ -218,7 +280,8 @@ class Trainer:
 
     def _eval_step_fn(self, state, batch):
         model = nnx.merge(self.graphdef, state).model
-        _, loss, count, _ = self._loss(model, batch, None)
+        with activation_sharding(self.mesh, self.sharding_rules):
+            _, loss, count, _ = self._loss(model, batch, None)
         return loss * count, count
 
     # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import sys
 import time
 
 import fiddle as fdl
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +136,27 @@ def test_a_mixture_of_experts_model_trains_with_its_balance_loss(tmp_path):
     balance = [r["moe_balance_loss"] for r in history]
     assert all(np.isfinite(balance)) and min(balance) > 0  # summed over the 4 layers
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_accumulated_micro_batch_gradients_equal_the_large_batch_gradient(tmp_path):
+    trainer = fdl.build(tiny(tmp_path, grad_accum_steps=4)).setup()
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator).items()}
+    # micro-batch 0 (rows 0 and 4) counts few tokens: a mean of micro-batch means would overweight it
+    mask = batch["loss_mask"].at[0, 5:].set(0.0).at[4, 9:].set(0.0)
+    batch = {**batch, "loss_mask": mask}
+    model, key = trainer.model, jax.random.key(0)
+
+    def gradients(steps, batch):
+        trainer.grad_accum_steps = steps
+        return jax.jit(lambda b: trainer._gradients(model, b, key))(batch)
+
+    assert "scan" in str(jax.make_jaxpr(lambda b: trainer._gradients(model, b, key))(batch))
+    accumulated, large = gradients(4, batch), gradients(1, batch)
+    for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(large), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    micro = [{k: v[i::4] for k, v in batch.items()} for i in range(4)]
+    mean_of_means = jax.tree.map(lambda *g: sum(g) / 4, *(gradients(1, m)[0] for m in micro))
+    differences = [
+        np.abs(a - b).max() for a, b in zip(jax.tree.leaves(mean_of_means), jax.tree.leaves(large[0]), strict=True)
+    ]
+    assert max(differences) > 1e-4  # the test would see a mean of means

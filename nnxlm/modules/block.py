@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.sharding.rules import constrain
+
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when rate is 0 or no key is given (evaluation)."""
@@ -68,4 +70,5 @@ class DecoderBlock(nnx.Module):
         if self.post_norms:
             h = self.post_mlp_norm(h)
         x_btd = x_btd + dropout(h, self.dropout_rate, keys[1])
+        x_btd = constrain(x_btd, ("batch", "length", None))  # the residual stream between layers
         return x_btd if cache is None else (x_btd, cache)

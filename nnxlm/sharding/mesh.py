@@ -8,8 +8,13 @@ from jax.sharding import AxisType, Mesh
 
 from nnxlm.errors import UserError
 
-# Mesh axes in order from the slowest-varying (across hosts) to the fastest (within a host).
-MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes in order from the slowest-varying (across hosts) to the fastest (within a host):
+#   data      pure data parallelism (parameters replicated, gradients all-reduced)
+#   fsdp      data parallelism with parameters and optimizer state split (ZeRO-3)
+#   expert    mixture-of-experts weights split by expert; tokens split over it outside the experts
+#   sequence  activations split along the sequence (context parallelism); parameters split as fsdp
+#   tensor    Megatron-style: heads, MLP hidden units and the vocabulary split
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, int]:
@@ -37,8 +42,13 @@ def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, in
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-    """A mesh over `devices` (default: all) with axes MESH_AXES in that order."""
+    """A mesh over `devices` (default: all, over every process) with axes MESH_AXES in that order.
+
+    Devices are ordered process by process, so the slow axes (data, fsdp) cross hosts and the fast
+    ones (sequence, tensor) stay within a host where the sizes allow.
+    """
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     resolved = resolve_axis_sizes(sizes, len(devices))
     shape = tuple(resolved[name] for name in MESH_AXES)
     device_array = np.asarray(devices).reshape(shape)

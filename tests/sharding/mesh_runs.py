@@ -1,0 +1,103 @@
+"""Training runs on 8 fake CPU devices, compared with one device. Run by test_meshes.py as
+`python -m tests.sharding.mesh_runs CASE` in a subprocess (the device count is fixed at JAX start);
+prints one JSON line."""
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+
+import fiddle as fdl
+import jax
+from flax import nnx
+
+import nnxlm.trainer
+from nnxlm.modules.moe import MoE
+from nnxlm.recipes import tiny
+from nnxlm.sharding import make_mesh
+
+MESHES = {
+    "data=8": {"data": 8},
+    "fsdp=8": {"fsdp": 8},
+    "data=2 fsdp=2 tensor=2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "tensor=4": {"tensor": 4, "data": -1},  # tiny has 2 KV heads: replicated over tensor
+    "expert=4 moe": {"expert": 4, "data": -1},
+    "sequence=2 fsdp=4": {"sequence": 2, "fsdp": 4},
+}
+
+
+def _mesh_on_leading_devices(sizes):
+    """make_mesh over just as many devices as the sizes need: a one-device run inside this process."""
+    count = math.prod(v for v in sizes.values() if v > 0)
+    return make_mesh(sizes, jax.devices()[:count] if -1 not in sizes.values() else None)
+
+
+nnxlm.trainer.make_mesh = _mesh_on_leading_devices
+
+
+def recipe(workdir, mesh, *, moe=False, steps=5, checkpoint_every=0):
+    cfg = tiny()
+    cfg.workdir, cfg.mesh, cfg.num_steps = workdir, mesh, steps
+    cfg.eval_every, cfg.checkpoint_every, cfg.log_every = 0, checkpoint_every, 1000
+    if moe:
+        cfg.model.block.mlp = fdl.Partial(MoE, num_experts=4, num_experts_per_token=2, expert_hidden_dim=32)
+    return cfg
+
+
+def train(cfg):
+    trainer = fdl.build(cfg)
+    losses = [record["loss"] for record in trainer.fit()]
+    trainer.checkpointer.close()
+    return trainer, losses
+
+
+def shard_shapes(trainer):
+    """{parameter path: (global shape, shape of the first device's shard)} of the first layer."""
+    state = nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))
+    out = {}
+    for path, variable in state:
+        if "layers" in path and isinstance(after := path[path.index("layers") + 1], int) and after:
+            continue  # looped layers: the first one stands for all
+        array = variable[...]
+        out[".".join(map(str, path))] = [list(array.shape), list(array.addressable_shards[0].data.shape)]
+    return out
+
+
+def meshes(root):
+    result = {}
+    for moe in (False, True):
+        _, result[f"one device{' moe' if moe else ''}"] = train(recipe(f"{root}/one{moe}", {"data": 1}, moe=moe))
+    for name, mesh in MESHES.items():
+        trainer, losses = train(recipe(f"{root}/{name}", mesh, moe="moe" in name))
+        result[name] = {"losses": losses, "shards": shard_shapes(trainer)}
+    return result
+
+
+def reshard(root):
+    """Saves at step 5 on data=2 x fsdp=4; resumes that checkpoint on other meshes."""
+    _, losses = train(recipe(f"{root}/first", {"data": 2, "fsdp": 4}, steps=10, checkpoint_every=5))
+    result = {"uninterrupted": losses}
+    for name, mesh in {
+        "tensor=2 fsdp=2 data=2": {"tensor": 2, "fsdp": 2, "data": 2},
+        "one device": {"data": 1},
+    }.items():
+        shutil.copytree(f"{root}/first/checkpoints/5", f"{root}/{name}/checkpoints/5")
+        _, result[name] = train(recipe(f"{root}/{name}", mesh, steps=10, checkpoint_every=5))
+    return result
+
+
+def accumulation(root):
+    """One batch of 8 rows against 4 micro-batches of 2 rows, split over fsdp=2."""
+    result = {}
+    for steps in (1, 4):
+        cfg = recipe(f"{root}/accumulate{steps}", {"data": 2, "fsdp": 2}, steps=5)
+        cfg.mesh, cfg.grad_accum_steps = {"data": 1, "fsdp": 2}, steps
+        _, result[f"grad_accum_steps={steps}"] = train(cfg)
+    return result
+
+
+if __name__ == "__main__":
+    case = {"meshes": meshes, "reshard": reshard, "accumulation": accumulation}[sys.argv[1]]
+    with tempfile.TemporaryDirectory() as root:
+        print("RESULT " + json.dumps(case(root)))

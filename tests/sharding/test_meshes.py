@@ -1,0 +1,73 @@
+"""Every parallelism gives the one-device losses, with parameters split as the rules say.
+
+Each case runs tests/sharding/mesh_runs.py once in a subprocess with 8 fake CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_case(case: str) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.sharding.mesh_runs", case], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("RESULT ")[-1])
+
+
+def assert_same_losses(reference, losses):
+    assert len(losses) == len(reference)
+    assert max(abs(a - b) / abs(a) for a, b in zip(reference, losses, strict=True)) < 1e-5, (reference, losses)
+
+
+@pytest.fixture(scope="module")
+def meshes():
+    return run_case("meshes")
+
+
+# (global shape, first device's shard shape) of a few parameters; tiny: width 64, 4 layers
+# (stacked), 4 query and 2 KV heads of 16, MLP 192, vocabulary 256; the MoE has 4 experts of 32.
+EXPECTED_SHARDS = {
+    "data=8": {"layers.attention.q_proj": [4, 64, 4, 16], "head": [64, 256]},
+    "fsdp=8": {
+        "layers.attention.q_proj": [4, 8, 4, 16],
+        "layers.mlp.gate": [4, 8, 192],
+        "embedder.embedding": [256, 8],
+    },
+    "data=2 fsdp=2 tensor=2": {
+        "layers.attention.q_proj": [4, 32, 2, 16],
+        "layers.attention.k_proj": [4, 32, 1, 16],
+        "layers.mlp.down": [4, 96, 32],
+        "head": [32, 128],
+    },
+    "tensor=4": {"layers.attention.q_proj": [4, 64, 1, 16], "layers.attention.k_proj": [4, 64, 2, 16]},
+    "expert=4 moe": {"layers.mlp.gate": [4, 1, 64, 32], "layers.mlp.router": [4, 64, 1]},
+    "sequence=2 fsdp=4": {"layers.attention.q_proj": [4, 8, 4, 16], "embedder.embedding": [256, 8]},
+}
+
+
+@pytest.mark.parametrize("mesh", list(EXPECTED_SHARDS))
+def test_five_steps_match_one_device_and_parameters_are_split(meshes, mesh):
+    reference = meshes["one device moe" if "moe" in mesh else "one device"]
+    assert_same_losses(reference, meshes[mesh]["losses"])
+    shards = meshes[mesh]["shards"]
+    for name, shard_shape in EXPECTED_SHARDS[mesh].items():
+        assert shards[name][1] == shard_shape, (name, shards[name])
+
+
+def test_a_checkpoint_from_one_mesh_resumes_on_another_and_on_one_device():
+    result = run_case("reshard")
+    continued = result["uninterrupted"][5:]
+    assert_same_losses(continued, result["tensor=2 fsdp=2 data=2"])
+    assert_same_losses(continued, result["one device"])
+
+
+def test_gradient_accumulation_gives_the_large_batch_update():
+    result = run_case("accumulation")
+    assert_same_losses(result["grad_accum_steps=1"], result["grad_accum_steps=4"])
