@@ -2,9 +2,9 @@
 
 On disk each step holds: `state` (model, optimizer, step and RNG key, as a pure dict; or the
 model alone for a converted checkpoint), `info` (which of the two), `recipe` (the recipe JSON)
-and `data` (the grain iterator's state, taken when save() is called, as JSON). Layer parameters are
+and `data` (the data position of every data shard, as JSON: {"shards": [state, ...]}). Layer parameters are
 always stored stacked, with a leading layers axis, so a checkpoint written by a scanned model loads
-into a looped one and back.
+into a looped one and back; so is each of a Transformer's layer stacks (LAYER_STACKS).
 """
 
 import json
@@ -20,9 +20,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nnxlm.errors import UserError
 from nnxlm.recipes.serialization import from_json
 
+# The Transformer's layer stacks: `layers` and, where the first layers differ, `first_layers`.
+LAYER_STACKS = ("layers", "first_layers")
+
 
 def _is_layer_list(key, value) -> bool:
-    return key == "layers" and isinstance(value, dict) and bool(value) and all(isinstance(k, int) for k in value)
+    return key in LAYER_STACKS and isinstance(value, dict) and bool(value) and all(isinstance(k, int) for k in value)
 
 
 def _stack(leaves):
@@ -36,7 +39,8 @@ def _stack(leaves):
 
 
 def stack_layers(tree):
-    """Replaces every {"layers": {0: t0, 1: t1, ...}} by {"layers": stacked(t0, t1, ...)}."""
+    """Replaces every {"layers": {0: t0, 1: t1, ...}} by {"layers": stacked(t0, t1, ...)} (and so
+    for each name of LAYER_STACKS)."""
     if not isinstance(tree, dict):
         return tree
     out = {}
@@ -89,31 +93,31 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, recipe: dict, data_iterator=None) -> None:
+    def save(self, step: int, state: dict, recipe: dict, data_state: dict | None = None) -> None:
+        """Starts writing `state` (pure dict), the recipe and the data position (a JSON snapshot, taken
+        before the call: the iterators move on while orbax writes); all processes call it."""
         items = dict(
             state=ocp.args.StandardSave(stack_layers(state)),
             recipe=ocp.args.JsonSave(recipe),
             info=ocp.args.JsonSave({"train_state": "optimizer" in state}),  # False: a model alone
         )
-        if data_iterator is not None:  # a snapshot now: the iterator moves on while orbax writes
-            items["data"] = ocp.args.JsonSave(data_iterator.get_state())
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def restore(self, step: int, target: dict, data_iterator=None) -> dict:
-        """Restores the state onto `target` (pure dict of ShapeDtypeStructs) and the iterator in place."""
+    def restore(self, step: int, target: dict) -> tuple[dict, dict | None]:
+        """(state restored onto `target`, a pure dict of ShapeDtypeStructs; the saved data position)."""
         items = dict(state=ocp.args.StandardRestore(stack_layers(target)))
-        if data_iterator is not None:
+        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
             items["data"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            if data_iterator is not None:
-                data_iterator.set_state(restored["data"])
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise UserError(
                 f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
                 "if the recipe changed shapes, use a new --workdir; if the files are damaged, move that step away"
             ) from e
-        return unstack_layers(restored["state"], target)
+        return unstack_layers(restored["state"], target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
         """False for a checkpoint that holds only a model (no optimizer state), e.g. a converted one."""

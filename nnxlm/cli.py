@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a recipe (resumes from the run directory)")
     _recipe_argument(train)
     train.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+    hosts = train.add_argument_group("multi-process runs (every process runs the same command)")
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    hosts.add_argument("--num_processes", type=int, help="processes in the run (or JAX_NUM_PROCESSES)")
+    hosts.add_argument("--process_id", type=int, help="this process, 0 to num_processes - 1 (or JAX_PROCESS_ID)")
 
     inspect = commands.add_parser("inspect", help="print the resolved recipe, parameters, FLOPs and memory")
     _recipe_argument(inspect)
@@ -79,7 +83,9 @@ def train(args) -> int:
     import fiddle as fdl
 
     from nnxlm.recipes.directives import resolve
+    from nnxlm.sharding.distributed import initialize
 
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before anything touches a device
     cfg = resolve(args.recipe)
     if args.workdir:
         cfg.workdir = args.workdir

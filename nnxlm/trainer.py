@@ -21,11 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
-from nnxlm.data import SentencePieceTokenizer, Synthetic, find_tokenizer, load_tokenizer, make_dataset, unigram_entropy
+from nnxlm.data import (
+    SentencePieceTokenizer,
+    ShardedBatches,
+    Synthetic,
+    find_tokenizer,
+    load_tokenizer,
+    make_dataset,
+    unigram_entropy,
+)
 from nnxlm.errors import UserError
 from nnxlm.loss import cross_entropy
 from nnxlm.modules.moe import MoE
@@ -54,6 +63,9 @@ class Trainer:
       tokenizer_path: a SentencePiece model; None uses <workdir>/tokenizer.model, trained on
         tokenizer_train_chars characters of the training data on the first run.
       seq_len, batch_size: tokens per row and rows per step (global, over all devices and hosts).
+      data_shards: the global batch is this many shards' batches side by side, each process loading
+        its own shards; None: one a process. Fixed, it makes the batches (and resumption) the same
+        on any process count that divides it.
       grad_accum_steps: the batch is processed as this many micro-batches of batch_size /
         grad_accum_steps rows whose gradients are summed before one update (the same update).
       eval_every, checkpoint_every: in steps; 0 evaluates never / checkpoints only at the end.
@@ -81,6 +93,7 @@ class Trainer:
         seq_len: int = 256,
         batch_size: int = 8,
         grad_accum_steps: int = 1,
+        data_shards: int | None = None,
         num_steps: int = 1000,
         seed: int = 0,
         eval_every: int = 100,
@@ -142,14 +155,15 @@ class Trainer:
                 nnx.replace_by_pure_dict(self.state["model"], model)
                 print(f"nnxlm: starting from the model in {self.workdir} (step {self.step})", file=sys.stderr)
         else:
-            restored = self.checkpointer.restore(self.step, self.abstract_state, self.train_iterator)
+            restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)
+            self._restore_data_position(data_position)
             nnx.replace_by_pure_dict(abstract_state, restored)
             self.state = abstract_state
             print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
         self._train_step = jax.jit(
             self._train_step_fn,
             in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, None),
+            out_shardings=(self.state_shardings, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=0,
         )
         self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, self.batch_sharding))
@@ -181,17 +195,16 @@ class Trainer:
         if isinstance(self.train_data, Synthetic):
             return None
         path = find_tokenizer(self.workdir, self.tokenizer_path)
+        if not os.path.exists(path) and jax.process_count() > 1:
+            if jax.process_index() == 0:  # one process trains it; the others read it (a shared workdir)
+                self._train_tokenizer(path)
+            multihost_utils.sync_global_devices("nnxlm tokenizer written")
         if os.path.exists(path):
             tokenizer = load_tokenizer(path)
         elif self.tokenizer_path:
             raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None to train one")
         else:
-            documents = self.train_data.documents()  # raises first if the data is missing
-            print(f"nnxlm: training a {self.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
-            texts = (self.train_data.load(doc) for doc in documents)
-            tokenizer = SentencePieceTokenizer.train(texts, self.model_vocab_size, max_chars=self.tokenizer_train_chars)
-            os.makedirs(self.workdir, exist_ok=True)
-            tokenizer.save(path)
+            tokenizer = self._train_tokenizer(path)
         if tokenizer.vocab_size > self.model_vocab_size:
             raise UserError(
                 f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {self.model_vocab_size}: "
@@ -199,23 +212,58 @@ class Trainer:
             )
         return tokenizer
 
-    def _dataset(self, source, *, shuffle: bool, repeat: bool):
+    def _train_tokenizer(self, path: str) -> SentencePieceTokenizer:
+        documents = self.train_data.documents()  # raises first if the data is missing
+        print(f"nnxlm: training a {self.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
+        texts = (self.train_data.load(doc) for doc in documents)
+        tokenizer = SentencePieceTokenizer.train(texts, self.model_vocab_size, max_chars=self.tokenizer_train_chars)
+        os.makedirs(self.workdir, exist_ok=True)
+        tokenizer.save(path)
+        return tokenizer
+
+    def _dataset(self, source, *, shuffle: bool, repeat: bool) -> ShardedBatches:
+        """This process's data shards (see data_shards), batched side by side."""
         if self.num_workers > 0 and not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
-        if self.batch_size % jax.process_count():
-            raise UserError(f"batch_size {self.batch_size} must divide by the process count {jax.process_count()}")
-        return make_dataset(
-            source,
-            self.tokenizer,
-            seq_len=self.seq_len,
-            batch_size=self.batch_size // jax.process_count(),
-            seed=self.seed,
-            shuffle=shuffle,
-            repeat=repeat,
-            num_workers=self.num_workers,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+        shards, processes = self.data_shards or jax.process_count(), jax.process_count()
+        if shards % processes or self.batch_size % shards:
+            raise UserError(
+                f"data_shards {shards} must divide by the process count {processes} and divide "
+                f"batch_size {self.batch_size}: change data_shards or batch_size"
+            )
+        first, count = jax.process_index() * (shards // processes), shards // processes
+        settings = dict(seq_len=self.seq_len, batch_size=self.batch_size // shards, seed=self.seed)
+        settings.update(shuffle=shuffle, repeat=repeat, num_workers=self.num_workers, shard_count=shards)
+        return ShardedBatches(
+            [make_dataset(source, self.tokenizer, shard_index=i, **settings) for i in range(first, first + count)]
         )
+
+    def _data_position(self) -> dict:
+        """{"shards": [iterator state of every data shard]}, gathered from all processes."""
+        local = self.train_iterator.get_state()
+        if jax.process_count() == 1:
+            return {"shards": local}
+        encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
+        longest = int(np.max(multihost_utils.process_allgather(np.array([encoded.size]))))
+        padded = np.zeros(longest, np.uint8)
+        padded[: encoded.size] = encoded
+        gathered = multihost_utils.process_allgather(padded)  # [processes, longest]
+        texts = (bytes(row).rstrip(b"\0").decode() for row in np.asarray(gathered).reshape(-1, longest))
+        return {"shards": [state for text in texts for state in json.loads(text)]}
+
+    def _restore_data_position(self, position: dict | None) -> None:
+        shards = self.data_shards or jax.process_count()
+        saved = (position or {}).get("shards", [])
+        if len(saved) != shards:
+            print(
+                f"nnxlm: the checkpoint holds the data position of {len(saved)} data shards, this run reads "
+                f"{shards}: the data order starts over (set data_shards={len(saved)} to resume it exactly)",
+                file=sys.stderr,
+            )
+            return
+        count = len(self.train_iterator.iterators)
+        first = jax.process_index() * count
+        self.train_iterator.set_state(saved[first : first + count])
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {key: jax.make_array_from_process_local_data(self.batch_sharding, value) for key, value in batch.items()}
@@ -302,17 +350,19 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics."""
         self.setup()
-        os.makedirs(self.workdir, exist_ok=True)
-        with open(os.path.join(self.workdir, "recipe.json"), "w", encoding="utf-8") as f:
-            json.dump(to_json(self.recipe), f, indent=1)
-        if self.eval_data is not None and self.step == 0:
+        main = jax.process_index() == 0  # the process that writes files and prints progress
+        if main:
+            os.makedirs(self.workdir, exist_ok=True)
+            with open(os.path.join(self.workdir, "recipe.json"), "w", encoding="utf-8") as f:
+                json.dump(to_json(self.recipe), f, indent=1)
+        if main and self.eval_data is not None and self.step == 0:
             entropy = unigram_entropy(self.eval_data, self.tokenizer, max_documents=1000)
             print(f"nnxlm: eval data unigram entropy {entropy:.3f} nats/token (the loss of token frequencies alone)")
-        writer = metrics_lib.MetricsWriter(self.workdir)
+        writer = metrics_lib.MetricsWriter(self.workdir) if main else None
         peak = (self.peak_flops_per_device or metrics_lib.device_peak_flops()) * self.mesh.size
         tokens_per_step = self.batch_size * self.seq_len
         history, pending = [], None
-        progress = _Progress(self.num_steps, self.step)
+        progress = _Progress(self.num_steps, self.step, enabled=main)
         last_time = time.perf_counter()
 
         def finish(step, step_metrics):
@@ -330,7 +380,8 @@ class Trainer:
             if self.eval_data is not None and self.eval_every and step % self.eval_every == 0:
                 record["eval_loss"] = self.evaluate()
                 last_time = time.perf_counter()  # evaluation time is not step time
-            writer.write(step, record)
+            if writer:
+                writer.write(step, record)
             history.append({"step": step, **record})
             progress.update(step, record, log=step % self.log_every == 0 or "eval_loss" in record)
 
@@ -351,7 +402,8 @@ class Trainer:
                 finish(*pending)
         finally:
             progress.close()
-            writer.close()
+            if writer:
+                writer.close()
             self.checkpointer.wait()
         for prompt, completion in zip(self.sample_prompts, self.sample(self.sample_prompts), strict=False):
             print(f"--- {prompt!r}\n{prompt}{completion}\n")
@@ -360,7 +412,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoints the current state and data position (asynchronously)."""
         state = nnx.to_pure_dict(self.state)
-        self.checkpointer.save(self.step, state, to_json(self.recipe), self.train_iterator)
+        self.checkpointer.save(self.step, state, to_json(self.recipe), self._data_position())
 
     @property
     def model(self) -> nnx.Module:
@@ -372,6 +424,9 @@ class Trainer:
         from nnxlm.generation import generate_text
 
         if not prompts or self.tokenizer is None:
+            return []
+        if jax.process_count() > 1:
+            print("nnxlm: sample completions are printed by single-process runs only", file=sys.stderr)
             return []
         return generate_text(
             self.model,
@@ -387,7 +442,7 @@ class Trainer:
 class _Progress:
     """A rich progress bar with the latest loss, tokens/s and MFU; plain log lines when not a TTY."""
 
-    def __init__(self, total: int, start: int):
+    def __init__(self, total: int, start: int, enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
@@ -396,9 +451,10 @@ class _Progress:
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            disable=not sys.stdout.isatty(),
+            disable=not (enabled and sys.stdout.isatty()),
         )
         self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.enabled = enabled
         self.bar.start()
 
     def update(self, step: int, record: dict, log: bool) -> None:
@@ -406,7 +462,7 @@ class _Progress:
         if "eval_loss" in record:
             info += f"  eval {record['eval_loss']:.3f}"
         self.bar.update(self.task, completed=step, info=info)
-        if log:  # above the bar on a terminal, a plain line in a log file
+        if log and self.enabled:  # above the bar on a terminal, a plain line in a log file
             self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)
 
     def close(self) -> None:

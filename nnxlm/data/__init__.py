@@ -1,6 +1,6 @@
 """Data: document sources, tokenizers and the grain pipeline that packs them into batches."""
 
-from nnxlm.data.pipeline import make_dataset, unigram_entropy
+from nnxlm.data.pipeline import ShardedBatches, make_dataset, unigram_entropy
 from nnxlm.data.sources import JsonlFiles, PythonStdlib, Synthetic, TextFiles
 from nnxlm.data.tokenizer import (
     BOS_ID,
@@ -21,6 +21,7 @@ __all__ = [
     "JsonlFiles",
     "PythonStdlib",
     "SentencePieceTokenizer",
+    "ShardedBatches",
     "Synthetic",
     "TextFiles",
     "Tokenizer",

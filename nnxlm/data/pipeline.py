@@ -134,6 +134,34 @@ def make_dataset(
     return it
 
 
+class ShardedBatches:
+    """Batches of several data shards side by side: each next() concatenates one batch of each.
+
+    A run's global batch is made of ``data_shards`` shard batches and each process loads the shards
+    it owns. With the shard count fixed, the global batches (and a checkpoint's data position) do
+    not depend on how many processes load them.
+    """
+
+    def __init__(self, datasets: list[grain.IterDataset]):
+        self.iterators = [iter(dataset) for dataset in datasets]
+
+    def __iter__(self) -> ShardedBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(iterator) for iterator in self.iterators]
+        if len(batches) == 1:
+            return batches[0]
+        return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+    def get_state(self) -> list[dict]:
+        return [iterator.get_state() for iterator in self.iterators]
+
+    def set_state(self, states: list[dict]) -> None:
+        for iterator, state in zip(self.iterators, states, strict=True):
+            iterator.set_state(state)
+
+
 def unigram_entropy(source: Any, tokenizer: Any | None, max_documents: int | None = None) -> float:
     """Entropy in nats/token of the unigram distribution of the tokens the model predicts.
 
