@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="print the resolved recipe, parameters, FLOPs and memory")
     _recipe_argument(inspect)
+    inspect.add_argument("--compile", action="store_true", help="compile the train step for XLA's memory analysis")
+    inspect.add_argument(
+        "--devices", type=int, help="plan for this many devices (CPU: fake ones; default: the recipe's mesh)"
+    )
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
@@ -94,10 +98,19 @@ def train(args) -> int:
 
 
 def inspect(args) -> int:
+    import math
+
     from nnxlm.recipes.directives import resolve
     from nnxlm.report import describe
+    from nnxlm.sharding.memory import use_fake_cpu_devices
 
-    print(describe(resolve(args.recipe)))
+    cfg = resolve(args.recipe)
+    sizes = dict(cfg.mesh or {})
+    fixed = -1 not in sizes.values()
+    if args.devices is not None and args.devices < 1:
+        raise UserError(f"--devices is {args.devices}: give a positive device count")
+    use_fake_cpu_devices(args.devices or (math.prod(sizes.values()) if fixed else 1))
+    print(describe(cfg, compile_step=args.compile))
     return 0
 
 

@@ -10,6 +10,7 @@ from nnxlm import metrics
 from nnxlm.modules.attention import Attention
 from nnxlm.modules.mlp import GatedMLP
 from nnxlm.modules.moe import MoE
+from nnxlm.sharding.memory import per_device_lines
 
 
 def recipe_lines(cfg: fdl.Config) -> list[str]:
@@ -38,7 +39,9 @@ def activation_bytes_per_token(model: nnx.Module, seq_len: int, remat_policy: st
     return (model.num_layers * per_layer + recompute) * model.dtype.itemsize
 
 
-def describe(cfg: fdl.Config) -> str:
+def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
+    """The report; per-device figures for the recipe's mesh, with XLA's analysis of the compiled
+    train step when compile_step (slower: it compiles)."""
     trainer = fdl.build(cfg)
     model = nnx.eval_shape(lambda: trainer.model_factory(rngs=nnx.Rngs(0)))
     params = [p for _, p in nnx.iter_graph(model) if isinstance(p, nnx.Param)]
@@ -63,4 +66,5 @@ def describe(cfg: fdl.Config) -> str:
         f"  activations {activations / gib:.2f} GiB (remat {model.remat_policy!r}) + logits {logits / gib:.2f} GiB",
         f"  total {total / gib:.2f} GiB",
     ]
+    lines += per_device_lines(trainer, compile_step)
     return "\n".join(lines)

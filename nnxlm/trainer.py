@@ -124,11 +124,13 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Construction: everything that allocates happens here, once.
 
-    def setup(self) -> "Trainer":
-        if self._ready:
+    def plan(self) -> "Trainer":
+        """The mesh, shardings, abstract state and compiled-step functions: nothing allocated or read.
+
+        Enough to lower the train step for a memory analysis (nnxlm inspect); setup() does the rest.
+        """
+        if hasattr(self, "_train_step"):
             return self
-        if self.train_data is None:
-            raise UserError("the recipe has no train_data: set it to a data source (nnxlm.data)")
         self.mesh = make_mesh(self.mesh_axes)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
         self._check_batch_divides()
@@ -142,6 +144,30 @@ class Trainer:
         self.model_vocab_size = abstract_model.vocab_size
         self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len)
         self.has_experts = any(isinstance(m, MoE) for _, m in nnx.iter_graph(abstract_model))
+        self._abstract_state = abstract_state
+        self._train_step = jax.jit(
+            self._train_step_fn,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, NamedSharding(self.mesh, PartitionSpec())),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, self.batch_sharding))
+        return self
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of one global batch, sharded as the train step takes it."""
+        shape, sharding = (self.batch_size, self.seq_len), self.batch_sharding
+        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32}
+        dtypes["loss_mask"] = jnp.float32
+        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, dtype in dtypes.items()}
+
+    def setup(self) -> "Trainer":
+        if self._ready:
+            return self
+        if self.train_data is None:
+            raise UserError("the recipe has no train_data: set it to a data source (nnxlm.data)")
+        self.plan()
+        abstract_state = self._abstract_state
         self.tokenizer = self._prepare_tokenizer()
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
@@ -160,13 +186,6 @@ class Trainer:
             nnx.replace_by_pure_dict(abstract_state, restored)
             self.state = abstract_state
             print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
-        self._train_step = jax.jit(
-            self._train_step_fn,
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, NamedSharding(self.mesh, PartitionSpec())),
-            donate_argnums=0,
-        )
-        self._eval_step = jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, self.batch_sharding))
         self._ready = True
         return self
 

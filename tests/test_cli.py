@@ -155,3 +155,29 @@ def test_decode_of_a_run_without_its_tokenizer_is_a_one_line_error(capsys, tmp_p
     os.remove(tmp_path / "run" / "tokenizer.model")
     code, _, err = run_cli(capsys, "decode", "--checkpoint", str(tmp_path / "run"), "--prompt", "x")
     assert code == 2 and "no tokenizer at" in err and err.count("\n") == 1, err
+
+
+def inspect_in_subprocess(*args):
+    """nnxlm inspect in a fresh process: it picks the CPU device count before JAX starts."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "nnxlm", "inspect", "--recipe", "tiny", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_reports_per_device_memory_from_the_compiled_step_on_fake_devices():
+    def temporaries(*mesh):
+        out = inspect_in_subprocess(*mesh, "--compile")
+        assert out.returncode == 0, out.stderr
+        line = next(line for line in out.stdout.splitlines() if "compiled train step" in line)
+        return out.stdout, float(line.split("temporaries ")[1].split(" MiB")[0])
+
+    _, one = temporaries()
+    eight_text, eight = temporaries("--recipe", 'set:mesh={"fsdp": 8}')
+    assert "8 devices of cpu" in eight_text and "peak per device" in eight_text
+    assert eight < one / 2  # activations split over the batch
+
+
+def test_inspect_rejects_a_device_count_below_one(capsys):
+    code, _, err = run_cli(capsys, "inspect", "--recipe", "tiny", "--devices", "0")
+    assert code == 2 and err.strip().count("\n") == 0 and "--devices is 0" in err

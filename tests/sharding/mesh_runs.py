@@ -16,6 +16,7 @@ import nnxlm.trainer
 from nnxlm.modules.moe import MoE
 from nnxlm.recipes import tiny
 from nnxlm.sharding import make_mesh
+from nnxlm.sharding.memory import state_bytes_per_device
 
 MESHES = {
     "data=8": {"data": 8},
@@ -64,13 +65,19 @@ def shard_shapes(trainer):
     return out
 
 
+def device_bytes(trainer):
+    """(model bytes on the first device, as held; as state_bytes_per_device reports them)."""
+    held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(trainer.model)))
+    return [held, state_bytes_per_device(trainer._abstract_state, trainer.state_shardings)["model"]]
+
+
 def meshes(root):
     result = {}
     for moe in (False, True):
         _, result[f"one device{' moe' if moe else ''}"] = train(recipe(f"{root}/one{moe}", {"data": 1}, moe=moe))
     for name, mesh in MESHES.items():
         trainer, losses = train(recipe(f"{root}/{name}", mesh, moe="moe" in name))
-        result[name] = {"losses": losses, "shards": shard_shapes(trainer)}
+        result[name] = {"losses": losses, "shards": shard_shapes(trainer), "bytes": device_bytes(trainer)}
     return result
 
 

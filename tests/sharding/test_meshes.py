@@ -59,6 +59,8 @@ def test_five_steps_match_one_device_and_parameters_are_split(meshes, mesh):
     shards = meshes[mesh]["shards"]
     for name, shard_shape in EXPECTED_SHARDS[mesh].items():
         assert shards[name][1] == shard_shape, (name, shards[name])
+    held, reported = meshes[mesh]["bytes"]  # what nnxlm inspect reports per device is what a device holds
+    assert held == reported
 
 
 def test_a_checkpoint_from_one_mesh_resumes_on_another_and_on_one_device():
