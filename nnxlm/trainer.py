@@ -206,6 +206,15 @@ class Trainer:
                     f"{what} ({size}) must divide by the {shards} devices of mesh axes {' x '.join(axes)}: "
                     "change batch_size, seq_len, grad_accum_steps or the mesh"
                 )
+        # each process loads whole rows, so its devices together must hold whole rows of the batch
+        covered = np.zeros(self.seq_len, bool)
+        for index in self.batch_sharding.addressable_devices_indices_map((self.batch_size, self.seq_len)).values():
+            covered[index[1]] = True
+        if not covered.all():
+            raise UserError(
+                f"the mesh {dict(self.mesh.shape)} splits the sequence across processes, but each process loads "
+                "whole rows: make the sequence axis no larger than the devices of one process"
+            )
 
     def _create_state(self) -> TrainState:
         return TrainState(self.model_factory(rngs=nnx.Rngs(self.seed)), self.tx, self.seed)

@@ -121,3 +121,25 @@ def test_process_flags_are_checked_before_anything_starts(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(UserError, match="must be HOST:PORT"):
         distributed.initialize("localhost", None, 0)
+
+
+def test_a_mesh_that_splits_rows_across_processes_is_refused_with_one_line(tmp_path):
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port, processes = free_port(), []
+    for i in range(2):
+        hosts = ["--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)]
+        mesh = ["--recipe", 'set:mesh={"sequence": 4}']
+        processes.append(
+            subprocess.Popen(
+                command(tmp_path, *mesh, *hosts),
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 2, err[-2000:]
+        assert "splits the sequence across processes" in err.splitlines()[-1]
