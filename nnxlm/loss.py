@@ -17,3 +17,19 @@ def cross_entropy(logits_btv, targets_bt, loss_mask_bt, z_loss_weight: float = 0
     nll = jnp.sum((log_z_bt - target_logit_bt) * mask) / denominator
     z_loss = jnp.sum(jnp.square(log_z_bt) * mask) / denominator
     return nll + z_loss_weight * z_loss, nll, count
+
+
+def multi_token_prediction_loss(mtp_logits_dbtv, targets_bt, loss_mask_bt, segment_ids_bt):
+    """Mean over depths k = 1..D of the cross-entropy of depth k's predictions (Transformer.mtp_logits:
+    at position i, of the token at i + k + 1, which is targets[:, i + k]).
+
+    A prediction counts where that target counts (loss_mask[:, i + k]) and lies in position i's
+    document (same segment id) and row. DeepSeek-V3's L_MTP is this mean times lambda."""
+    depth, _, length, _ = mtp_logits_dbtv.shape
+    losses = []
+    for k in range(1, depth + 1):
+        ahead = lambda x, k=k: jnp.roll(x, -k, axis=1)  # noqa: E731
+        within_row = jnp.arange(length) < length - k
+        mask_bt = ahead(loss_mask_bt).astype(bool) & (ahead(segment_ids_bt) == segment_ids_bt) & within_row
+        losses.append(cross_entropy(mtp_logits_dbtv[k - 1], ahead(targets_bt), mask_bt)[1])
+    return sum(losses) / depth

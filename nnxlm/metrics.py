@@ -6,6 +6,9 @@ backward, plus causal attention, 6 x length x num_heads x head_dim per layer (QK
 2 x length x heads x head_dim multiply-adds each, halved by the causal mask, times 3 for
 forward + backward; less with a sliding window). Embedding lookups are not matmuls and are not
 counted; a tied head is. A mixture of experts counts the k of E routed experts a token runs.
+Multi-head latent attention counts its query/key and value head dims (3 x length x heads x
+(qk_head_dim + v_head_dim)); multi-token prediction its blocks and one more pass through the head
+per depth.
 """
 
 import json
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.attention import Attention
+from nnxlm.modules.mla import MLA
 from nnxlm.modules.moe import MoE
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
@@ -49,9 +53,15 @@ def training_flops_per_token(model: nnx.Module, seq_len: int) -> float:
             # a sliding window w leaves a query w - w^2 / (2 seq_len) keys on average instead of seq_len / 2
             fraction = sum(_window_fraction(w, seq_len) for w in windows) / len(windows)
             attention += layers * module.num_heads * module.head_dim * fraction
+        if isinstance(module, MLA):  # scores over qk_head_dim, the weighted sum over v_head_dim
+            layers = module.o_proj.shape[0] if module.o_proj.ndim == 4 else 1
+            attention += layers * module.num_heads * (module.qk_head_dim + module.v_head_dim) / 2
         if isinstance(module, MoE):  # each token runs k of the E routed experts
             experts = module.gate.size + module.up.size + module.down.size
             matmul_params -= experts * (1 - module.num_experts_per_token / module.num_experts)
+    if getattr(model, "mtp", None) is not None:  # each prediction depth runs the head once more
+        head = model.embedder.embedding if model.tie_embeddings else model.head
+        matmul_params += model.mtp_depth * head.size
     return 6.0 * matmul_params + 6.0 * seq_len * attention
 
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from nnxlm import metrics
 from nnxlm.modules.attention import Attention
+from nnxlm.modules.mla import MLA
 from nnxlm.modules.mlp import GatedMLP
 from nnxlm.modules.moe import MoE
 from nnxlm.sharding.memory import per_device_lines
@@ -23,20 +24,30 @@ def activation_bytes_per_token(model: nnx.Module, seq_len: int, remat_policy: st
     """Bytes the backward pass keeps for one token, summed over layers (an estimate).
 
     Without remat each layer keeps its norm inputs (2d), q/k/v and the attention output
-    ((2h + 2k) x head_dim), attention probabilities (h x seq_len) and the MLP's gate, up and
-    product (3f) plus its input (d). "dots" keeps only the projections' outputs; "full" keeps the
-    block input (d) and recomputes one layer at a time.
+    ((2h + 2k) x head_dim; multi-head latent attention: its latents and h x (2 qk_head_dim +
+    2 v_head_dim)), attention probabilities (h x seq_len) and the MLP's gate, up and product (3f)
+    plus its input (d). "dots" keeps only the projections' outputs; "full" keeps the block input (d)
+    and recomputes one layer at a time. Multi-token prediction depths count as more layers.
     """
     d = model.d_model
-    attention = next(m for _, m in nnx.iter_graph(model) if isinstance(m, Attention))
-    mlp = next(m for _, m in nnx.iter_graph(model) if isinstance(m, (GatedMLP, MoE)))
-    # a mixture of experts keeps the hidden activations of each token's k experts
-    f = mlp.gate.shape[-1] * (mlp.num_experts_per_token if isinstance(mlp, MoE) else 1)
-    h, k, hd = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    full_layer = 3 * d + (2 * h + 2 * k) * hd + h * seq_len + 3 * f
-    per_layer = {"none": full_layer, "dots": (2 * h + 2 * k) * hd + 2 * f, "full": d}[remat_policy]
+    attention = next(m for _, m in nnx.iter_graph(model) if isinstance(m, (Attention, MLA)))
+    moe = next((m for _, m in nnx.iter_graph(model) if isinstance(m, MoE)), None)
+    if moe is not None:  # most layers' MLP: each token's k experts (and the shared ones) keep theirs
+        shared = moe.shared.gate.shape[-1] if moe.shared is not None else 0
+        f = moe.gate.shape[-1] * moe.num_experts_per_token + shared
+    else:
+        f = next(m for _, m in nnx.iter_graph(model) if isinstance(m, GatedMLP)).gate.shape[-1]
+    h = attention.num_heads
+    if isinstance(attention, MLA):
+        latents = (attention.q_lora_rank or 0) + attention.kv_lora_rank + attention.qk_rope_head_dim
+        projections = latents + 2 * h * (attention.qk_head_dim + attention.v_head_dim)
+    else:
+        projections = (2 * h + 2 * attention.num_kv_heads) * attention.head_dim
+    full_layer = 3 * d + projections + h * seq_len + 3 * f
+    per_layer = {"none": full_layer, "dots": projections + 2 * f, "full": d}[remat_policy]
     recompute = full_layer if remat_policy != "none" else 0  # one layer's worth during backward
-    return (model.num_layers * per_layer + recompute) * model.dtype.itemsize
+    layers = model.num_layers + getattr(model, "mtp_depth", 0)
+    return (layers * per_layer + recompute) * model.dtype.itemsize
 
 
 def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
@@ -46,18 +57,22 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
     model = nnx.eval_shape(lambda: trainer.model_factory(rngs=nnx.Rngs(0)))
     params = [p for _, p in nnx.iter_graph(model) if isinstance(p, nnx.Param)]
     count = sum(p.size for p in params)
+    # multi-token prediction runs in training only: published counts leave it out
+    mtp = metrics.parameter_count(model.mtp) if getattr(model, "mtp", None) is not None else 0
     param_bytes = sum(p.size * jnp.dtype(p.dtype).itemsize for p in params)
     tokens = trainer.batch_size * trainer.seq_len
     flops = metrics.training_flops_per_token(model, trainer.seq_len)
     activations = tokens * activation_bytes_per_token(model, trainer.seq_len, model.remat_policy)
-    logits = tokens * model.vocab_size * 4 * 2  # float32 logits and their gradient
+    # float32 logits and their gradient, of the model and of each multi-token prediction depth
+    logits = tokens * model.vocab_size * 4 * 2 * (1 + getattr(model, "mtp_depth", 0))
     optimizer = 2 * param_bytes  # AdamW's two moments, in the parameters' dtype
     total = param_bytes * 2 + optimizer + activations + logits  # params + gradients + ...
     gib = 2**30
     lines = recipe_lines(cfg)
     lines += [
         "",
-        f"parameters: {count:,} ({f'{count / 1e9:.2f} B' if count >= 1e9 else f'{count / 1e6:.2f} M'})",
+        f"parameters: {count - mtp:,} ({_billions(count - mtp)})"
+        + (f" + {mtp:,} ({_billions(mtp)}) in multi-token prediction, for training" if mtp else ""),
         f"training FLOPs per token: {flops / 1e9:.3f} GFLOP (seq_len {trainer.seq_len}); "
         f"per step: {flops * tokens / 1e12:.1f} TFLOP ({trainer.batch_size} x {trainer.seq_len} tokens)",
         "memory estimate for one step, all devices together:",
@@ -68,3 +83,7 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
     ]
     lines += per_device_lines(trainer, compile_step)
     return "\n".join(lines)
+
+
+def _billions(count: int) -> str:
+    return f"{count / 1e9:.2f} B" if count >= 1e9 else f"{count / 1e6:.2f} M"

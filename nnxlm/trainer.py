@@ -36,7 +36,7 @@ from nnxlm.data import (
     unigram_entropy,
 )
 from nnxlm.errors import UserError
-from nnxlm.loss import cross_entropy
+from nnxlm.loss import cross_entropy, multi_token_prediction_loss
 from nnxlm.modules.moe import MoE
 from nnxlm.optim import AdamW
 from nnxlm.recipes.serialization import as_config, to_json
@@ -74,6 +74,9 @@ class Trainer:
       z_loss_weight: weight of the log-partition-function penalty (0 disables it).
       moe_balance_weight: weight of the mixture-of-experts load-balancing loss, summed over layers
         (models without experts have none).
+      mtp_loss_weight: lambda of a multi-token prediction model (Transformer mtp_depth > 0): the
+        mean of its depths' cross-entropies times this is added to the loss (DeepSeek-V3: 0.3,
+        then 0.1 for its last 4.8 T tokens).
       sample_prompts: completed with sample_max_new_tokens tokens at the end of fit(), greedily or,
         with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set).
       peak_flops_per_device: for MFU; None uses the data sheet (accelerators) or measures (CPU).
@@ -106,6 +109,7 @@ class Trainer:
         num_workers: int = 0,
         z_loss_weight: float = 0.0,
         moe_balance_weight: float = 0.01,
+        mtp_loss_weight: float = 0.3,
         sample_prompts: Sequence[str] = (),
         sample_max_new_tokens: int = 64,
         sample_temperature: float = 0.0,
@@ -144,6 +148,7 @@ class Trainer:
         self.model_vocab_size = abstract_model.vocab_size
         self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len)
         self.has_experts = any(isinstance(m, MoE) for _, m in nnx.iter_graph(abstract_model))
+        self.has_mtp = getattr(abstract_model, "mtp_depth", 0) > 0
         self._abstract_state = abstract_state
         self._train_step = jax.jit(
             self._train_step_fn,
@@ -300,15 +305,22 @@ class Trainer:
     # The compiled steps: pure functions of (state, batch), compiled once.
 
     def _loss(self, model, batch, dropout_key):
-        """(token loss with z-loss, cross-entropy, tokens counted, mixture-of-experts balance loss)."""
-        forward = nnx.capture(model, nnx.Intermediate)  # collects what layers sow (MoE balance losses)
+        """(token loss with z-loss, cross-entropy, tokens counted, {"moe_balance_loss": mixture-of-
+        experts balance loss, "mtp_loss": multi-token prediction loss}; each 0 where the model has none)."""
+        forward = nnx.capture(model, nnx.Intermediate)  # what layers sow: MoE balance losses, MTP logits
         logits, sown = forward(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
         total, nll, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.z_loss_weight)
-        balance = sum((jnp.sum(x) for x in jax.tree.leaves(sown)), jnp.zeros((), jnp.float32))
-        return total, nll, count, balance
+        sown = [(path[-1], x) for path, var in nnx.to_flat_state(sown) for x in jax.tree.leaves(var.get_value())]
+        aux = {"moe_balance_loss": sum((jnp.sum(x) for name, x in sown if name == "moe_aux_loss"), jnp.zeros(()))}
+        mtp_logits = [x for name, x in sown if name == "mtp_logits"]
+        aux["mtp_loss"] = jnp.zeros(())
+        if mtp_logits:
+            args = (batch["targets"], batch["loss_mask"], batch["segment_ids"])
+            aux["mtp_loss"] = multi_token_prediction_loss(mtp_logits[0], *args)
+        return total, nll, count, aux
 
     def _gradients(self, model, batch, dropout_key):
-        """(gradients, cross-entropy, balance loss) of the batch, over grad_accum_steps micro-batches.
+        """(gradients, cross-entropy, auxiliary losses) of the batch, over grad_accum_steps micro-batches.
 
         Each micro-batch's token loss is weighted by its share of the batch's counted tokens, so the
         summed micro-batch gradients are the gradient of the whole batch's mean token loss (a mean
@@ -319,14 +331,15 @@ class Trainer:
         steps = self.grad_accum_steps
 
         def objective(params, micro, key):
-            total, nll, count, balance = self._loss(nnx.merge(graphdef, params, rest), micro, key)
+            total, nll, count, aux = self._loss(nnx.merge(graphdef, params, rest), micro, key)
             share = count / batch_tokens
-            return total * share + self.moe_balance_weight * balance / steps, (nll * share, balance / steps)
+            penalty = self.moe_balance_weight * aux["moe_balance_loss"] + self.mtp_loss_weight * aux["mtp_loss"]
+            return total * share + penalty / steps, (nll * share, {name: x / steps for name, x in aux.items()})
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if steps == 1:
-            (_, (loss, balance)), grads = grad_fn(params, batch, dropout_key)
-            return grads, loss, balance
+            (_, (loss, aux)), grads = grad_fn(params, batch, dropout_key)
+            return grads, loss, aux
         # rows i, i + steps, i + 2 steps, ... form micro-batch i: each device keeps its own rows
         micro_batches = jax.tree.map(lambda x: x.reshape(-1, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
@@ -336,22 +349,25 @@ class Trainer:
             (_, aux), grads = grad_fn(params, micro, key)
             return jax.tree.map(jnp.add, carry, (grads, *aux)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+        aux_zeros = {"moe_balance_loss": jnp.zeros(()), "mtp_loss": jnp.zeros(())}
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), aux_zeros)
         keys = jax.random.split(dropout_key, steps)
-        (grads, loss, balance), _ = jax.lax.scan(accumulate, zeros, (micro_batches, keys))
-        return grads, loss, balance
+        (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, (micro_batches, keys))
+        return grads, loss, aux
 
     def _train_step_fn(self, state, batch):
         train_state = nnx.merge(self.graphdef, state)
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
         with activation_sharding(self.mesh, self.sharding_rules):
-            grads, loss, balance = self._gradients(train_state.model, batch, dropout_key)
+            grads, loss, aux = self._gradients(train_state.model, batch, dropout_key)
         train_state.optimizer.update(train_state.model, grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         metrics = {"loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
         if self.has_experts:
-            metrics["moe_balance_loss"] = balance
+            metrics["moe_balance_loss"] = aux["moe_balance_loss"]
+        if self.has_mtp:
+            metrics["mtp_loss"] = aux["mtp_loss"]
         return nnx.state(train_state), metrics
 
     def _eval_step_fn(self, state, batch):

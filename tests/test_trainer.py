@@ -160,3 +160,21 @@ def test_accumulated_micro_batch_gradients_equal_the_large_batch_gradient(tmp_pa
         np.abs(a - b).max() for a, b in zip(jax.tree.leaves(mean_of_means), jax.tree.leaves(large[0]), strict=True)
     ]
     assert max(differences) > 1e-4  # the test would see a mean of means
+
+
+def test_a_multi_token_prediction_model_adds_and_logs_its_loss(tmp_path):
+    cfg = tiny(tmp_path, num_steps=3, eval_every=0)
+    cfg.model.mtp_depth = 1
+    trainer = fdl.build(cfg).setup()
+
+    def weights():
+        model = trainer.model
+        return np.array(model.mtp.depths.projection[...]), np.array(model.layers.mlp.gate[...])
+
+    before = weights()
+    history = trainer.fit()
+    assert all(np.isfinite(r["mtp_loss"]) and r["mtp_loss"] > 0 for r in history)
+    # AdamW moves a parameter with a gradient by about the learning rate a step; without one, only
+    # weight decay would move it, some 100x less: the prediction module learns from its loss
+    moved = [np.abs(a - b).mean() for a, b in zip(weights(), before, strict=True)]
+    assert moved[0] > 0.2 * moved[1], moved

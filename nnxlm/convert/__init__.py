@@ -17,6 +17,7 @@ from nnxlm.checkpointing import Checkpointer, load_model, stack_layers
 from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
 from nnxlm.errors import UserError
+from nnxlm.modules.moe import RoutingBias
 from nnxlm.recipes.serialization import to_json
 
 # HF tensors that hold nothing a model needs (buffers recomputed from the config).
@@ -31,11 +32,19 @@ def from_hf(source: str, destination: str) -> str:
 
     config = read_config(source)
     family = family_of_config(config)
+    if config.get("quantization_config"):  # e.g. DeepSeek-V3's published fp8 weights with their scales
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserError(
+            f"config.json quantization_config ({method}) is not supported: convert the unquantized "
+            "(bf16 or fp32) weights of the model"
+        )
+    reader = TensorReader(source)
+    if family.complete_config is not None:
+        config = family.complete_config(config, reader.names())
     model_recipe = family.recipe(config)
     abstract = nnx.eval_shape(lambda: fdl.build(model_recipe)(rngs=nnx.Rngs(0)))
     target = stack_layers(nnx.to_pure_dict(nnx.state(abstract)))
-    reader = TensorReader(source)
-    params = _read_params(family.tensors(config), reader, target, config["num_hidden_layers"])
+    params = _read_params(family.tensors(config), reader, target)
     if os.path.exists(os.path.join(destination, "checkpoints")):
         raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
     os.makedirs(destination, exist_ok=True)
@@ -55,7 +64,7 @@ def from_hf(source: str, destination: str) -> str:
     return destination
 
 
-def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -> dict:
+def _read_params(tensors, reader: TensorReader, target: dict) -> dict:
     global_tensors, layer_tensors = tensors
     params = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), target)
     used = set()
@@ -63,8 +72,12 @@ def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -
         _set(params, tensor.path, tensor.to_nnx(reader.get(tensor.hf), _get(params, tensor.path).shape))
         used.add(tensor.hf)
     for tensor in layer_tensors:
-        stacked = _get(params, ("layers", *tensor.path))
-        for index, name in _layer_names(tensor, num_layers, stacked.shape[1:]):
+        count = _stack_size(_get(params, tensor.stack))
+        if tensor.shared:  # a copy of a model-level parameter, which is read once, above
+            used.update(name for _, name in _layer_names(tensor, count, ()) if name in reader.names())
+            continue
+        stacked = _get(params, (*tensor.stack, *tensor.path))
+        for index, name in _layer_names(tensor, count, stacked.shape[1:]):
             stacked[index] = tensor.to_nnx(reader.get(name), stacked[index].shape)
             used.add(name)
     unused = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
@@ -77,12 +90,23 @@ def _read_params(tensors, reader: TensorReader, target: dict, num_layers: int) -
 
 
 def _layer_names(tensor, num_layers: int, layer_shape) -> list[tuple[tuple[int, ...], str]]:
-    """(index into the stacked parameter, HF name) for every layer (and expert) of a tensor rule;
-    layer_shape is one layer's shape (its first axis counts the experts of an {e} rule)."""
+    """(index into the stacked parameter, HF name) for every layer (and expert) of a tensor rule's
+    stack of num_layers; layer_shape is one layer's shape (its first axis counts the experts of an
+    {e} rule). HF numbers the stack's layers from tensor.first."""
+    first = tensor.first
     if "{e}" not in tensor.hf:
-        return [((i,), tensor.hf.format(i=i)) for i in range(num_layers)]
+        return [((i,), tensor.hf.format(i=first + i)) for i in range(num_layers)]
     experts = layer_shape[0]
-    return [((i, e), tensor.hf.format(i=i, e=e)) for i in range(num_layers) for e in range(experts)]
+    return [((i, e), tensor.hf.format(i=first + i, e=e)) for i in range(num_layers) for e in range(experts)]
+
+
+def _is_list(node) -> bool:
+    """An unscanned model's layer stack: a pure dict keyed by layer number."""
+    return isinstance(node, dict) and bool(node) and all(isinstance(key, int) for key in node)
+
+
+def _stack_size(node) -> int:
+    return len(node) if _is_list(node) else jax.tree.leaves(node)[0].shape[0]
 
 
 def _get(tree: dict, path):
@@ -100,22 +124,26 @@ def to_hf(model_or_path, destination: str) -> str:
     model = load_model(model_or_path) if isinstance(model_or_path, str) else model_or_path
     family = family_of_model(model)
     config = family.hf_config(model)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    listed = all(isinstance(key, int) for key in params["layers"])  # an unscanned model's layers
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, RoutingBias)))
     global_tensors, layer_tensors = family.tensors(config)
 
-    def layer_array(path, index):  # one layer's (and expert's) array, without stacking the model
-        if listed:
-            return _get(params["layers"][index[0]], path)[index[1:]]
-        return _get(params["layers"], path)[index]
+    def layer_array(stack, path, index):  # one layer's (and expert's) array, without stacking the model
+        if _is_list(stack):
+            return _get(stack[index[0]], path)[index[1:]]
+        return _get(stack, path)[index]
 
     def tensors():  # one at a time: memory stays near the model plus one shard
         for tensor in global_tensors:
             yield tensor.hf, tensor.to_hf(np.asarray(_get(params, tensor.path)))
         for tensor in layer_tensors:
-            first_layer = _get(params["layers"][0], tensor.path) if listed else _get(params["layers"], tensor.path)[0]
-            for index, name in _layer_names(tensor, model.num_layers, first_layer.shape):
-                yield name, tensor.to_hf(np.asarray(layer_array(tensor.path, index)))
+            stack = _get(params, tensor.stack)
+            if tensor.shared:
+                for _, name in _layer_names(tensor, _stack_size(stack), ()):
+                    yield name, tensor.to_hf(np.asarray(_get(params, tensor.path)))
+                continue
+            first_layer = _get(stack[0], tensor.path) if _is_list(stack) else _get(stack, tensor.path)[0]
+            for index, name in _layer_names(tensor, _stack_size(stack), first_layer.shape):
+                yield name, tensor.to_hf(np.asarray(layer_array(stack, tensor.path, index)))
 
     os.makedirs(destination, exist_ok=True)
     write_tensors(destination, tensors())

@@ -19,15 +19,25 @@ class Tensor:
 
     hf: the HF name, with {i} standing for the layer index and {e} for the expert index (the
       parameter then has an experts axis after the layers axis).
-    path: the parameter's path in the model's pure dict (layers stacked along a leading axis).
+    path: the parameter's path in the model's pure dict; for an {i} tensor, within one entry of
+      the layer stack at `stack` (stacked along a leading axis).
     contract: None copies the array (reshaped); n means the HF tensor is a linear weight
       [out, in] and the nnxlm kernel is [*in (n axes), *out], i.e. the transpose, reshaped;
       0 means the HF tensor is a flat vector (a bias) that nnxlm holds reshaped ([heads, head_dim]).
+    stack: the path of the layer stack an {i} tensor belongs to.
+    first: the HF layer index of the stack's entry 0 (DeepSeek-V3's MoE layers follow its dense
+      ones; its multi-token prediction layers follow all of them).
+    shared: HF repeats, in every layer of the stack, a copy of the model-level parameter at `path`
+      (DeepSeek-V3's prediction layers hold the embedding and head): nothing is read from those
+      copies, and exporting writes the parameter once for each layer.
     """
 
     hf: str
     path: tuple[str, ...]
     contract: int | None = 1
+    stack: tuple[str, ...] = ("layers",)
+    first: int = 0
+    shared: bool = False
 
     def to_nnx(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         array = array if self.contract in (None, 0) else array.T
@@ -55,6 +65,9 @@ class Family:
     hf_config: Callable[[nnx.Module], dict]  # model -> HF config
     tensors: Callable[[dict], tuple[list[Tensor], list[Tensor]]]  # HF config -> (global, per layer)
     matches: Callable[[nnx.Module], bool]  # whether an nnxlm model exports as this family
+    # config.json completed from the names of the tensors the checkpoint holds (DeepSeek-V3: how
+    # many multi-token prediction layers are really there); None: config.json alone
+    complete_config: Callable[[dict, set[str]], dict] | None = None
 
 
 def require(config: dict, field: str, allowed) -> None:
@@ -65,6 +78,11 @@ def require(config: dict, field: str, allowed) -> None:
         raise UserError(f"config.json {field}={value!r} is not supported for {architecture}: nnxlm supports {allowed}")
 
 
+def period(items: list) -> int:
+    """The shortest p with items[i] == items[i % p] for every i (a per-layer list as a layer_pattern)."""
+    return next(p for p in range(1, len(items) + 1) if all(x == items[i % p] for i, x in enumerate(items)))
+
+
 def first(model: nnx.Module, kind: type):
     """The first submodule of `kind` (every layer has the same hyperparameters), or None."""
     return next((module for _, module in nnx.iter_graph(model) if isinstance(module, kind)), None)
@@ -72,6 +90,7 @@ def first(model: nnx.Module, kind: type):
 
 def families() -> dict[str, Family]:
     """Every supported HF architecture name -> its Family."""
+    from nnxlm.convert.deepseek_v3 import DEEPSEEK_V3
     from nnxlm.convert.gemma import GEMMA, GEMMA2, GEMMA3
     from nnxlm.convert.llama import LLAMA
     from nnxlm.convert.mistral import MISTRAL
@@ -81,7 +100,7 @@ def families() -> dict[str, Family]:
     from nnxlm.convert.qwen3_moe import QWEN3_MOE
 
     # in the order models match: the more specific families first
-    ordered = [GEMMA3, GEMMA2, GEMMA, QWEN3_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, LLAMA]
+    ordered = [DEEPSEEK_V3, GEMMA3, GEMMA2, GEMMA, QWEN3_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, LLAMA]
     return {family.architecture: family for family in ordered}
 
 

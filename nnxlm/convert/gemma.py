@@ -7,7 +7,7 @@ Transformer's layer_pattern, its shortest period."""
 
 from flax import nnx
 
-from nnxlm.convert.families import Family, Tensor, first, require
+from nnxlm.convert.families import Family, Tensor, first, period, require
 from nnxlm.convert.llama import LAYER, mlp_tensors, model_tensors, projection_tensors, rope_hf_config, rope_settings
 from nnxlm.convert.qwen3 import qk_norm_tensors
 from nnxlm.errors import UserError
@@ -44,11 +44,6 @@ def gemma_recipe(config: dict):
     if scaling:
         raise UserError("config.json rope scaling is not supported for Gemma 1: remove rope_scaling")
     return models.gemma(**shape(config, legacy_gelu=True), rope_theta=theta)
-
-
-def period(items: list) -> int:
-    """The shortest p with items[i] == items[i % p] for every i."""
-    return next(p for p in range(1, len(items) + 1) if all(x == items[i % p] for i, x in enumerate(items)))
 
 
 def layer_types(config: dict) -> list[str]:

@@ -145,11 +145,16 @@ def attention_and_norm_tensors() -> list[Tensor]:
     ]
 
 
-def attention_is(model: nnx.Module, *, qkv_bias=False, qk_norm=False, sliding_window=False) -> bool:
+def attention_is(
+    model: nnx.Module, *, qkv_bias=False, qk_norm=False, sliding_window=False, layer_pattern=False
+) -> bool:
     """Whether the model's attention has exactly these options: qkv_bias and qk_norm (an RMSNorm
-    with the layers' eps) on or off, sliding_window True (set), False (unset) or None (either)."""
+    with the layers' eps) on or off, sliding_window True (set), False (unset) or None (either), and
+    per-layer settings (a Transformer layer_pattern) only where the family has them."""
     attention = first(model, Attention)
     if attention is None or attention.qkv_bias != qkv_bias or (attention.q_norm is not None) != qk_norm:
+        return False
+    if not layer_pattern and getattr(model, "layer_pattern", None) is not None:
         return False
     if qk_norm and not (isinstance(attention.q_norm, RMSNorm) and attention.q_norm.eps == model.final_norm.eps):
         return False

@@ -1,6 +1,7 @@
 """Qwen 3 MoE (Qwen3MoeForCausalLM): Qwen 3 attention (per-head qk RMSNorm) with a top-k mixture of
 SwiGLU experts in every layer, routed by a softmax whose top-k weights are renormalised when
-norm_topk_prob."""
+norm_topk_prob. With use_sliding_window, every layer has the sliding window (transformers'
+Qwen3MoeAttention has no max_window_layers)."""
 
 import fiddle as fdl
 from flax import nnx
@@ -14,20 +15,23 @@ from nnxlm.convert.llama import (
     llama_recipe,
     model_tensors,
 )
+from nnxlm.convert.mistral import sliding_window
 from nnxlm.convert.qwen3 import qk_norm_tensors
 from nnxlm.errors import UserError
+from nnxlm.modules import Attention
 from nnxlm.modules.moe import MoE
 
 
 def qwen3_moe_recipe(config: dict) -> fdl.Partial:
-    require(config, "use_sliding_window", (False, None))
     require(config, "decoder_sparse_step", (1, None))
     if config.get("mlp_only_layers"):
         raise UserError(
             f"config.json mlp_only_layers={config['mlp_only_layers']!r} is not supported for "
             "Qwen3MoeForCausalLM: nnxlm supports a mixture of experts in every layer ([])"
         )
-    cfg = llama_recipe({**config, "intermediate_size": config["moe_intermediate_size"]}, qk_norm=True)
+    window = sliding_window(config) if config.get("use_sliding_window") else None
+    options = {"sliding_window": window} if window else {}
+    cfg = llama_recipe({**config, "intermediate_size": config["moe_intermediate_size"]}, qk_norm=True, **options)
     cfg.block.mlp = fdl.Partial(
         MoE,
         num_experts=config.get("num_experts") or config["num_local_experts"],  # transformers 5 writes the latter
@@ -52,8 +56,8 @@ def qwen3_moe_hf_config(model: nnx.Module) -> dict:
         norm_topk_prob=moe.normalize_top_k,
         decoder_sparse_step=1,
         mlp_only_layers=[],
-        use_sliding_window=False,
-        sliding_window=None,
+        use_sliding_window=first(model, Attention).sliding_window is not None,
+        sliding_window=first(model, Attention).sliding_window,
         max_window_layers=model.num_layers,
         router_aux_loss_coef=0.001,
     )
@@ -87,7 +91,7 @@ def is_softmax_moe(model: nnx.Module) -> bool:
 
 
 def is_qwen3_moe(model: nnx.Module) -> bool:
-    return is_softmax_moe(model) and attention_is(model, qk_norm=True)
+    return is_softmax_moe(model) and attention_is(model, qk_norm=True, sliding_window=None)
 
 
 QWEN3_MOE = Family(

@@ -8,7 +8,9 @@ from nnxlm.modules.attention import Attention
 from nnxlm.modules.block import DecoderBlock
 from nnxlm.modules.embed import Embedder
 from nnxlm.modules.kv_cache import KVCache
+from nnxlm.modules.mla import MLA
 from nnxlm.modules.mlp import GatedMLP
+from nnxlm.modules.moe import MoE
 from nnxlm.modules.norms import RMSNorm
 from nnxlm.modules.transformer import REMAT_POLICIES, Transformer
 
@@ -18,6 +20,8 @@ __all__ = [
     "Embedder",
     "GatedMLP",
     "KVCache",
+    "MLA",
+    "MoE",
     "RMSNorm",
     "REMAT_POLICIES",
     "Transformer",

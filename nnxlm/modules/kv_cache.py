@@ -10,7 +10,8 @@ Layout (logical axis names, see nnxlm.sharding.rules):
                a tuple of [batch, kv_heads, length, head_dim], one a layer, when they are a list.
                Heads before length: a decode step then attends with plain batched matmuls over
                each (row, kv head), no transposes of the cache (5x faster on CPU than
-               [batch, length, kv_heads, head_dim] at batch 8).
+               [batch, length, kv_heads, head_dim] at batch 8). Multi-head latent attention
+               (nnxlm.modules.mla) keeps its latent in k and its rope key in v, as one kv head.
   segment_ids  [batch, length] int32: the segment of the token in each slot; 0 marks a slot not
                yet written or holding left padding, which no real token attends to
   index        [] int32: the next slot to write

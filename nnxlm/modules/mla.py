@@ -10,6 +10,17 @@ v_head_dim. Queries may also go through a low-rank bottleneck (q_lora_rank; None
 projection). What a token leaves behind for decoding is only (kv, k_rope): kv_lora_rank +
 qk_rope_head_dim numbers per token and layer, whatever the number of heads (see _latents).
 
+KV cache: MLA caches exactly that, the latent kv and the rotated k_rope of every token (in a
+KVCache's k and v, as one kv head), not the expanded keys and values: for DeepSeek-V3 576 numbers
+a token and layer instead of 128 heads x (192 + 128) = 40,960, 71x less memory to hold and to read
+at every decode step, the resource decoding is bound by. Attending over latents, kv_b_proj is
+folded into the queries and outputs ("absorbed": q_nope . (W_k c) = (W_k^T q_nope) . c and
+probs (W_v c) = W_v (probs c)), so no step expands the cache: scores are latent queries
+[heads, kv_lora_rank] against the cached latents plus q_rope against k_rope, and the
+probability-weighted latent goes through W_v once per query. The same numbers as expanding
+(up to rounding); without a cache (training) keys and values are expanded, which costs fewer
+FLOPs when every token is a query.
+
 RoPE layout (rope_interleave, default True as in DeepSeek's checkpoints and transformers'
 DeepseekV3Config): the rope dims are rotated as interleaved pairs (x[2i], x[2i+1]) by frequency i;
 the rotated vector is returned de-interleaved ([rotated evens, rotated odds]), exactly as
@@ -30,6 +41,7 @@ rope_scaling (None, or DeepSeek-V3's {"type": "yarn", ...}; "rope_type" is accep
 as transformers' _compute_yarn_parameters and DeepseekV3Attention compute them.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -38,6 +50,7 @@ from flax import nnx
 
 from nnxlm.modules.attention import attention_mask
 from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.norms import RMSNorm
 
 YARN_KEYS = frozenset(
@@ -234,10 +247,42 @@ class MLA(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v_bsnv.dtype)
         return jnp.einsum("bnts,bsnv->btnv", probs, v_bsnv)
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
-        """Attention within x [batch, length, d_model]: causal, within each packed segment."""
+    def _attend_latents(self, q_btnh, kv_bsc, k_rope_bsr, mask_b1ts) -> jax.Array:
+        """Attention over cached latents, kv_b_proj absorbed (see the module docstring); the same
+        result as _attend over _expand(kv, k_rope)."""
+        w_k_cnh, w_v_cnv = jnp.split(self.kv_b_proj[...].astype(q_btnh.dtype), [self.qk_nope_head_dim], axis=-1)
+        q_nope_btnh, q_rope_btnr = jnp.split(q_btnh, [self.qk_nope_head_dim], axis=-1)
+        q_latent_btnc = jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_k_cnh)
+        logits = jnp.einsum("btnc,bsc->bnts", q_latent_btnc, kv_bsc, preferred_element_type=jnp.float32)
+        logits += jnp.einsum("btnr,bsr->bnts", q_rope_btnr, k_rope_bsr, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask_b1ts, logits * self.scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(kv_bsc.dtype)
+        context_btnc = jnp.einsum("bnts,bsc->btnc", probs, kv_bsc)
+        return jnp.einsum("btnc,cnv->btnv", context_btnc, w_v_cnv)
+
+    def init_cache(self, batch: int, max_length: int) -> tuple[jax.Array, jax.Array]:
+        """Empty latents kv [batch, 1, max_length, kv_lora_rank] and rope keys [batch, 1,
+        max_length, qk_rope_head_dim] (a KVCache's k and v, as one kv head) in the compute dtype."""
+        kv = empty_layer_kv(batch, max_length, 1, self.kv_lora_rank, self.dtype)
+        return kv, empty_layer_kv(batch, max_length, 1, self.qk_rope_head_dim, self.dtype)
+
+    def __call__(
+        self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array, cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Attention within x [batch, length, d_model]: causal, within each packed segment. With a
+        cache (this layer's latents, the key segment ids with x's already written at cache.index):
+        returns (output, cache with x's latents written), attending over every cached slot."""
         x = x_btd.astype(self.dtype)
         q_btnh = self._queries(x, positions_bt)
-        k_btnh, v_btnv = self._keys_values(x, positions_bt)
-        out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
-        return project(out_btnv, self.o_proj[...], contract=2)
+        if cache is None:
+            k_btnh, v_btnv = self._keys_values(x, positions_bt)
+            out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
+            return project(out_btnv, self.o_proj[...], contract=2)
+        kv_btc, k_rope_btr = self._latents(x, positions_bt)
+        slot = (0, 0, cache.index, 0)
+        k = jax.lax.dynamic_update_slice(cache.k, kv_btc[:, None].astype(cache.k.dtype), slot)
+        v = jax.lax.dynamic_update_slice(cache.v, k_rope_btr[:, None].astype(cache.v.dtype), slot)
+        cache = dataclasses.replace(cache, k=k, v=v)
+        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
+        out_btnv = self._attend_latents(q_btnh, cache.k[:, 0], cache.v[:, 0], mask)
+        return project(out_btnv, self.o_proj[...], contract=2), cache

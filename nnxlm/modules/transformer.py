@@ -3,7 +3,8 @@
 Layers are either stacked (one set of parameters with a leading `layers` axis, applied with
 nnx.scan: compiles in time independent of depth) or a plain list applied in a Python loop
 (`scan_layers=False`). Both hold the same numbers; checkpoints store the stacked layout so either
-model loads them.
+model loads them. A model whose first layers differ from the rest (DeepSeek-V3: dense MLPs before
+the mixture-of-experts layers) holds two such stacks, `first_layers` and `layers`, applied in turn.
 
 For decoding, the model also takes a KVCache (init_cache) and returns the updated one with the
 logits; features() and logits() split the forward pass so that a prefill computes the head only
@@ -21,8 +22,11 @@ from flax import nnx
 from nnxlm.modules.dense import dense_init, project
 from nnxlm.modules.embed import Embedder
 from nnxlm.modules.kv_cache import KVCache
+from nnxlm.modules.mtp import MultiTokenPrediction, shifted_ids
 from nnxlm.modules.norms import RMSNorm
 from nnxlm.modules.rope import inverse_frequencies
+from nnxlm.modules.stack import stacked, unstacked
+from nnxlm.sharding.rules import constrain
 
 # The window of a global layer in a layer_pattern: larger than any position distance.
 GLOBAL_WINDOW = jnp.iinfo(jnp.int32).max
@@ -54,6 +58,11 @@ class Transformer(nnx.Module):
         replacing the attention recipe's own value (Gemma 2: ({"sliding_window": 4096},
         {"sliding_window": None})). The layers keep one parameter shape; each layer's window and
         RoPE frequencies are passed into its block call as traced values (scanned with the layers).
+      first_block, num_first_layers: the first num_first_layers of the num_layers layers are built
+        by first_block instead of block (DeepSeek-V3: 3 dense-MLP layers, then mixture-of-experts
+        ones), as a stack of their own, `first_layers`; `layers` holds the others.
+      mtp_depth: multi-token prediction modules for training (DeepSeek-V3: 1), each one more
+        `block` (see nnxlm.modules.mtp and mtp_logits); 0: none.
     """
 
     def __init__(
@@ -70,12 +79,20 @@ class Transformer(nnx.Module):
         embed_scale: bool = False,
         final_logit_softcap: float | None = None,
         layer_pattern: tuple[dict, ...] | None = None,
+        first_block: Callable[..., nnx.Module] | None = None,
+        num_first_layers: int = 0,
+        mtp_depth: int = 0,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
     ):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
+        if not 0 <= num_first_layers < num_layers or (first_block is None) != (num_first_layers == 0):
+            raise ValueError(
+                f"num_first_layers={num_first_layers} with first_block={first_block!r}: give a first_block "
+                f"and 1 to num_layers - 1 ({num_layers - 1}) first layers, or neither"
+            )
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
         self.tie_embeddings, self.scan_layers, self.remat_policy = tie_embeddings, scan_layers, remat_policy
         self.dtype = jnp.dtype(dtype)
@@ -90,15 +107,34 @@ class Transformer(nnx.Module):
         # output; a tied table doubles as the head, where std 1/sqrt(d) keeps logits at unit scale.
         init_std = d_model**-0.5 if tie_embeddings else 1.0
         self.embedder = Embedder(vocab_size, d_model, init_std=init_std, param_dtype=param_dtype, rngs=rngs)
-        make_block = functools.partial(block, d_model, norm=norm, dtype=dtype, param_dtype=param_dtype)
-        if scan_layers:
-            self.layers = _stacked(make_block, num_layers, rngs)
-        else:
-            self.layers = nnx.List([make_block(rngs=rngs) for _ in range(num_layers)])
+        shared = dict(norm=norm, dtype=dtype, param_dtype=param_dtype)
+        self.num_first_layers = num_first_layers
+        make_first = functools.partial(first_block, d_model, **shared) if num_first_layers else None
+        self.first_layers = self._stack(make_first, num_first_layers, rngs) if num_first_layers else None
+        self.layers = self._stack(functools.partial(block, d_model, **shared), num_layers - num_first_layers, rngs)
         self.final_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
         if not tie_embeddings:
             head = dense_init(rngs, (d_model, vocab_size), d_model, param_dtype)
             self.head = nnx.Param(head, logical_axes=("embed", "vocab"))
+        self.mtp_depth = mtp_depth
+        self.mtp = (
+            MultiTokenPrediction(d_model, depth=mtp_depth, block=block, **shared, rngs=rngs) if mtp_depth else None
+        )
+
+    def _stack(self, make_block, count: int, rngs: nnx.Rngs) -> nnx.Module:
+        if self.scan_layers:
+            return stacked(make_block, count, rngs)
+        return nnx.List([make_block(rngs=rngs) for _ in range(count)])
+
+    def _stacks(self) -> list[tuple[nnx.Module, slice]]:
+        """Each layer stack with the slice of layer indices it holds: first_layers (if any), layers."""
+        first = self.num_first_layers
+        stacks = [(self.first_layers, slice(0, first))] if first else []
+        return [*stacks, (self.layers, slice(first, self.num_layers))]
+
+    def _attention(self) -> nnx.Module:
+        """The attention module of the main stack (its hyperparameters are every layer's)."""
+        return self.layers.attention if self.scan_layers else self.layers[0].attention
 
     def __call__(
         self,
@@ -110,11 +146,38 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """positions default to 0..length-1 (after cache.index with a cache) and segment ids to one
-        document a row. With a cache (see init_cache) returns (logits, cache with ids written)."""
-        if cache is None:
-            return self.logits(self.features(ids_bt, positions_bt, segment_ids_bt, dropout_key=dropout_key))
-        x_btd, cache = self.features(ids_bt, positions_bt, segment_ids_bt, dropout_key=dropout_key, cache=cache)
-        return self.logits(x_btd), cache
+        document a row. With a cache (see init_cache) returns (logits, cache with ids written).
+        With multi-token prediction, under nnx.capture only (training), also sows mtp_logits."""
+        if cache is not None:
+            x_btd, cache = self.features(ids_bt, positions_bt, segment_ids_bt, dropout_key=dropout_key, cache=cache)
+            return self.logits(x_btd), cache
+        positions_bt, segment_ids_bt = self._rows(ids_bt, positions_bt, segment_ids_bt)
+        x_btd = self.features(ids_bt, positions_bt, segment_ids_bt, dropout_key=dropout_key)
+        if self.mtp is not None and hasattr(self, "__captures__"):  # inference skips it (see MoE)
+            self.sow(nnx.Intermediate, "mtp_logits", self.mtp_logits(x_btd, ids_bt, positions_bt, segment_ids_bt))
+        return self.logits(x_btd)
+
+    def mtp_logits(self, x_btd, ids_bt, positions_bt, segment_ids_bt) -> jax.Array:
+        """float32 logits [mtp_depth, batch, length, vocab] of the multi-token prediction modules
+        (nnxlm.modules.mtp) from the features x of ids: depth k's logits at position i predict the
+        token at i + k + 1, i.e. targets[:, i + k] (see nnxlm.loss.multi_token_prediction_loss)."""
+        embedded_dbtd = self._embed(shifted_ids(ids_bt, self.mtp_depth))
+        policy = REMAT_POLICIES[self.remat_policy]
+        return self.logits(self.mtp(x_btd, embedded_dbtd, positions_bt, segment_ids_bt, remat_policy=policy))
+
+    def _embed(self, ids):
+        x = self.embedder.embed(ids, self.dtype)
+        return x * jnp.asarray(self.d_model**0.5, self.dtype) if self.embed_scale else x
+
+    def _rows(self, ids_bt, positions_bt, segment_ids_bt, cache=None):
+        """positions (default 0..length-1, after cache.index with a cache) and segment ids (default
+        one document a row)."""
+        if positions_bt is None:
+            first = 0 if cache is None else cache.index
+            positions_bt = jnp.broadcast_to(first + jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones_like(ids_bt, dtype=jnp.int32)
+        return positions_bt, segment_ids_bt
 
     @property
     def layer_pattern(self) -> tuple[dict, ...] | None:
@@ -123,8 +186,7 @@ class Transformer(nnx.Module):
     def layer_settings(self) -> list[dict]:
         """Each layer's effective sliding_window, rope_theta and rope_scaling (the pattern's entry
         over the attention's own)."""
-        attention = self.layers.attention if self.scan_layers else self.layers[0].attention
-        own = {field: getattr(attention, field) for field in PATTERN_FIELDS}
+        own = {field: getattr(self._attention(), field, None) for field in PATTERN_FIELDS}  # MLA: no window
         pattern = self.layer_pattern or ({},)
         return [{**own, **pattern[i % len(pattern)]} for i in range(self.num_layers)]
 
@@ -132,7 +194,7 @@ class Transformer(nnx.Module):
         """{"window": int32 [layers], "inv_freq": float32 [layers, head_dim // 2]} of a layer_pattern."""
         if self._layer_pattern is None:
             return None
-        attention = self.layers.attention if self.scan_layers else self.layers[0].attention
+        attention = self._attention()
         settings = self.layer_settings()
         windows = [GLOBAL_WINDOW if s["sliding_window"] is None else s["sliding_window"] for s in settings]
         inv_freq = [inverse_frequencies(attention.head_dim, s["rope_theta"], s["rope_scaling"]) for s in settings]
@@ -140,15 +202,9 @@ class Transformer(nnx.Module):
 
     def features(self, ids_bt, positions_bt=None, segment_ids_bt=None, *, dropout_key=None, cache=None):
         """The final-normed hidden states [batch, length, embed] (and the new cache, given one)."""
-        if positions_bt is None:
-            first = 0 if cache is None else cache.index
-            positions_bt = jnp.broadcast_to(first + jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
-        if segment_ids_bt is None:
-            segment_ids_bt = jnp.ones_like(ids_bt, dtype=jnp.int32)
+        positions_bt, segment_ids_bt = self._rows(ids_bt, positions_bt, segment_ids_bt, cache)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
-        x_btd = self.embedder.embed(ids_bt, self.dtype)
-        if self.embed_scale:
-            x_btd = x_btd * jnp.asarray(self.d_model**0.5, self.dtype)
+        x_btd = constrain(self._embed(ids_bt), ("batch", "length", None))
         if cache is None:
             x_btd = self._apply_layers(x_btd, positions_bt, segment_ids_bt, keys)
             return self.final_norm(x_btd)
@@ -174,8 +230,7 @@ class Transformer(nnx.Module):
         """An empty KVCache with max_length slots a row (see nnxlm.modules.kv_cache): k and v with a
         leading layers axis when stacked (default: scan_layers), else a tuple of one a layer."""
         stacked = self.scan_layers if stacked is None else stacked
-        attention = self.layers.attention if self.scan_layers else self.layers[0].attention
-        k, v = attention.init_cache(batch, max_length)
+        k, v = self._attention().init_cache(batch, max_length)
         if stacked:
             k, v = (jnp.zeros((self.num_layers, *x.shape), x.dtype) for x in (k, v))
         else:
@@ -189,14 +244,19 @@ class Transformer(nnx.Module):
         are taken once instead of at every step (scan copies each layer's parameters every step)."""
         if not self.scan_layers:
             return
-        graphdef, stacked = nnx.split(self.layers)
-        slices = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(self.num_layers)]
-        self.layers = nnx.List([nnx.merge(graphdef, layer) for layer in slices])
+        if self.first_layers is not None:
+            self.first_layers = nnx.List(unstacked(self.first_layers, self.num_first_layers))
+        self.layers = nnx.List(unstacked(self.layers, self.num_layers - self.num_first_layers))
         self.scan_layers = False
 
     def _apply_layers(self, x_btd, positions_bt, segment_ids_bt, keys):
         values = self._layer_values()
+        for layers, part in self._stacks():
+            stack_keys, stack_values = _part(keys, part), _part(values, part)
+            x_btd = self._apply_stack(layers, x_btd, positions_bt, segment_ids_bt, stack_keys, stack_values)
+        return x_btd
 
+    def _apply_stack(self, layers, x_btd, positions_bt, segment_ids_bt, keys, values):
         def apply_block(block, x, positions, segment_ids, key, layer):
             if layer is None:
                 return block(x, positions, segment_ids, key)
@@ -210,8 +270,8 @@ class Transformer(nnx.Module):
             value_axis = None if values is None else 0
             in_axes = (0, nnx.Carry, None, None, key_axis, value_axis)
             scan = nnx.scan(apply_block, in_axes=in_axes, out_axes=nnx.Carry)
-            return scan(self.layers, x_btd, positions_bt, segment_ids_bt, keys, values)
-        for i, block in enumerate(self.layers):
+            return scan(layers, x_btd, positions_bt, segment_ids_bt, keys, values)
+        for i, block in enumerate(layers):
             key = None if keys is None else keys[i]
             x_btd = apply_block(block, x_btd, positions_bt, segment_ids_bt, key, _layer(values, i))
         return x_btd
@@ -241,15 +301,19 @@ class Transformer(nnx.Module):
             value_axis = None if values is None else 0
             in_axes = (0, nnx.Carry, None, None, key_axis, 0, 0, None, None, value_axis)
             scan = nnx.scan(apply_block, in_axes=in_axes, out_axes=(nnx.Carry, 0))
-            x_btd, (k, v) = scan(
-                self.layers, x_btd, positions_bt, segment_ids_bt, keys, cache.k, cache.v, *shared, values
-            )
+            ks, vs = [], []
+            for layers, part in self._stacks():
+                x_btd, (k, v) = scan(
+                    layers, x_btd, positions_bt, segment_ids_bt, _part(keys, part), cache.k[part], cache.v[part],
+                    *shared, _part(values, part),
+                )  # fmt: skip
+                ks.append(k)
+                vs.append(v)
+            k, v = (parts[0] if len(parts) == 1 else jnp.concatenate(parts) for parts in (ks, vs))
             return x_btd, dataclasses.replace(cache, k=k, v=v)
-        if self.scan_layers:  # each layer's parameters sliced out (see unstack_layers)
-            graphdef, stacked = nnx.split(self.layers)
-            blocks = [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], stacked)) for i in range(self.num_layers)]
-        else:
-            blocks = list(self.layers)
+        blocks = []
+        for layers, part in self._stacks():  # stacked parameters sliced layer by layer (see unstack_layers)
+            blocks += unstacked(layers, part.stop - part.start) if self.scan_layers else list(layers)
         ks, vs = [], []
         for i, block in enumerate(blocks):
             key = None if keys is None else keys[i]
@@ -267,24 +331,16 @@ def _layer(values: dict | None, i: int) -> dict | None:
     return None if values is None else {name: value[i] for name, value in values.items()}
 
 
+def _part(values, part: slice):
+    """The layers `part` of per-layer values: an array with a layers axis, a dict of them, or None."""
+    if values is None:
+        return None
+    return {name: value[part] for name, value in values.items()} if isinstance(values, dict) else values[part]
+
+
 def _freeze(entry: dict) -> tuple:
     return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v) for k, v in entry.items()))
 
 
 def _thaw(entry: tuple) -> dict:
     return {k: dict(v) if k == "rope_scaling" and v is not None else v for k, v in entry}
-
-
-def _stacked(make_block, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
-    """num_layers blocks as one module whose parameters have a leading `layers` axis."""
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return make_block(rngs=rngs)
-
-    layers = create(rngs)
-    for _, variable in nnx.iter_graph(layers):
-        if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
-            variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
-    return layers

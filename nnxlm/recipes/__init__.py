@@ -4,6 +4,9 @@ Model-only recipes live in nnxlm.recipes.models, edits in nnxlm.recipes.fiddlers
 
 from nnxlm.recipes import fiddlers, models
 from nnxlm.recipes.experiments import (
+    bench_llama_20m,
+    bench_llama_57m,
+    deepseek_v3,
     gemma2_2b,
     gemma2_9b,
     gemma2_27b,
@@ -32,6 +35,8 @@ from nnxlm.recipes.experiments import (
 
 RECIPES = {
     "tiny": tiny,
+    "bench_llama_20m": bench_llama_20m,
+    "bench_llama_57m": bench_llama_57m,
     "llama2_7b": llama2_7b,
     "llama3_8b": llama3_8b,
     "llama3_1_8b": llama3_1_8b,
@@ -54,10 +59,14 @@ RECIPES = {
     "gemma2_27b": gemma2_27b,
     "gemma3_1b": gemma3_1b,
     "gemma3_4b": gemma3_4b,
+    "deepseek_v3": deepseek_v3,
 }
 
 __all__ = [
     "RECIPES",
+    "bench_llama_20m",
+    "bench_llama_57m",
+    "deepseek_v3",
     "fiddlers",
     "gemma_2b",
     "gemma_7b",

@@ -39,6 +39,31 @@ def tiny() -> fdl.Config:
     return cfg
 
 
+def bench_llama_20m() -> fdl.Config:
+    """bench/'s main training shape: a 20.6 M-parameter Llama (hidden 256, 4 layers, 4 heads of 64,
+    MLP 1024, vocabulary 32000, untied head) on 4 rows of 256 synthetic tokens, fp32, AdamW: 75.9
+    MFLOP per trained token (6 x 12.4 M matmul parameters + causal attention)."""
+    model = models.llama(vocab_size=32_000, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=1024)
+    return _bench("bench_llama_20m", model, seq_len=256)
+
+
+def bench_llama_57m() -> fdl.Config:
+    """bench/'s larger training shape: a 56.9 M-parameter Llama (hidden 512, 8 layers, 8 query / 2
+    key-value heads of 64, MLP 1536, vocabulary 32000, untied) on 4 rows of 512 synthetic tokens."""
+    model = models.llama(vocab_size=32_000, d_model=512, num_layers=8, num_heads=8, num_kv_heads=2, mlp_dim=1536)
+    return _bench("bench_llama_57m", model, seq_len=512)
+
+
+def _bench(name: str, model: fdl.Partial, seq_len: int) -> fdl.Config:
+    """A throughput recipe: synthetic tokens (no tokenizer), no evaluation, one checkpoint at the end."""
+    cfg = trainer(model, name=name, seq_len=seq_len, batch_size=4, num_steps=20)
+    cfg.train_data = fdl.Config(Synthetic, vocab_size=32_000, num_documents=10_000, split="train")
+    cfg.eval_data = None
+    cfg.checkpoint_every = 0
+    cfg.log_every = 5
+    return cfg
+
+
 def llama2_7b() -> fdl.Config:
     # 4 M tokens a step: 1024 rows x 4096 tokens
     return trainer(models.llama2_7b(), name="llama2_7b", seq_len=4096, batch_size=1024, num_steps=500_000)
@@ -138,3 +163,8 @@ def gemma3_1b() -> fdl.Config:
 
 def gemma3_4b() -> fdl.Config:
     return _published("gemma3_4b", 8192, 512)
+
+
+def deepseek_v3() -> fdl.Config:
+    # 4096-token rows, 15,360 a step (DeepSeek-V3's batch after its ramp-up): 63 M tokens
+    return _published("deepseek_v3", 4096, 15_360)

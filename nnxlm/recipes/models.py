@@ -9,6 +9,7 @@ import copy
 import fiddle as fdl
 
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
+from nnxlm.modules.mla import MLA
 from nnxlm.modules.moe import MoE
 
 
@@ -351,4 +352,117 @@ def gemma3_4b() -> fdl.Partial:
         num_kv_heads=4,
         mlp_dim=10_240,
         rope_scaling={"type": "linear", "factor": 8.0},
+    )
+
+
+def deepseek(
+    *,
+    vocab_size: int,
+    d_model: int,
+    num_layers: int,
+    num_dense_layers: int,
+    num_heads: int,
+    q_lora_rank: int | None,
+    kv_lora_rank: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    mlp_dim: int,
+    num_experts: int,
+    num_experts_per_token: int,
+    expert_hidden_dim: int,
+    num_shared_experts: int = 1,
+    num_groups: int = 1,
+    num_groups_per_token: int = 1,
+    routed_scaling_factor: float = 1.0,
+    normalize_top_k: bool = True,
+    rope_theta: float = 10_000.0,
+    rope_scaling: dict | None = None,
+    rope_interleave: bool = True,
+    norm_eps: float = 1e-6,
+    mtp_depth: int = 0,
+    dispatch: str = "dense",
+) -> fdl.Partial:
+    """DeepSeek-V3: multi-head latent attention (nnxlm.modules.mla) in every layer; a SwiGLU MLP of
+    mlp_dim in the first num_dense_layers, then a mixture of experts routed by a sigmoid with a
+    bias-corrected, group-limited top-k choice and a routed scaling factor, plus always-on shared
+    experts; optional multi-token prediction (mtp_depth). Both blocks share one attention recipe,
+    so an override of it changes every layer. MLA keeps its own norms at eps 1e-6, as
+    transformers' DeepseekV3Attention does whatever the model's eps."""
+    attention = fdl.Partial(
+        MLA,
+        num_heads=num_heads,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=kv_lora_rank,
+        qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim,
+        v_head_dim=v_head_dim,
+        rope_theta=rope_theta,
+        **({"rope_scaling": rope_scaling} if rope_scaling else {}),
+        **({} if rope_interleave else {"rope_interleave": False}),
+    )
+    experts = fdl.Partial(
+        MoE,
+        num_experts=num_experts,
+        num_experts_per_token=num_experts_per_token,
+        expert_hidden_dim=expert_hidden_dim,
+        router="sigmoid",
+        normalize_top_k=normalize_top_k,
+        num_shared_experts=num_shared_experts,
+        routed_scaling_factor=routed_scaling_factor,
+        num_groups=num_groups,
+        num_groups_per_token=num_groups_per_token,
+        dispatch=dispatch,
+    )
+    model = fdl.Partial(
+        Transformer,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        block=fdl.Partial(DecoderBlock, attention=attention, mlp=experts),
+        norm=fdl.Partial(RMSNorm, eps=norm_eps),
+    )
+    if num_dense_layers:
+        dense = fdl.Partial(GatedMLP, hidden_dim=mlp_dim)
+        model.first_block = fdl.Partial(DecoderBlock, attention=attention, mlp=dense)
+        model.num_first_layers = num_dense_layers
+    if mtp_depth:
+        model.mtp_depth = mtp_depth
+    return model
+
+
+def deepseek_v3() -> fdl.Partial:
+    # DeepSeek-V3 (and R1): 61 layers, the first 3 dense, then 256 routed experts (8 active) and
+    # 1 shared; 671.03 B parameters, 37.5 B active, plus 11.5 B in the multi-token prediction
+    # module that only training runs. Sorted dispatch: dense would run all 256 experts (32x).
+    return deepseek(
+        vocab_size=129_280,
+        d_model=7168,
+        num_layers=61,
+        num_dense_layers=3,
+        num_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        mlp_dim=18_432,
+        num_experts=256,
+        num_experts_per_token=8,
+        expert_hidden_dim=2048,
+        num_shared_experts=1,
+        num_groups=8,
+        num_groups_per_token=4,
+        routed_scaling_factor=2.5,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        mtp_depth=1,
+        dispatch="sorted",
     )

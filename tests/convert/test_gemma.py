@@ -67,7 +67,23 @@ def test_gemma3_round_trip(tmp_path):
     check_round_trip(perturbed(Gemma3ForCausalLM(config)), tmp_path)  # perturbed: q_norm / k_norm too
     config = exported(tmp_path)
     assert config["architectures"] == ["Gemma3ForCausalLM"]
+    assert config["attn_logit_softcapping"] is None and config["final_logit_softcapping"] is None  # the defaults
     assert config["layer_types"][2] == "full_attention" and config["rope_parameters"]["full_attention"]["factor"] == 4.0
+
+
+def test_gemma2_without_soft_caps(tmp_path):
+    config = Gemma2Config(
+        **SHAPE,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+    )
+    check_round_trip(perturbed(Gemma2ForCausalLM(config)), tmp_path, new_tokens=0)  # decoding: test above
+    config = exported(tmp_path)
+    assert config["attn_logit_softcapping"] is None and config["final_logit_softcapping"] is None
 
 
 @pytest.mark.parametrize(

@@ -43,3 +43,17 @@ def test_dense_layers_are_rejected(tmp_path, changes, field):
     tiny_qwen3_moe(**changes).save_pretrained(tmp_path / "hf")
     with pytest.raises(UserError, match=field):
         from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+
+
+def test_a_sliding_window_applies_to_every_layer_and_exports():
+    import fiddle as fdl
+    from flax import nnx
+
+    from nnxlm.convert.qwen3_moe import qwen3_moe_hf_config, qwen3_moe_recipe
+
+    config = tiny_qwen3_moe().config.to_dict()  # transformers' Qwen3MoeAttention: no max_window_layers
+    assert qwen3_moe_recipe(config).block.attention.sliding_window is None
+    cfg = qwen3_moe_recipe({**config, "use_sliding_window": True, "sliding_window": 8})
+    assert cfg.block.attention.sliding_window == 8
+    exported = qwen3_moe_hf_config(nnx.eval_shape(lambda: fdl.build(cfg)(rngs=nnx.Rngs(0))))
+    assert (exported["use_sliding_window"], exported["sliding_window"]) == (True, 8)

@@ -29,3 +29,50 @@ def _abstract(tree):
     import jax
 
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def tiny_deepseek(scan_layers=True, seed=0, **changes):
+    """DeepSeek-V3's shape, small: MLA (query LoRA, YaRN), 1 dense layer then 2 MoE layers with
+    4 groups of 2 experts, 2 multi-token prediction depths."""
+    cfg = models.deepseek(
+        vocab_size=97,
+        d_model=32,
+        num_layers=3,
+        num_dense_layers=1,
+        num_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=12,
+        mlp_dim=40,
+        num_experts=8,
+        num_experts_per_token=2,
+        expert_hidden_dim=16,
+        num_groups=4,
+        num_groups_per_token=2,
+        routed_scaling_factor=2.5,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 0.707},
+        mtp_depth=2,
+    )
+    cfg.scan_layers = scan_layers
+    for name, value in changes.items():
+        setattr(cfg, name, value)
+    return random_model(lambda: fdl.build(cfg)(rngs=nnx.Rngs(seed)), seed)
+
+
+def random_model(make, seed=0):
+    """The model make() builds, with random values drawn by numpy instead of its initialisers
+    (compiling those, eagerly or as one program, takes seconds for a model of many small
+    parameters): vectors (norm scales, biases) 1 + 0.1 N(0, 1), the rest 0.15 N(0, 1)."""
+    import jax
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+
+    def draw(leaf):
+        values = generator.standard_normal(leaf.shape).astype(leaf.dtype)
+        return 1.0 + 0.1 * values if leaf.ndim == 1 else 0.15 * values
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    return nnx.merge(graphdef, jax.tree.map(draw, state))

@@ -54,6 +54,7 @@ PUBLISHED_PARAMETER_COUNTS = [
     ("gemma2_2b", "2.61 B"),
     ("gemma2_9b", "9.24 B"),
     ("gemma2_27b", "27.23 B"),  # "27.2 B" on the model card
+    ("deepseek_v3", "671.03 B"),  # "671 B", without the multi-token prediction module (reported apart)
 ]
 
 
@@ -147,6 +148,26 @@ def test_moe_flops_count_the_active_experts_only():
     model = nnx.eval_shape(lambda: fdl.build(cfg).model_factory(rngs=nnx.Rngs(0)))
     # about 3.3 B active parameters: 6 x 3.3 G plus attention, far below 6 x 30.5 G
     assert 19e9 < training_flops_per_token(model, 4096) < 26e9
+
+
+def test_deepseek_v3_flops_count_active_experts_latent_attention_and_prediction_depth():
+    from flax import nnx
+
+    from nnxlm.metrics import training_flops_per_token
+    from nnxlm.report import activation_bytes_per_token
+
+    model = nnx.eval_shape(lambda: fdl.build(nnxlm.recipes.models.deepseek_v3())(rngs=nnx.Rngs(0)))
+    # 37.5 B active in the main model (8 of 256 experts) + 0.7 B in the prediction module (its block
+    # and projection) + its extra pass through the head = 38.2 B: 6 x 38.2 G = 229.4 G, plus latent
+    # attention in 61 + 1 layers: 6 x 4096 x 62 x 128 heads x (192 + 128) / 2 = 31.2 G
+    assert 259e9 < training_flops_per_token(model, 4096) < 262e9
+    report = describe(directives.resolve(["deepseek_v3"]))
+    assert "+ 11,610,067,968 (11.61 B) in multi-token prediction" in report
+    # per token and layer (61 + 1 prediction depth): norm inputs and block input 3 x 7168, MLA's
+    # latents 1536 + 512 + 64 and 2 x 128 heads x (192 + 128), 128 x 4096 probabilities, and 3 x the
+    # hidden width of 8 routed experts of 2048 plus the shared one
+    per_token = activation_bytes_per_token(model, 4096, "none") / 4
+    assert per_token == 62 * (3 * 7168 + 2112 + 2 * 128 * 320 + 128 * 4096 + 3 * (8 * 2048 + 2048))
 
 
 def test_published_recipes_set_the_family_attention_options():
