@@ -39,6 +39,7 @@ from nnxlm.errors import UserError
 from nnxlm.loss import cross_entropy, multi_token_prediction_loss
 from nnxlm.modules.moe import MoE
 from nnxlm.optim import AdamW
+from nnxlm.progress import Progress
 from nnxlm.recipes.serialization import as_config, to_json
 from nnxlm.sharding import (
     activation_sharding,
@@ -406,7 +407,7 @@ class Trainer:
         peak = (self.peak_flops_per_device or metrics_lib.device_peak_flops()) * self.mesh.size
         tokens_per_step = self.batch_size * self.seq_len
         history, pending = [], None
-        progress = _Progress(self.num_steps, self.step, enabled=main)
+        progress = Progress(self.num_steps, self.step, enabled=main)
         last_time = time.perf_counter()
 
         def finish(step, step_metrics):
@@ -481,33 +482,3 @@ class Trainer:
             top_p=self.sample_top_p,
             seed=self.seed,
         )
-
-
-class _Progress:
-    """A rich progress bar with the latest loss, tokens/s and MFU; plain log lines when not a TTY."""
-
-    def __init__(self, total: int, start: int, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            disable=not (enabled and sys.stdout.isatty()),
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, info="")
-        self.enabled = enabled
-        self.bar.start()
-
-    def update(self, step: int, record: dict, log: bool) -> None:
-        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  MFU {record['mfu']:.1%}"
-        if "eval_loss" in record:
-            info += f"  eval {record['eval_loss']:.3f}"
-        self.bar.update(self.task, completed=step, info=info)
-        if log and self.enabled:  # above the bar on a terminal, a plain line in a log file
-            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)
-
-    def close(self) -> None:
-        self.bar.stop()

@@ -1,0 +1,33 @@
+"""The training progress display."""
+
+import sys
+
+
+class Progress:
+    """A rich progress bar with the latest loss, tokens/s and MFU; plain log lines when not a TTY."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            disable=not (enabled and sys.stdout.isatty()),
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.enabled = enabled
+        self.bar.start()
+
+    def update(self, step: int, record: dict, log: bool) -> None:
+        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  MFU {record['mfu']:.1%}"
+        if "eval_loss" in record:
+            info += f"  eval {record['eval_loss']:.3f}"
+        self.bar.update(self.task, completed=step, info=info)
+        if log and self.enabled:  # above the bar on a terminal, a plain line in a log file
+            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)
+
+    def close(self) -> None:
+        self.bar.stop()
