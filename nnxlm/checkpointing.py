@@ -7,12 +7,14 @@ always stored stacked, with a leading layers axis, so a checkpoint written by a 
 into a looped one and back; so is each of a Transformer's layer stacks (LAYER_STACKS).
 """
 
+import ctypes
 import json
 import os
 
 import fiddle as fdl
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -96,13 +98,7 @@ class Checkpointer:
     def save(self, step: int, state: dict, recipe: dict, data_state: dict | None = None) -> None:
         """Starts writing `state` (pure dict), the recipe and the data position (a JSON snapshot, taken
         before the call: the iterators move on while orbax writes); all processes call it."""
-        items = dict(
-            state=ocp.args.StandardSave(stack_layers(state)),
-            recipe=ocp.args.JsonSave(recipe),
-            info=ocp.args.JsonSave({"train_state": "optimizer" in state}),  # False: a model alone
-        )
-        if data_state is not None:
-            items["data"] = ocp.args.JsonSave(data_state)
+        items = _items(ocp.args.StandardSave(stack_layers(state)), state, recipe, data_state)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict | None]:
@@ -138,6 +134,71 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _items(state_args, state: dict, recipe: dict, data_state: dict | None) -> dict:
+    """The items of one checkpoint step, the state's saved by state_args."""
+    items = dict(
+        state=state_args,
+        recipe=ocp.args.JsonSave(recipe),
+        info=ocp.args.JsonSave({"train_state": "optimizer" in state}),  # False: a model alone
+    )
+    if data_state is not None:
+        items["data"] = ocp.args.JsonSave(data_state)
+    return items
+
+
+class _InPlaceNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Writes numpy arrays as they are (no defensive copy) and one after another (tensorstore's
+    write buffers hold one array's worth, not the whole tree's)."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        for value, info, arg in zip(values, infos, args, strict=True):
+            await super()._background_serialize([value], [info], [arg])
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hands memory that is free but still held by the C allocator back to the system. Tensorstore's
+    threads each keep the buffers of the array they wrote in their own glibc arena: without this,
+    writing arrays one after another still leaves several arrays' worth resident."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def save_model_checkpoint(directory: str, step: int, model: dict, recipe: dict) -> None:
+    """Writes a checkpoint of a model alone (no optimizer state) whose parameters are numpy arrays,
+    e.g. a converted one, and waits for it: memory stays near the model plus one array, where
+    Checkpointer.save (built to return quickly during training) copies the whole state first and
+    has tensorstore buffer every array at once. The checkpoint loads as Checkpointer's do."""
+    handlers = ocp.type_handlers
+    registry = handlers.create_type_handler_registry(
+        *((kind, handlers.get_type_handler(kind)) for kind in handlers.supported_types()),
+        (np.ndarray, _InPlaceNumpyHandler()),
+    )
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        item_handlers=dict(
+            state=ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+            recipe=ocp.JsonCheckpointHandler(),
+            info=ocp.JsonCheckpointHandler(),
+        ),
+    )
+    state = {"model": model}
+    try:
+        manager.save(
+            step, args=ocp.args.Composite(**_items(ocp.args.PyTreeSave(stack_layers(state)), state, recipe, None))
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 def _first_line(error: Exception) -> str:
@@ -195,15 +256,18 @@ def restore_model(manager: ocp.CheckpointManager, directory: str, step: int, tar
     return unstack_layers(restored["state"], {"model": target})["model"]
 
 
+def _abstract_model(directory: str, step: int) -> nnx.Module:
+    """The model of a checkpoint's recipe, shapes only (nothing allocated)."""
+    factory = fdl.build(load_recipe(os.path.join(directory, str(step))).model)
+    return nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
+
+
 def load_model(path: str) -> nnx.Module:
     """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it."""
     from nnxlm.sharding import make_mesh, state_shardings
 
     directory, step = find_checkpoint(path)
-    recipe = load_recipe(os.path.join(directory, str(step)))
-    factory = fdl.build(recipe.model)
-    abstract = nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(_abstract_model(directory, step))
     mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
     target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
     manager = ocp.CheckpointManager(directory)
@@ -213,3 +277,44 @@ def load_model(path: str) -> nnx.Module:
         manager.close()
     nnx.replace_by_pure_dict(abstract_state, model_state)
     return nnx.merge(graphdef, abstract_state)
+
+
+class ModelReader:
+    """The model of a run directory or checkpoint, one parameter at a time and without building it:
+    `model` is the abstract model (shapes only) of the saved recipe and read(path) one parameter
+    as a numpy array, path being its place in the model's pure dict with layer stacks stacked
+    (stack_layers). Memory holds only the arrays the caller keeps. Close it when done."""
+
+    def __init__(self, path: str):
+        self.directory, self.step = find_checkpoint(path)
+        self.model = _abstract_model(self.directory, self.step)
+        self._abstract = stack_layers(nnx.to_pure_dict(nnx.state(self.model)))
+        self._manager = ocp.CheckpointManager(self.directory)
+
+    def read(self, path: tuple) -> np.ndarray:
+        leaf = self._abstract
+        for key in path:
+            leaf = leaf[key]
+        item = leaf
+        for key in reversed(("model", *path)):  # the state's tree with that one leaf
+            item = {key: item}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+        try:
+            restored = self._manager.restore(self.step, args=ocp.args.Composite(state=args))["state"]
+        except Exception as e:
+            raise UserError(
+                f"checkpoint {self.directory}/{self.step} cannot be read ({type(e).__name__}: {_first_line(e)})"
+            ) from e
+        for key in ("model", *path):
+            restored = restored[key]
+        return restored
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nnxlm.checkpointing import Checkpointer, load_model, stack_layers
+from nnxlm.checkpointing import ModelReader, save_model_checkpoint, stack_layers
 from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
 from nnxlm.errors import UserError
@@ -55,10 +55,7 @@ def from_hf(source: str, destination: str) -> str:
     tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
     if tokenizers:  # the model's own tokenizer, wherever the run directory later trains
         recipe.tokenizer_path = os.path.join(os.path.abspath(destination), tokenizers[0])
-    checkpointer = Checkpointer(os.path.join(destination, "checkpoints"))
-    checkpointer.save(0, {"model": params}, to_json(recipe))
-    checkpointer.wait()
-    checkpointer.close()
+    save_model_checkpoint(os.path.join(destination, "checkpoints"), 0, params, to_json(recipe))
     with open(os.path.join(destination, "recipe.json"), "w", encoding="utf-8") as f:
         json.dump(to_json(recipe), f, indent=1)
     return destination
@@ -120,41 +117,59 @@ def _set(tree: dict, path, value) -> None:
 
 
 def to_hf(model_or_path, destination: str) -> str:
-    """Writes an nnxlm model (or the model of a run directory / checkpoint) as an HF model directory."""
-    model = load_model(model_or_path) if isinstance(model_or_path, str) else model_or_path
+    """Writes an nnxlm model (or the model of a run directory / checkpoint) as an HF model directory.
+    From a checkpoint it reads one parameter at a time, so memory stays near the largest parameter
+    (the model is never built); from a model, near the model plus one tensor."""
+    if not isinstance(model_or_path, str):
+        _write_hf(model_or_path, None, destination)
+        return destination
+    with ModelReader(model_or_path) as reader:
+        _write_hf(reader.model, reader, destination)
+    run_dir = model_or_path
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(run_dir, name)):
+            shutil.copy(os.path.join(run_dir, name), os.path.join(destination, name))
+    return destination
+
+
+def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str) -> None:
+    """config.json and the safetensors of `model`, whose parameters come from `reader` where given
+    (model is then abstract and layer stacks are read stacked, as checkpoints hold them)."""
     family = family_of_model(model)
     config = family.hf_config(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, RoutingBias)))
+    if reader is not None:
+        params = stack_layers(params)
     global_tensors, layer_tensors = family.tensors(config)
 
-    def layer_array(stack, path, index):  # one layer's (and expert's) array, without stacking the model
-        if _is_list(stack):
-            return _get(stack[index[0]], path)[index[1:]]
-        return _get(stack, path)[index]
+    def parameter(path):  # the whole parameter at path (a stacked one for a layer tensor)
+        return reader.read(path) if reader is not None else _get(params, path)
 
-    def tensors():  # one at a time: memory stays near the model plus one shard
+    def tensors():  # one at a time: memory holds one parameter (and one of its tensors) beside the model
         for tensor in global_tensors:
-            yield tensor.hf, tensor.to_hf(np.asarray(_get(params, tensor.path)))
+            yield tensor.hf, tensor.to_hf(np.asarray(parameter(tensor.path)))
         for tensor in layer_tensors:
             stack = _get(params, tensor.stack)
+            count = _stack_size(stack)
             if tensor.shared:
-                for _, name in _layer_names(tensor, _stack_size(stack), ()):
-                    yield name, tensor.to_hf(np.asarray(_get(params, tensor.path)))
+                shared = np.asarray(parameter(tensor.path))
+                for _, name in _layer_names(tensor, count, ()):
+                    yield name, tensor.to_hf(shared)
                 continue
-            first_layer = _get(stack[0], tensor.path) if _is_list(stack) else _get(stack, tensor.path)[0]
-            for index, name in _layer_names(tensor, _stack_size(stack), first_layer.shape):
-                yield name, tensor.to_hf(np.asarray(layer_array(stack, tensor.path, index)))
+            if _is_list(stack):  # an unscanned model: each layer holds its own parameters
+                layer_shape = _get(stack[0], tensor.path).shape
+                for index, name in _layer_names(tensor, count, layer_shape):
+                    yield name, tensor.to_hf(np.asarray(_get(stack[index[0]], tensor.path)[index[1:]]))
+                continue
+            stacked = parameter((*tensor.stack, *tensor.path))
+            for index, name in _layer_names(tensor, count, stacked.shape[1:]):
+                yield name, tensor.to_hf(np.asarray(stacked[index]))
+            stacked = None  # freed before the next parameter is read
 
     os.makedirs(destination, exist_ok=True)
     write_tensors(destination, tensors())
     with open(os.path.join(destination, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
-    if isinstance(model_or_path, str):
-        run_dir = model_or_path
-        for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(run_dir, name)):
-                shutil.copy(os.path.join(run_dir, name), os.path.join(destination, name))
-    return destination
 
 
 __all__ = ["from_hf", "to_hf"]

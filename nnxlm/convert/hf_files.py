@@ -1,16 +1,48 @@
 """Reading and writing Hugging Face model directories: config.json plus safetensors files,
-sharded (model.safetensors.index.json) or not, one tensor at a time."""
+sharded (model.safetensors.index.json) or not, one tensor at a time.
+
+Both sides use plain file reads and writes rather than memory maps: a memory-mapped file keeps
+every page it touched resident until it is closed, so reading a checkpoint through one costs its
+whole size in memory. The safetensors format is small enough to handle here: an 8-byte
+little-endian header length, a JSON header ({name: {"dtype", "shape", "data_offsets": [begin,
+end]}, "__metadata__": {...}}, which may end in spaces), then the tensors' bytes, offsets counted
+from the end of the header.
+"""
 
 import json
+import math
 import os
+import shutil
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from nnxlm.errors import UserError
 
 SHARD_BYTES = 4 * 2**30  # transformers' default shard size for save_pretrained is about this
+# Space kept for a shard's header before its data, so the data streams straight to its place; a
+# header that outgrows it (thousands of tensors in one shard) costs one copy of that shard.
+HEADER_RESERVE = 2**20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 
 
 def read_config(directory: str) -> dict:
@@ -24,10 +56,55 @@ def read_config(directory: str) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}): re-download the model") from None
 
 
+def _damaged(path: str, why: str) -> UserError:
+    return UserError(f"{path} is not a readable safetensors file ({why}): re-download the model")
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """({tensor name: (dtype, shape, begin, end)}, offset of the data) of a safetensors file, with
+    begin and end in bytes from that offset."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _damaged(path, "shorter than its header")
+            length = int.from_bytes(prefix, "little")
+            if length > MAX_HEADER_BYTES:
+                raise _damaged(path, f"header length {length} is not plausible")
+            raw = f.read(length)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    if len(raw) < length:
+        raise _damaged(path, "truncated inside its header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        entries = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in DTYPES:
+                raise UserError(f"tensor {name!r} of {path} has dtype {entry['dtype']}, which nnxlm cannot convert")
+            dtype, shape, (begin, end) = np.dtype(DTYPES[entry["dtype"]]), tuple(entry["shape"]), entry["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise _damaged(path, f"tensor {name!r} has data_offsets that disagree with its shape")
+            entries[name] = (dtype, shape, begin, end)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, unknown dtype, malformed entries
+        raise _damaged(path, f"bad header: {type(e).__name__} {e}") from None
+    data_start = 8 + length
+    data_end = max((end for *_, end in entries.values()), default=0)
+    if data_start + data_end > size:
+        raise _damaged(path, f"truncated: {size} bytes where the header needs {data_start + data_end}")
+    return entries, data_start
+
+
 class TensorReader:
-    """Tensors of an HF checkpoint by name, read lazily from their safetensors file (memory-mapped)."""
+    """Tensors of an HF checkpoint by name, each read from its safetensors file when asked for
+    (plain reads: memory holds only the tensors the caller keeps)."""
 
     def __init__(self, directory: str):
+        self.directory = directory
+        self._headers = {}  # file -> (entries, data offset)
         index_path = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index_path):
             with open(index_path, encoding="utf-8") as f:
@@ -39,10 +116,13 @@ class TensorReader:
                     f"{directory} has no model.safetensors or model.safetensors.index.json: "
                     "only safetensors checkpoints convert (save the model with safe_serialization)"
                 )
-            with safe_open(single, framework="np") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}
-        self.directory, self.weight_map = directory, weight_map
-        self._open = {}
+            weight_map = dict.fromkeys(self._header("model.safetensors")[0], "model.safetensors")
+        self.weight_map = weight_map
+
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
+            self._headers[file] = read_header(os.path.join(self.directory, file))
+        return self._headers[file]
 
     def names(self) -> set[str]:
         return set(self.weight_map)
@@ -53,23 +133,99 @@ class TensorReader:
                 f"the checkpoint in {self.directory} lacks tensor {name!r}: its config.json and weights disagree"
             )
         file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.directory, file), framework="np")
-        return self._open[file].get_tensor(name)
+        path = os.path.join(self.directory, file)
+        entries, data_start = self._header(file)
+        if name not in entries:
+            raise _damaged(path, f"the index puts tensor {name!r} in it but its header lacks it")
+        dtype, shape, begin, end = entries[name]
+        array = np.empty(shape, dtype)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            done = 0
+            while done < end - begin:  # one read returns at most about 2 GiB
+                count = f.readinto(buffer[done:])
+                if not count:
+                    raise _damaged(path, f"truncated inside tensor {name!r}")
+                done += count
+        return array
 
 
-def write_tensors(directory: str, tensors, shard_bytes: int = SHARD_BYTES) -> None:
+class _ShardWriter:
+    """One safetensors file written tensor by tensor: the data goes to its place after a reserved
+    header space as it comes, the header is written last."""
+
+    def __init__(self, path: str, header_reserve: int):
+        self.path, self.reserve = path, -(-header_reserve // 8) * 8  # the data stays 8-byte aligned
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in finish)
+        self.file.seek(8 + self.reserve)
+        self.entries, self.size = {}, 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-d)
+        if array.dtype not in DTYPE_NAMES:
+            raise UserError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
+        entry = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape)}
+        entry["data_offsets"] = [self.size, self.size + array.nbytes]
+        self.entries[name] = entry
+        self.file.write(array.reshape(-1).view(np.uint8))
+        self.size += array.nbytes
+
+    def finish(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(_header_bytes(header, self.reserve))
+            self.file.close()
+            return
+        self.file.close()  # the header outgrew its space: copy the data behind a larger one
+        length = -(-len(header) // 8) * 8
+        moved = self.path + ".data"
+        os.replace(self.path, moved)
+        with open(moved, "rb") as source, open(self.path, "wb") as out:
+            out.write(_header_bytes(header, length))
+            source.seek(8 + self.reserve)
+            shutil.copyfileobj(source, out, 16 * 2**20)
+        os.remove(moved)
+
+
+def _header_bytes(header: bytes, length: int) -> bytes:
+    """The 8-byte length and the header, padded with spaces (which the format allows) to length."""
+    return length.to_bytes(8, "little") + header + b" " * (length - len(header))
+
+
+def write_tensors(
+    directory: str, tensors, shard_bytes: int = SHARD_BYTES, header_reserve: int = HEADER_RESERVE
+) -> None:
     """Writes (name, array) pairs as safetensors shards of at most shard_bytes (with an index when
-    there is more than one), holding at most one shard in memory."""
+    there is more than one), each array to disk as it comes: memory holds one array at a time."""
     parts = []  # (temporary path, tensor names)
-    current, size = {}, 0
-    for name, array in tensors:
-        if current and size + array.nbytes > shard_bytes:
-            parts.append(_save_part(directory, current, len(parts)))
-            current, size = {}, 0
-        current[name] = np.ascontiguousarray(array)
-        size += array.nbytes
-    parts.append(_save_part(directory, current, len(parts)))
+    writer, total = None, 0
+
+    def start():
+        return _ShardWriter(os.path.join(directory, f"part-{len(parts):05d}.safetensors.tmp"), header_reserve)
+
+    try:
+        for name, array in tensors:
+            if writer is not None and writer.entries and writer.size + array.nbytes > shard_bytes:
+                writer.finish()
+                parts.append((writer.path, list(writer.entries)))
+                writer = None
+            writer = writer or start()
+            writer.add(name, array)
+            total += array.nbytes
+        writer = writer or start()
+        writer.finish()
+        parts.append((writer.path, list(writer.entries)))
+    except BaseException:  # no half-written parts left behind
+        if writer is not None:
+            writer.file.close()
+            parts.append((writer.path, []))
+        for path, _ in parts:
+            for leftover in (path, path + ".data"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+        raise
     if len(parts) == 1:
         os.replace(parts[0][0], os.path.join(directory, "model.safetensors"))
         return
@@ -79,10 +235,4 @@ def write_tensors(directory: str, tensors, shard_bytes: int = SHARD_BYTES) -> No
         os.replace(path, os.path.join(directory, final))
         weight_map.update(dict.fromkeys(names, final))
     with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-
-
-def _save_part(directory: str, tensors: dict, number: int) -> tuple[str, list[str]]:
-    path = os.path.join(directory, f"part-{number:05d}.safetensors.tmp")
-    save_file(tensors, path, metadata={"format": "pt"})  # "pt": transformers checks the format tag
-    return path, list(tensors)
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
