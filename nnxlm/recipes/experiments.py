@@ -56,6 +56,9 @@ def bench_llama_57m() -> fdl.Config:
 
 def _bench(name: str, model: fdl.Partial, seq_len: int) -> fdl.Config:
     """A throughput recipe: synthetic tokens (no tokenizer), no evaluation, one checkpoint at the end."""
+    # Layers in a Python loop, without remat: on a 2-core CPU bench_llama_20m stepped in 0.280 s
+    # against 0.289 s scanned and 0.286 / 0.298 s with "dots" / "full" remat (medians of 3 runs).
+    model.scan_layers = False
     cfg = trainer(model, name=name, seq_len=seq_len, batch_size=4, num_steps=20)
     cfg.train_data = fdl.Config(Synthetic, vocab_size=32_000, num_documents=10_000, split="train")
     cfg.eval_data = None
