@@ -36,8 +36,14 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.installed-test
-	$(BIN)/python -m bench.decode
+# Plus the bench extra: torch (CPU) and transformers, the peer that bench/ runs beside nnxlm.
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
+# Every benchmark of bench/ (about 6 minutes on 2 cores): writes bench/results.md.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -11,6 +11,7 @@ the same time, and the ratio of the two is printed; so are how many of the greed
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--loop", action="store_true", help="unscanned layers (a Python loop) instead of nnx.scan")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers even when installed")
+    parser.add_argument("--json", action="store_true", help="end with the figures as one JSON line (python -m bench)")
     args = parser.parse_args(argv)
 
     model = build_model(scan_layers=not args.loop)
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
     if hf is not None:
         header += f" {'HF tok/s':>9} {'TTFT ms':>8} {'ratio':>6} {'same tokens':>12}"
     print(header)
+    figures = {}
     for batch in args.batch:
         rng = np.random.default_rng(batch)
         prompts = rng.integers(4, SHAPE["vocab_size"], (batch, args.prompt_len)).astype(np.int32)
@@ -152,12 +155,16 @@ def main(argv=None) -> int:
         rate = statistics.median(batch * args.new_tokens / total for _, total, _ in ours)
         ttft = statistics.median(first for first, _, _ in ours)
         line = f"{batch:>5} {rate:>12.0f} {ttft * 1e3:>8.1f}"
+        figures[batch] = {"tokens_per_s": rate, "ttft_s": ttft}
         if hf is not None:
             hf_rate = statistics.median(batch * args.new_tokens / total for _, total, _ in theirs)
             hf_ttft = statistics.median(first for first, _, _ in theirs)
             agree = _agreement(ours[-1][2], theirs[-1][2])
             line += f" {hf_rate:>9.0f} {hf_ttft * 1e3:>8.1f} {rate / hf_rate:>5.2f}x {agree:>12}"
+            figures[batch].update(hf_tokens_per_s=hf_rate, hf_ttft_s=hf_ttft, same_tokens=agree)
         print(line, flush=True)
+    if args.json:
+        print(json.dumps({"batches": figures, "runs": args.runs}), flush=True)
     return 0
 
 

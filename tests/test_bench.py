@@ -1,0 +1,94 @@
+"""What bench/ relies on: the benchmark recipes, the FLOP count they are measured against, the
+results table, and the huge-page restart of `nnxlm train`. (The speeds themselves live in bench/.)"""
+
+import subprocess
+import sys
+
+import fiddle as fdl
+import pytest
+from flax import nnx
+
+import nnxlm
+from bench.common import Row, results_markdown
+from nnxlm import launch, metrics
+
+
+def _abstract_model(cfg):
+    return nnx.eval_shape(lambda: fdl.build(cfg.model)(rngs=nnx.Rngs(0)))
+
+
+def test_bench_llama_20m_counts_the_flops_the_benchmark_is_measured_against():
+    cfg = nnxlm.recipes.bench_llama_20m()
+    model = _abstract_model(cfg)
+    assert (cfg.seq_len, cfg.batch_size, model.vocab_size, model.tie_embeddings) == (256, 4, 32_000, False)
+    assert metrics.parameter_count(model) == 20_580_608
+    # 6 x (4 layers x 1,048,576 + 256 x 32000 head) matmul parameters + 6 x 256 x 4 x 4 x 64 attention
+    assert metrics.training_flops_per_token(model, cfg.seq_len) == 75_890_688
+
+
+def test_bench_llama_57m_has_the_larger_shape():
+    cfg = nnxlm.recipes.bench_llama_57m()
+    model = _abstract_model(cfg)
+    attention = cfg.model.block.attention
+    assert (model.num_layers, model.d_model, attention.num_heads, attention.num_kv_heads) == (8, 512, 8, 2)
+    assert (cfg.model.block.mlp.hidden_dim, cfg.seq_len) == (1536, 512)
+    assert metrics.parameter_count(model) == 56_893_952
+
+
+def test_results_table_puts_each_figure_beside_its_peer_with_the_ratio_pointing_to_the_better():
+    rows = [
+        Row("train", "tokens/s", 3000.0, 1500.0, repeats=3),
+        Row("train", "step time s", 0.25, 0.5, "{:.2f}", higher_is_better=False, repeats=3),
+        Row("data", "tokens/s delivered", 1e6, note="300× training"),
+    ]
+    table = results_markdown("nnxlm benchmarks", ["a CPU"], rows).splitlines()
+    assert table[0] == "# nnxlm benchmarks" and "- a CPU" in table
+    assert "| train | tokens/s | 3,000 | 1,500 | 2.00× | 3 |" in table
+    assert "| train | step time s | 0.25 | 0.50 | 2.00× | 3 |" in table
+    assert "| data | tokens/s delivered (300× training) | 1,000,000 | — | — | — |" in table
+
+
+def test_huge_pages_are_added_to_the_users_glibc_tunables_or_turned_off(monkeypatch):
+    assert launch.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    assert launch.with_huge_pages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("NNXLM_HUGE_PAGES", "0")
+    assert not launch.huge_pages_apply()
+    monkeypatch.setenv("NNXLM_HUGE_PAGES", "1")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert not launch.huge_pages_apply()  # already set: no second restart
+
+
+@pytest.mark.parametrize(
+    "argv, orig_argv, restarts",
+    [
+        (["/venv/bin/nnxlm", "train", "--recipe", "tiny"], ["/venv/bin/python", "/venv/bin/nnxlm", "train"], True),
+        (["-m", "train", "--recipe", "tiny"], ["python", "-X", "importtime", "-m", "nnxlm", "train"], True),
+        (["/venv/bin/nnxlm", "inspect", "--recipe", "tiny"], ["python", "/venv/bin/nnxlm", "inspect"], False),
+        (["/venv/bin/pytest", "train"], ["python", "/venv/bin/pytest", "train"], False),
+        (["-m", "train"], ["python", "-m", "pytest", "train"], False),
+    ],
+)
+def test_only_the_train_command_restarts_itself(monkeypatch, argv, orig_argv, restarts):
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert launch._is_train_command() == restarts
+
+
+def test_flops_per_token_are_the_same_for_scanned_and_looped_layers():
+    looped = nnxlm.recipes.bench_llama_20m()
+    scanned = nnxlm.recipes.bench_llama_20m()
+    scanned.model.scan_layers = True
+    flops = [metrics.training_flops_per_token(_abstract_model(cfg), 256) for cfg in (looped, scanned)]
+    assert flops[0] == flops[1]
+
+
+def test_the_metrics_writer_does_not_import_torch(tmp_path):
+    # tensorboardX imports torch when installed: 0.7-1.5 s that `nnxlm train` must not spend
+    code = (
+        "import sys; from nnxlm.metrics import MetricsWriter; MetricsWriter(sys.argv[1]).close(); print(*sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    modules = done.stdout.split()
+    assert "tensorboardX" in modules and "torch" not in modules
