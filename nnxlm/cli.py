@@ -102,10 +102,13 @@ def train(args) -> int:
 def _cache_compilations(directory: str) -> None:
     """Keeps XLA's compiled programs in the run directory, so that a restarted run (resuming after
     a stop) loads its train step instead of compiling it again: bench_llama_20m relaunches in about
-    half the time. A cache the user set (JAX_COMPILATION_CACHE_DIR) wins."""
+    half the time. A cache the user set (JAX_COMPILATION_CACHE_DIR) wins. JAX opens its cache once
+    a process, so the path is absolute: it must stay valid if the working directory changes."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir:
+        directory = os.path.abspath(directory)
+        os.makedirs(directory, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", directory)
 
 
