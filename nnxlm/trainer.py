@@ -46,6 +46,7 @@ from nnxlm.sharding import (
     constrain,
     logical_to_spec,
     make_mesh,
+    mesh_axes_of,
     state_shardings,
     unsplit_dimensions,
 )
@@ -205,7 +206,7 @@ class Trainer:
             ("rows a micro-batch", "seq_len"),
             strict=True,
         ):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            axes = mesh_axes_of(axes)
             shards = math.prod(self.mesh.shape[a] for a in axes)
             if size % shards:
                 raise UserError(

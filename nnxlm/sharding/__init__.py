@@ -12,6 +12,7 @@ from nnxlm.sharding.rules import (
     constrain,
     fit_spec,
     logical_to_spec,
+    mesh_axes_of,
     state_shardings,
     unsplit_dimensions,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "fit_spec",
     "logical_to_spec",
     "make_mesh",
+    "mesh_axes_of",
     "state_shardings",
     "unsplit_dimensions",
 ]

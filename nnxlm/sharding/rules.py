@@ -34,6 +34,11 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def mesh_axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of a rule or PartitionSpec entry: None, one name or a tuple of names."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def logical_to_spec(logical_axes, rules=None) -> PartitionSpec:
     """PartitionSpec for a tuple of logical names; a mesh axis is used at most once."""
     rules = DEFAULT_RULES if rules is None else {**DEFAULT_RULES, **rules}
@@ -42,7 +47,7 @@ def logical_to_spec(logical_axes, rules=None) -> PartitionSpec:
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} has no sharding rule; add it to the rules table")
         mesh_axes = rules.get(name)
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        mesh_axes = mesh_axes_of(mesh_axes)
         mesh_axes = tuple(axis for axis in mesh_axes if axis not in used)
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
@@ -58,7 +63,7 @@ def fit_spec(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
     """
     fitted = []
     for size, entry in zip(shape, (*spec, *(None,) * (len(shape) - len(spec))), strict=True):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        axes = mesh_axes_of(entry)
         kept = []
         for axis in axes:
             if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]):
@@ -92,8 +97,8 @@ def unsplit_dimensions(state, mesh, rules=None) -> list[str]:
             continue
         wanted, fitted = logical_to_spec(axes, rules), fit_spec(variable.shape, logical_to_spec(axes, rules), mesh)
         for name, size, want, got in zip(axes, variable.shape, wanted, fitted, strict=False):
-            want_axes = (want,) if isinstance(want, str) else tuple(want or ())
-            got_axes = (got,) if isinstance(got, str) else tuple(got or ())
+            want_axes = mesh_axes_of(want)
+            got_axes = mesh_axes_of(got)
             missing = [a for a in want_axes if a not in got_axes and mesh.shape[a] > 1]
             if missing:
                 name_path = ".".join(str(p) for p in path)
