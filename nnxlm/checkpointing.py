@@ -2,11 +2,19 @@
 
 On disk each step holds: `state` (model, optimizer, step and RNG key, as a pure dict; or the
 model alone for a converted checkpoint), `info` (which of the two), `recipe` (the recipe JSON)
-and `data` (the data position of every data shard, as JSON: {"shards": [state, ...]}). Layer parameters are
-always stored stacked, with a leading layers axis, so a checkpoint written by a scanned model loads
-into a looped one and back; so is each of a Transformer's layer stacks (LAYER_STACKS).
+and `data` (the data position of every data shard, as JSON: {"shards": [state, ...]}).
+
+The stored layout (`stored_layout`) differs from the model's pure dict in two ways:
+- Layer parameters are always stored stacked, with a leading layers axis, so a checkpoint written
+  by a scanned model loads into a looped one and back; so is each of a Transformer's layer stacks
+  (LAYER_STACKS).
+- A projection module's kernel is stored at the projection's own path (`attention/q_proj`, not
+  `attention/q_proj/kernel`), as before projections were modules: checkpoints of both kinds load,
+  and the Hugging Face conversion tables name the same paths. A projection with a LoRA adapter
+  is stored as its module: `q_proj/kernel` beside `q_proj/adapter/{a, b}`.
 """
 
+import ast
 import ctypes
 import json
 import os
@@ -40,9 +48,28 @@ def _stack(leaves):
     return jnp.stack(leaves)
 
 
-def stack_layers(tree):
-    """Replaces every {"layers": {0: t0, 1: t1, ...}} by {"layers": stacked(t0, t1, ...)} (and so
-    for each name of LAYER_STACKS)."""
+def _is_bare_kernel(node) -> bool:
+    """A projection without adapter in a pure dict: {"kernel": array}."""
+    return isinstance(node, dict) and len(node) == 1 and "kernel" in node
+
+
+def collapse_kernels(tree):
+    """Replaces every bare projection {"kernel": k} by k (see the module docstring)."""
+    if _is_bare_kernel(tree):
+        return tree["kernel"]
+    if not isinstance(tree, dict):
+        return tree
+    return {key: collapse_kernels(value) for key, value in tree.items()}
+
+
+def stored_layout(tree):
+    """A model or train state pure dict in the stored layout: every {"layers": {0: t0, 1: t1, ...}}
+    replaced by {"layers": stacked(t0, t1, ...)} (and so for each name of LAYER_STACKS), and bare
+    projections by their kernels."""
+    return collapse_kernels(_stack_layers(tree))
+
+
+def _stack_layers(tree):
     if not isinstance(tree, dict):
         return tree
     out = {}
@@ -50,25 +77,29 @@ def stack_layers(tree):
         if _is_layer_list(key, value):
             out[key] = jax.tree.map(lambda *leaves: _stack(leaves), *(value[i] for i in range(len(value))))
         else:
-            out[key] = stack_layers(value)
+            out[key] = _stack_layers(value)
     return out
 
 
-def unstack_layers(tree, like):
-    """Inverse of stack_layers where `like` (the target layout, pure dict) has a list of layers."""
+def from_stored_layout(tree, like):
+    """Inverse of stored_layout, onto the layout of `like` (a pure dict of the target model or
+    state): its layer lists and its projection modules."""
     if not isinstance(like, dict):
         return tree
+    if _is_bare_kernel(like) and not isinstance(tree, dict):
+        return {"kernel": tree}
     out = {}
     for key, value in like.items():
         if _is_layer_list(key, value):
+            stacked = from_stored_layout(tree[key], value[0])
             out[key] = {
                 i: jax.tree.map(
-                    lambda stacked, target, i=i: jax.device_put(stacked[i], target.sharding), tree[key], value[i]
+                    lambda stacked, target, i=i: jax.device_put(stacked[i], target.sharding), stacked, value[i]
                 )
                 for i in range(len(value))
             }
         else:
-            out[key] = unstack_layers(tree[key], value)
+            out[key] = from_stored_layout(tree[key], value)
     return out
 
 
@@ -98,12 +129,12 @@ class Checkpointer:
     def save(self, step: int, state: dict, recipe: dict, data_state: dict | None = None) -> None:
         """Starts writing `state` (pure dict), the recipe and the data position (a JSON snapshot, taken
         before the call: the iterators move on while orbax writes); all processes call it."""
-        items = _items(ocp.args.StandardSave(stack_layers(state)), state, recipe, data_state)
+        items = _items(ocp.args.StandardSave(stored_layout(state)), state, recipe, data_state)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict | None]:
         """(state restored onto `target`, a pure dict of ShapeDtypeStructs; the saved data position)."""
-        items = dict(state=ocp.args.StandardRestore(stack_layers(target)))
+        items = dict(state=ocp.args.StandardRestore(stored_layout(target)))
         if os.path.isdir(os.path.join(self.directory, str(step), "data")):
             items["data"] = ocp.args.JsonRestore()
         try:
@@ -113,7 +144,7 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
                 "if the recipe changed shapes, use a new --workdir; if the files are damaged, move that step away"
             ) from e
-        return unstack_layers(restored["state"], target), restored.get("data")
+        return from_stored_layout(restored["state"], target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
         """False for a checkpoint that holds only a model (no optimizer state), e.g. a converted one."""
@@ -194,7 +225,7 @@ def save_model_checkpoint(directory: str, step: int, model: dict, recipe: dict) 
     state = {"model": model}
     try:
         manager.save(
-            step, args=ocp.args.Composite(**_items(ocp.args.PyTreeSave(stack_layers(state)), state, recipe, None))
+            step, args=ocp.args.Composite(**_items(ocp.args.PyTreeSave(stored_layout(state)), state, recipe, None))
         )
         manager.wait_until_finished()
     finally:
@@ -241,7 +272,7 @@ def load_recipe(path: str) -> fdl.Config:
 
 def restore_model(manager: ocp.CheckpointManager, directory: str, step: int, target: dict) -> dict:
     """Reads only the `model` subtree of a checkpoint's state (no optimizer state is read)."""
-    item = {"model": stack_layers(target)}
+    item = {"model": stored_layout(target)}
     try:
         restored = manager.restore(
             step,
@@ -253,7 +284,7 @@ def restore_model(manager: ocp.CheckpointManager, directory: str, step: int, tar
         )
     except Exception as e:
         raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
-    return unstack_layers(restored["state"], {"model": target})["model"]
+    return from_stored_layout(restored["state"], {"model": target})["model"]
 
 
 def _abstract_model(directory: str, step: int) -> nnx.Module:
@@ -283,12 +314,12 @@ class ModelReader:
     """The model of a run directory or checkpoint, one parameter at a time and without building it:
     `model` is the abstract model (shapes only) of the saved recipe and read(path) one parameter
     as a numpy array, path being its place in the model's pure dict with layer stacks stacked
-    (stack_layers). Memory holds only the arrays the caller keeps. Close it when done."""
+    (stored_layout). Memory holds only the arrays the caller keeps. Close it when done."""
 
     def __init__(self, path: str):
         self.directory, self.step = find_checkpoint(path)
         self.model = _abstract_model(self.directory, self.step)
-        self._abstract = stack_layers(nnx.to_pure_dict(nnx.state(self.model)))
+        self._abstract = stored_layout(nnx.to_pure_dict(nnx.state(self.model)))
         self._manager = ocp.CheckpointManager(self.directory)
 
     def read(self, path: tuple) -> np.ndarray:
@@ -318,3 +349,15 @@ class ModelReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def saved_paths(directory: str, step: int) -> list[str]:
+    """The paths ("model/layers/attention/q_proj") of the arrays a checkpoint step's state holds,
+    read from orbax's tree metadata (nothing restored)."""
+    path = os.path.join(directory, str(step), "state", "_METADATA")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = json.load(f)["tree_metadata"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {directory}/{step} has no readable tree metadata ({e})") from None
+    return ["/".join(ast.literal_eval(key)) for key in tree]

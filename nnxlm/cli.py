@@ -1,4 +1,4 @@
-"""The `nnxlm` command line: train, inspect, tokenizer train, decode, convert.
+"""The `nnxlm` command line: train, inspect, data show, tokenizer train, decode, convert.
 
 Recipes are chosen and edited with repeated --recipe directives (see nnxlm.recipes.directives).
 Any mistake in the user's input prints one line and exits with code 2.
@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices", type=int, help="plan for this many devices (CPU: fake ones; default: the recipe's mesh)"
     )
 
+    data = commands.add_parser("data", help="look at a recipe's data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    show = data_commands.add_parser("show", help="print the first examples as the train step sees them")
+    _recipe_argument(show)
+    show.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
+    show.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     tokenizer_train = tokenizer_commands.add_parser("train", help="train a SentencePiece tokenizer")
@@ -68,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf = directions.add_parser("from-hf", help="an HF model directory -> an nnxlm run directory")
     from_hf.add_argument("source", help="directory with config.json and safetensors (and a tokenizer)")
     from_hf.add_argument("destination", help="new run directory (checkpoint, recipe, tokenizer)")
+    from_hf.add_argument("--base", help="the base model's HF directory, when source is a peft LoRA adapter")
     to_hf = directions.add_parser("to-hf", help="an nnxlm run directory or checkpoint -> an HF model directory")
     to_hf.add_argument("source", help="run directory or checkpoint directory")
     to_hf.add_argument("destination", help="directory for config.json and safetensors")
+    lora = to_hf.add_mutually_exclusive_group()
+    lora.add_argument("--adapter", action="store_true", help="write the LoRA adapters as a peft adapter")
+    lora.add_argument("--merged", action="store_true", help="write the model with its LoRA adapters merged")
     return parser
 
 
@@ -126,6 +137,24 @@ def inspect(args) -> int:
         raise UserError(f"--devices is {args.devices}: give a positive device count")
     use_fake_cpu_devices(args.devices or (math.prod(sizes.values()) if fixed else 1))
     print(describe(cfg, compile_step=args.compile))
+    return 0
+
+
+def data(args) -> int:
+    import fiddle as fdl
+
+    from nnxlm.data.show import show
+    from nnxlm.recipes.directives import resolve
+
+    if args.n < 1:
+        raise UserError(f"--n is {args.n}: give a positive number of examples")
+    cfg = resolve(args.recipe)
+    if args.workdir:
+        cfg.workdir = args.workdir
+    trainer = fdl.build(cfg)
+    if trainer.train_data is None:
+        raise UserError("the recipe has no train_data: point it at data (e.g. fiddler:sft('data/*.jsonl'))")
+    print(show(trainer, args.n))
     return 0
 
 
@@ -210,11 +239,18 @@ def convert(args) -> int:
     from nnxlm.convert import from_hf, to_hf
 
     if args.direction == "from-hf":
-        from_hf(args.source, args.destination)
+        from_hf(args.source, args.destination, base=args.base)
     else:
-        to_hf(args.source, args.destination)
+        to_hf(args.source, args.destination, adapter=args.adapter, merged=args.merged)
     print(f"wrote {args.destination}")
     return 0
 
 
-COMMANDS = {"train": train, "inspect": inspect, "tokenizer": tokenizer, "decode": decode, "convert": convert}
+COMMANDS = {
+    "train": train,
+    "inspect": inspect,
+    "data": data,
+    "tokenizer": tokenizer,
+    "decode": decode,
+    "convert": convert,
+}

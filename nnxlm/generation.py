@@ -327,7 +327,11 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[str]:
     """Completions of text prompts (the prompt itself is not repeated); stops at end of text."""
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    return complete(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens, **sampling)
+
+
+def complete(model, tokenizer, ids: list[list[int]], max_new_tokens: int, **sampling) -> list[str]:
+    """The text that continues each prompt of token ids, up to the end-of-text token."""
     new_ids = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id, **sampling)
     completions = []
     for row in new_ids.tolist():
@@ -379,6 +383,7 @@ __all__ = [
     "BUCKET",
     "TextStream",
     "check_sampling",
+    "complete",
     "generate",
     "generate_text",
     "left_pad",

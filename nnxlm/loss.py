@@ -5,18 +5,17 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits_btv, targets_bt, loss_mask_bt, z_loss_weight: float = 0.0):
-    """Mean over unmasked tokens of -log p(target), plus z_loss_weight * mean(log Z ** 2).
+    """Sums over unmasked tokens of -log p(target) (plus z_loss_weight * log Z ** 2).
 
-    Returns (total loss to differentiate, cross-entropy alone, number of tokens counted).
+    Returns (total loss to differentiate, cross-entropy alone, number of tokens counted), the first
+    two summed over the counted tokens: a batch's mean is sum / count, and sums of micro-batches add.
     """
     log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     mask = loss_mask_bt.astype(jnp.float32)
-    count = jnp.sum(mask)
-    denominator = jnp.maximum(count, 1.0)
-    nll = jnp.sum((log_z_bt - target_logit_bt) * mask) / denominator
-    z_loss = jnp.sum(jnp.square(log_z_bt) * mask) / denominator
-    return nll + z_loss_weight * z_loss, nll, count
+    nll = jnp.sum((log_z_bt - target_logit_bt) * mask)
+    z_loss = jnp.sum(jnp.square(log_z_bt) * mask)
+    return nll + z_loss_weight * z_loss, nll, jnp.sum(mask)
 
 
 def multi_token_prediction_loss(mtp_logits_dbtv, targets_bt, loss_mask_bt, segment_ids_bt):
@@ -31,5 +30,6 @@ def multi_token_prediction_loss(mtp_logits_dbtv, targets_bt, loss_mask_bt, segme
         ahead = lambda x, k=k: jnp.roll(x, -k, axis=1)  # noqa: E731
         within_row = jnp.arange(length) < length - k
         mask_bt = ahead(loss_mask_bt).astype(bool) & (ahead(segment_ids_bt) == segment_ids_bt) & within_row
-        losses.append(cross_entropy(mtp_logits_dbtv[k - 1], ahead(targets_bt), mask_bt)[1])
+        _, nll, count = cross_entropy(mtp_logits_dbtv[k - 1], ahead(targets_bt), mask_bt)
+        losses.append(nll / jnp.maximum(count, 1.0))
     return sum(losses) / depth

@@ -37,9 +37,12 @@ PEAK_FLOPS = {
 }
 
 
-def training_flops_per_token(model: nnx.Module, seq_len: int) -> float:
-    """Model FLOPs to train on one token at sequence length seq_len (see module docstring)."""
-    matmul_params = 0
+def training_flops_per_token(model: nnx.Module, seq_len: int, trainable=nnx.Param) -> float:
+    """Model FLOPs to train on one token at sequence length seq_len (see module docstring). A
+    frozen weight (outside the nnx filter `trainable`, e.g. under LoRA) needs no weight gradient:
+    it costs 4 FLOPs per parameter and token (forward and input gradient), not 6."""
+    is_trainable = nnx.filterlib.to_predicate(trainable)
+    matmul_params = 0.0
     for path, param in nnx.iter_graph(model):
         if not isinstance(param, nnx.Param):
             continue
@@ -48,25 +51,27 @@ def training_flops_per_token(model: nnx.Module, seq_len: int) -> float:
         layers_axis = param.get_metadata().get("logical_axes", ())[:1] == ("layers",)
         if param.ndim - layers_axis >= 2 and not str(path[-1]).endswith("bias"):
             is_lookup_table = "embedder" in path and not getattr(model, "tie_embeddings", False)
-            matmul_params += 0 if is_lookup_table else param.size
+            weight = 1.0 if is_trainable(path, param) else 4 / 6
+            matmul_params += 0 if is_lookup_table else param.size * weight
     attention = 0
     settings = model.layer_settings() if hasattr(model, "layer_settings") else None
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Attention):
-            stacked = module.q_proj.ndim == 4  # [layers, embed, heads, head_dim] when scanned
+            stacked = module.q_proj.kernel.ndim == 4  # [layers, embed, heads, head_dim] when scanned
             layers = module.q_proj.shape[0] if stacked else 1
             windows = [s["sliding_window"] for s in settings] if settings else [module.sliding_window]
             # a sliding window w leaves a query w - w^2 / (2 seq_len) keys on average instead of seq_len / 2
             fraction = sum(_window_fraction(w, seq_len) for w in windows) / len(windows)
             attention += layers * module.num_heads * module.head_dim * fraction
         if isinstance(module, MLA):  # scores over qk_head_dim, the weighted sum over v_head_dim
-            layers = module.o_proj.shape[0] if module.o_proj.ndim == 4 else 1
+            layers = module.o_proj.shape[0] if module.o_proj.kernel.ndim == 4 else 1
             attention += layers * module.num_heads * (module.qk_head_dim + module.v_head_dim) / 2
         if isinstance(module, MoE):  # each token runs k of the E routed experts
-            experts = module.gate.size + module.up.size + module.down.size
+            parts = (module.gate, module.up, module.down)
+            experts = sum(p.size for part in parts for _, p in nnx.iter_graph(part) if isinstance(p, nnx.Param))
             matmul_params -= experts * (1 - module.num_experts_per_token / module.num_experts)
     if getattr(model, "mtp", None) is not None:  # each prediction depth runs the head once more
-        head = model.embedder.embedding if model.tie_embeddings else model.head
+        head = model.embedder.embedding if model.tie_embeddings else model.head.kernel
         matmul_params += model.mtp_depth * head.size
     return 6.0 * matmul_params + 6.0 * seq_len * attention
 

@@ -2,6 +2,7 @@
 all from the abstract model (nnx.eval_shape): nothing is allocated."""
 
 import fiddle as fdl
+import jax
 import jax.numpy as jnp
 from fiddle import printing
 from flax import nnx
@@ -12,6 +13,7 @@ from nnxlm.modules.mla import MLA
 from nnxlm.modules.mlp import GatedMLP
 from nnxlm.modules.moe import MoE
 from nnxlm.sharding.memory import per_device_lines
+from nnxlm.train_state import trainable_count, trainable_filter
 
 
 def recipe_lines(cfg: fdl.Config) -> list[str]:
@@ -57,32 +59,46 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
     model = nnx.eval_shape(lambda: trainer.model_factory(rngs=nnx.Rngs(0)))
     params = [p for _, p in nnx.iter_graph(model) if isinstance(p, nnx.Param)]
     count = sum(p.size for p in params)
+    trained_count = trainable_count(model, trainer.trainable, trainer.freeze)
+    trained = jax.tree.leaves(nnx.state(model, trainable_filter(trainer.trainable, trainer.freeze)))
+    trained_bytes = sum(p.size * jnp.dtype(p.dtype).itemsize for p in trained)
     # multi-token prediction runs in training only: published counts leave it out
     mtp = metrics.parameter_count(model.mtp) if getattr(model, "mtp", None) is not None else 0
     param_bytes = sum(p.size * jnp.dtype(p.dtype).itemsize for p in params)
     tokens = trainer.batch_size * trainer.seq_len
-    flops = metrics.training_flops_per_token(model, trainer.seq_len)
+    flops = metrics.training_flops_per_token(
+        model, trainer.seq_len, trainable_filter(trainer.trainable, trainer.freeze)
+    )
     activations = tokens * activation_bytes_per_token(model, trainer.seq_len, model.remat_policy)
     # float32 logits and their gradient, of the model and of each multi-token prediction depth
     logits = tokens * model.vocab_size * 4 * 2 * (1 + getattr(model, "mtp_depth", 0))
-    optimizer = 2 * param_bytes  # AdamW's two moments, in the parameters' dtype
-    total = param_bytes * 2 + optimizer + activations + logits  # params + gradients + ...
+    optimizer = 2 * trained_bytes  # AdamW's two moments of the trained parameters, in their dtype
+    total = param_bytes + trained_bytes + optimizer + activations + logits  # params + gradients + ...
     gib = 2**30
     lines = recipe_lines(cfg)
     lines += [
         "",
         f"parameters: {count - mtp:,} ({_billions(count - mtp)})"
         + (f" + {mtp:,} ({_billions(mtp)}) in multi-token prediction, for training" if mtp else ""),
+        _trainable_line(trainer, trained_count, count, param_bytes - trained_bytes),
         f"training FLOPs per token: {flops / 1e9:.3f} GFLOP (seq_len {trainer.seq_len}); "
         f"per step: {flops * tokens / 1e12:.1f} TFLOP ({trainer.batch_size} x {trainer.seq_len} tokens)",
         "memory estimate for one step, all devices together:",
-        f"  parameters {param_bytes / gib:.2f} GiB + gradients {param_bytes / gib:.2f} GiB "
+        f"  parameters {param_bytes / gib:.2f} GiB + gradients {trained_bytes / gib:.2f} GiB "
         f"+ optimizer state {optimizer / gib:.2f} GiB",
         f"  activations {activations / gib:.2f} GiB (remat {model.remat_policy!r}) + logits {logits / gib:.2f} GiB",
         f"  total {total / gib:.2f} GiB",
     ]
     lines += per_device_lines(trainer, compile_step)
     return "\n".join(lines)
+
+
+def _trainable_line(trainer, trained: int, count: int, frozen_bytes: int) -> str:
+    line = f"trainable: {trained:,} parameters ({trained / count:.2%}; trainable={trainer.trainable!r}"
+    line += f", freeze={trainer.freeze!r})" if trainer.freeze else ")"
+    if frozen_bytes:
+        line += f"; freezing the rest saves {3 * frozen_bytes / 2**30:.2f} GiB of gradients and optimizer state"
+    return line
 
 
 def _billions(count: int) -> str:

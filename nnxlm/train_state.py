@@ -1,9 +1,17 @@
 """Everything a training step changes, as one NNX module: model, optimizer (with its step
-counter) and the RNG key for dropout. Saved and restored as one pytree."""
+counter) and the RNG key for dropout. Saved and restored as one pytree.
+
+Which parameters train is a filter (`trainable_filter`): the optimizer holds state for those
+alone, and the step differentiates those alone; the others stay as they are, bit for bit.
+"""
+
+import re
 
 import jax
 import optax
 from flax import nnx
+
+from nnxlm.errors import UserError
 
 
 class RngKey(nnx.Variable):
@@ -11,9 +19,9 @@ class RngKey(nnx.Variable):
 
 
 class TrainState(nnx.Module):
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param):
         self.model = model
-        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(model, tx, wrt=trainable)
         self.rng = RngKey(jax.random.key_data(jax.random.key(seed)))
 
     def next_key(self) -> jax.Array:
@@ -21,3 +29,41 @@ class TrainState(nnx.Module):
         key, step_key = jax.random.split(jax.random.wrap_key_data(self.rng[...]))
         self.rng[...] = jax.random.key_data(key)
         return step_key
+
+
+def _path_matches(pattern: str, field: str):
+    """An nnx filter: the variables whose path ("layers/attention/q_proj/kernel") pattern searches."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{field}={pattern!r} is not a regular expression ({e}): fix the pattern") from None
+    return lambda path, _: compiled.search("/".join(str(part) for part in path)) is not None
+
+
+def trainable_filter(trainable: str = "all", freeze: str | None = None):
+    """The nnx filter of the parameters a run trains.
+
+    trainable: "all" (every nnx.Param, adapters included), "lora" (the LoRA adapters alone), or a
+      regular expression searched in each parameter's path.
+    freeze: a regular expression of paths left out of that (e.g. "embedder": the embedding table).
+    """
+    if trainable == "all":
+        chosen = nnx.Param
+    elif trainable == "lora":
+        chosen = nnx.LoRAParam
+    else:
+        chosen = nnx.All(nnx.Param, _path_matches(trainable, "trainable"))
+    if freeze:
+        chosen = nnx.All(chosen, nnx.Not(_path_matches(freeze, "freeze")))
+    return chosen
+
+
+def trainable_count(model: nnx.Module, trainable: str = "all", freeze: str | None = None) -> int:
+    """How many parameters of model the filter trains; UserError when none."""
+    count = sum(p.size for p in jax.tree.leaves(nnx.state(model, trainable_filter(trainable, freeze))))
+    if count == 0:
+        raise UserError(
+            f"the recipe trains no parameter (trainable={trainable!r}, freeze={freeze!r}): choose "
+            "trainable='all', 'lora' (with model.lora set) or a pattern that matches parameter paths"
+        )
+    return count

@@ -4,7 +4,9 @@
     trainer.fit()            # resumes from the run directory's latest checkpoint if there is one
     trainer.evaluate()       # mean held-out loss
 
-Construction only records the recipe; `setup()` (called by fit/evaluate) builds everything.
+What a step optimises and which batch fields it takes belong to the recipe's `objective`
+(nnxlm.objectives: NextToken by default, SFT, ...); which parameters train, to `trainable` and
+`freeze`. Construction only records the recipe; `setup()` (called by fit/evaluate) builds everything.
 """
 
 import json
@@ -26,18 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
-from nnxlm.data import (
-    SentencePieceTokenizer,
-    ShardedBatches,
-    Synthetic,
-    find_tokenizer,
-    load_tokenizer,
-    make_dataset,
-    unigram_entropy,
-)
+from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
-from nnxlm.loss import cross_entropy, multi_token_prediction_loss
-from nnxlm.modules.moe import MoE
+from nnxlm.objectives import NextToken
 from nnxlm.optim import AdamW
 from nnxlm.progress import Progress
 from nnxlm.recipes.serialization import as_config, to_json
@@ -50,20 +43,33 @@ from nnxlm.sharding import (
     state_shardings,
     unsplit_dimensions,
 )
-from nnxlm.train_state import TrainState
+from nnxlm.starting_points import load_parameters, prepare_tokenizer, restore_full_state
+from nnxlm.train_state import TrainState, trainable_count, trainable_filter
 
 
 class Trainer:
-    """Trains `model` (a factory called with rngs=) on `train_data` (a data source).
+    """Trains `model` (a factory called with rngs=) on `train_data` (a data source) for `objective`.
 
     Args:
       model: factory of the model, called as model(rngs=nnx.Rngs(seed)).
       train_data, eval_data: data sources (nnxlm.data); eval_data None skips evaluation.
+      objective: what a step optimises and the batches it takes (nnxlm.objectives): NextToken()
+        (pretraining) by default, SFT(...) for supervised fine-tuning.
       optimizer: an nnxlm.optim.AdamW (hyperparameters only).
+      trainable: which parameters train: "all", "lora" (the LoRA adapters of model.lora only), or a
+        regular expression searched in each parameter's path ("layers/attention/q_proj/kernel").
+        The others get no gradients and no optimizer state.
+      freeze: a regular expression of parameter paths kept frozen on top of that (e.g. "embedder").
+      load_parameters_path: a run directory, checkpoint or Hugging Face model directory whose
+        parameters start the run (fresh optimizer, step 0; MaxText's load_parameters_path).
+      load_full_state_path: a run directory or checkpoint whose whole train state (parameters,
+        optimizer state, step) starts the run; the data order starts over.
+        The run directory's own checkpoints take priority over both.
       name: the recipe's name; the run directory defaults to runs/<name>.
       workdir: run directory (checkpoints, metrics.jsonl, TensorBoard events, recipe.json).
-      tokenizer_path: a SentencePiece model; None uses <workdir>/tokenizer.model, trained on
-        tokenizer_train_chars characters of the training data on the first run.
+      tokenizer_path: a SentencePiece model or tokenizer.json; None uses the run directory's, else
+        the tokenizer of load_parameters_path / load_full_state_path, else (pretraining from scratch
+        only) one trained on tokenizer_train_chars characters of the training data.
       seq_len, batch_size: tokens per row and rows per step (global, over all devices and hosts).
       data_shards: the global batch is this many shards' batches side by side, each process loading
         its own shards; None: one a process. Fixed, it makes the batches (and resumption) the same
@@ -71,16 +77,13 @@ class Trainer:
       grad_accum_steps: the batch is processed as this many micro-batches of batch_size /
         grad_accum_steps rows whose gradients are summed before one update (the same update).
       eval_every, checkpoint_every: in steps; 0 evaluates never / checkpoints only at the end.
+      eval_at_start: a run that starts at step 0 first evaluates (logged as step 0) and prints its
+        sample completions, so that a fine-tuning run shows where it began.
       mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
         entries of the logical-axis table.
-      z_loss_weight: weight of the log-partition-function penalty (0 disables it).
-      moe_balance_weight: weight of the mixture-of-experts load-balancing loss, summed over layers
-        (models without experts have none).
-      mtp_loss_weight: lambda of a multi-token prediction model (Transformer mtp_depth > 0): the
-        mean of its depths' cross-entropies times this is added to the loss (DeepSeek-V3: 0.3,
-        then 0.1 for its last 4.8 T tokens).
       sample_prompts: completed with sample_max_new_tokens tokens at the end of fit(), greedily or,
-        with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set).
+        with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set); the
+        objective turns each into the model's input (SFT: a user turn in the chat template).
       peak_flops_per_device: for MFU; None uses the data sheet (accelerators) or measures (CPU).
     """
 
@@ -90,7 +93,12 @@ class Trainer:
         model: Callable[..., nnx.Module],
         train_data: Any,
         eval_data: Any = None,
+        objective: Any = NextToken(),
         optimizer: AdamW = AdamW(),
+        trainable: str = "all",
+        freeze: str | None = None,
+        load_parameters_path: str | None = None,
+        load_full_state_path: str | None = None,
         name: str = "run",
         workdir: str | None = None,
         tokenizer_path: str | None = None,
@@ -103,15 +111,13 @@ class Trainer:
         seed: int = 0,
         eval_every: int = 100,
         eval_batches: int = 8,
+        eval_at_start: bool = False,
         checkpoint_every: int = 100,
         keep_checkpoints: int = 3,
         log_every: int = 10,
         mesh: dict[str, int] | None = None,
         sharding_rules: dict[str, Any] | None = None,
         num_workers: int = 0,
-        z_loss_weight: float = 0.0,
-        moe_balance_weight: float = 0.01,
-        mtp_loss_weight: float = 0.3,
         sample_prompts: Sequence[str] = (),
         sample_max_new_tokens: int = 64,
         sample_temperature: float = 0.0,
@@ -137,20 +143,20 @@ class Trainer:
         """
         if hasattr(self, "_train_step"):
             return self
+        self.trainable_filter = trainable_filter(self.trainable, self.freeze)
         self.mesh = make_mesh(self.mesh_axes)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
         self._check_batch_divides()
         self.tx, self.schedule = self.optimizer.build(self.num_steps)
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
+        trainable_count(nnx.merge(self.graphdef, abstract_state).model, self.trainable, self.freeze)
         self.state_shardings = state_shardings(abstract_state, self.mesh, self.sharding_rules)
         for note in unsplit_dimensions(abstract_state["model"], self.mesh, self.sharding_rules):
             print(f"nnxlm: replicated where the mesh does not divide it: {note}", file=sys.stderr)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         abstract_model = nnx.merge(self.graphdef, abstract_state).model
         self.model_vocab_size = abstract_model.vocab_size
-        self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len)
-        self.has_experts = any(isinstance(m, MoE) for _, m in nnx.iter_graph(abstract_model))
-        self.has_mtp = getattr(abstract_model, "mtp_depth", 0) > 0
+        self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len, self.trainable_filter)
         self._abstract_state = abstract_state
         self._train_step = jax.jit(
             self._train_step_fn,
@@ -164,37 +170,48 @@ class Trainer:
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of one global batch, sharded as the train step takes it."""
         shape, sharding = (self.batch_size, self.seq_len), self.batch_sharding
-        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32}
-        dtypes["loss_mask"] = jnp.float32
-        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, dtype in dtypes.items()}
+        fields = self.objective.batch_fields
+        return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, dtype in fields.items()}
 
     def setup(self) -> "Trainer":
         if self._ready:
             return self
         if self.train_data is None:
-            raise UserError("the recipe has no train_data: set it to a data source (nnxlm.data)")
+            raise UserError(
+                "the recipe has no train_data: point it at data, e.g. --recipe \"fiddler:text_files('data/*.txt')\" "
+                "(or jsonl_files, sft_files)"
+            )
         self.plan()
-        abstract_state = self._abstract_state
-        self.tokenizer = self._prepare_tokenizer()
-        self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
         self.step = self.checkpointer.latest_step()
-        if self.step is None or not self.checkpointer.has_train_state(self.step):
-            self.state = jax.jit(lambda: nnx.state(self._create_state()), out_shardings=self.state_shardings)()
-            if self.step is None:
-                self.step = 0
-            else:  # a model without optimizer state, e.g. converted from Hugging Face: fine-tune it
-                model = self.checkpointer.restore_model(self.step, self.abstract_state["model"])
-                nnx.replace_by_pure_dict(self.state["model"], model)
-                print(f"nnxlm: starting from the model in {self.workdir} (step {self.step})", file=sys.stderr)
-        else:
+        resuming = self.step is not None and self.checkpointer.has_train_state(self.step)
+        pretrained = self.step is not None or self.load_parameters_path or self.load_full_state_path
+        self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained) and not resuming)
+        self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
+        if resuming:
             restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)
             self._restore_data_position(data_position)
-            nnx.replace_by_pure_dict(abstract_state, restored)
-            self.state = abstract_state
+            self.state = self._from_pure_dict(restored)
             print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
+        elif self.step is not None:  # a model without optimizer state, e.g. converted from Hugging Face
+            self.state = self._fresh_state()
+            load_parameters(self, self.workdir)
+        elif self.load_full_state_path:
+            self.state, self.step = restore_full_state(self, self.load_full_state_path)
+        else:
+            self.state, self.step = self._fresh_state(), 0
+            if self.load_parameters_path:
+                load_parameters(self, self.load_parameters_path)
         self._ready = True
         return self
+
+    def _fresh_state(self) -> nnx.State:
+        return jax.jit(lambda: nnx.state(self._create_state()), out_shardings=self.state_shardings)()
+
+    def _from_pure_dict(self, pure: dict) -> nnx.State:
+        state = jax.tree.map(lambda x: x, self._abstract_state)  # a fresh copy of the abstract state
+        nnx.replace_by_pure_dict(state, pure)
+        return state
 
     def _check_batch_divides(self) -> None:
         steps = self.grad_accum_steps
@@ -224,37 +241,7 @@ class Trainer:
             )
 
     def _create_state(self) -> TrainState:
-        return TrainState(self.model_factory(rngs=nnx.Rngs(self.seed)), self.tx, self.seed)
-
-    def _prepare_tokenizer(self):
-        if isinstance(self.train_data, Synthetic):
-            return None
-        path = find_tokenizer(self.workdir, self.tokenizer_path)
-        if not os.path.exists(path) and jax.process_count() > 1:
-            if jax.process_index() == 0:  # one process trains it; the others read it (a shared workdir)
-                self._train_tokenizer(path)
-            multihost_utils.sync_global_devices("nnxlm tokenizer written")
-        if os.path.exists(path):
-            tokenizer = load_tokenizer(path)
-        elif self.tokenizer_path:
-            raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None to train one")
-        else:
-            tokenizer = self._train_tokenizer(path)
-        if tokenizer.vocab_size > self.model_vocab_size:
-            raise UserError(
-                f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {self.model_vocab_size}: "
-                "raise model.vocab_size or use a smaller tokenizer"
-            )
-        return tokenizer
-
-    def _train_tokenizer(self, path: str) -> SentencePieceTokenizer:
-        documents = self.train_data.documents()  # raises first if the data is missing
-        print(f"nnxlm: training a {self.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
-        texts = (self.train_data.load(doc) for doc in documents)
-        tokenizer = SentencePieceTokenizer.train(texts, self.model_vocab_size, max_chars=self.tokenizer_train_chars)
-        os.makedirs(self.workdir, exist_ok=True)
-        tokenizer.save(path)
-        return tokenizer
+        return TrainState(self.model_factory(rngs=nnx.Rngs(self.seed)), self.tx, self.seed, self.trainable_filter)
 
     def _dataset(self, source, *, shuffle: bool, repeat: bool) -> ShardedBatches:
         """This process's data shards (see data_shards), batched side by side."""
@@ -270,7 +257,10 @@ class Trainer:
         settings = dict(seq_len=self.seq_len, batch_size=self.batch_size // shards, seed=self.seed)
         settings.update(shuffle=shuffle, repeat=repeat, num_workers=self.num_workers, shard_count=shards)
         return ShardedBatches(
-            [make_dataset(source, self.tokenizer, shard_index=i, **settings) for i in range(first, first + count)]
+            [
+                self.objective.dataset(source, self.tokenizer, shard_index=i, **settings)
+                for i in range(first, first + count)
+            ]
         )
 
     def _data_position(self) -> dict:
@@ -301,88 +291,79 @@ class Trainer:
         self.train_iterator.set_state(saved[first : first + count])
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {key: jax.make_array_from_process_local_data(self.batch_sharding, value) for key, value in batch.items()}
+        """The fields the step takes, as global arrays."""
+        return {
+            key: jax.make_array_from_process_local_data(self.batch_sharding, batch[key])
+            for key in self.objective.batch_fields
+        }
 
     # ----------------------------------------------------------------------------------------------
     # The compiled steps: pure functions of (state, batch), compiled once.
 
-    def _loss(self, model, batch, dropout_key):
-        """(token loss with z-loss, cross-entropy, tokens counted, {"moe_balance_loss": mixture-of-
-        experts balance loss, "mtp_loss": multi-token prediction loss}; each 0 where the model has none)."""
-        forward = nnx.capture(model, nnx.Intermediate)  # what layers sow: MoE balance losses, MTP logits
-        logits, sown = forward(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
-        total, nll, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.z_loss_weight)
-        sown = [(path[-1], x) for path, var in nnx.to_flat_state(sown) for x in jax.tree.leaves(var.get_value())]
-        aux = {"moe_balance_loss": sum((jnp.sum(x) for name, x in sown if name == "moe_aux_loss"), jnp.zeros(()))}
-        mtp_logits = [x for name, x in sown if name == "mtp_logits"]
-        aux["mtp_loss"] = jnp.zeros(())
-        if mtp_logits:
-            args = (batch["targets"], batch["loss_mask"], batch["segment_ids"])
-            aux["mtp_loss"] = multi_token_prediction_loss(mtp_logits[0], *args)
-        return total, nll, count, aux
-
     def _gradients(self, model, batch, dropout_key):
-        """(gradients, cross-entropy, auxiliary losses) of the batch, over grad_accum_steps micro-batches.
+        """(gradients of the trainable parameters, metrics) of the batch, over grad_accum_steps
+        micro-batches.
 
-        Each micro-batch's token loss is weighted by its share of the batch's counted tokens, so the
-        summed micro-batch gradients are the gradient of the whole batch's mean token loss (a mean
-        of micro-batch means would weigh sparsely counted micro-batches more).
+        The objective's terms are sums over units (tokens that carry loss, ...), each micro-batch's
+        divided by the whole batch's units: the summed micro-batch gradients are the gradient of
+        the whole batch's mean loss (a mean of micro-batch means would weigh sparsely counted
+        micro-batches more). metrics["units"] is the batch's count of units.
         """
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        batch_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        graphdef, params, rest = nnx.split(model, self.trainable_filter, ...)
+        units = self.objective.units(batch)
+        denominator = jnp.maximum(units, 1.0)
         steps = self.grad_accum_steps
 
-        def objective(params, micro, key):
-            total, nll, count, aux = self._loss(nnx.merge(graphdef, params, rest), micro, key)
-            share = count / batch_tokens
-            penalty = self.moe_balance_weight * aux["moe_balance_loss"] + self.mtp_loss_weight * aux["mtp_loss"]
-            return total * share + penalty / steps, (nll * share, {name: x / steps for name, x in aux.items()})
+        def objective(params, rest, micro, key):
+            # fresh variables for the frozen state: nnx.scan over the layers takes only variables
+            # made at the current trace level (the differentiated parameters are remade by jax)
+            rest = jax.tree.map(lambda x: x, rest)
+            terms = self.objective.terms(nnx.merge(graphdef, params, rest), micro, key)
+            metrics = {name: x / denominator for name, x in terms.sums.items()}
+            metrics.update({name: x / steps for name, x in terms.means.items()})
+            return terms.loss / denominator + terms.penalty / steps, metrics
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if steps == 1:
-            (_, (loss, aux)), grads = grad_fn(params, batch, dropout_key)
-            return grads, loss, aux
+            (_, metrics), grads = grad_fn(params, rest, batch, dropout_key)
+            return grads, {**metrics, "units": units}
         # rows i, i + steps, i + 2 steps, ... form micro-batch i: each device keeps its own rows
         micro_batches = jax.tree.map(lambda x: x.reshape(-1, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inputs):
             micro, key = inputs
             micro = {name: constrain(x, ("batch", "length")) for name, x in micro.items()}
-            (_, aux), grads = grad_fn(params, micro, key)
-            return jax.tree.map(jnp.add, carry, (grads, *aux)), None
+            (_, metrics), grads = grad_fn(params, rest, micro, key)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-        aux_zeros = {"moe_balance_loss": jnp.zeros(()), "mtp_loss": jnp.zeros(())}
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), aux_zeros)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = jax.eval_shape(grad_fn, params, rest, first, dropout_key)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[1], shapes[0][1]))
         keys = jax.random.split(dropout_key, steps)
-        (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, (micro_batches, keys))
-        return grads, loss, aux
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro_batches, keys))
+        return grads, {**metrics, "units": units}
 
     def _train_step_fn(self, state, batch):
         train_state = nnx.merge(self.graphdef, state)
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
         with activation_sharding(self.mesh, self.sharding_rules):
-            grads, loss, aux = self._gradients(train_state.model, batch, dropout_key)
+            grads, metrics = self._gradients(train_state.model, batch, dropout_key)
         train_state.optimizer.update(train_state.model, grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        metrics = {"loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
-        if self.has_experts:
-            metrics["moe_balance_loss"] = aux["moe_balance_loss"]
-        if self.has_mtp:
-            metrics["mtp_loss"] = aux["mtp_loss"]
-        return nnx.state(train_state), metrics
+        return nnx.state(train_state), {**metrics, "lr": learning_rate, "grad_norm": grad_norm}
 
     def _eval_step_fn(self, state, batch):
         model = nnx.merge(self.graphdef, state).model
         with activation_sharding(self.mesh, self.sharding_rules):
-            _, loss, count, _ = self._loss(model, batch, None)
-        return loss * count, count
+            terms = self.objective.terms(model, batch, None)
+        return terms.sums["loss"], self.objective.units(batch)
 
     # ----------------------------------------------------------------------------------------------
     # The loops.
 
     def evaluate(self) -> float:
-        """Mean loss per token over the first eval_batches batches of eval_data (the same each time)."""
+        """Mean loss per unit over the first eval_batches batches of eval_data (the same each time)."""
         self.setup()
         if self.eval_data is None:
             raise UserError("this recipe has no eval_data: set eval_data to a data source to evaluate")
@@ -391,7 +372,9 @@ class Trainer:
         for _ in range(self.eval_batches):
             batch_total, batch_count = self._eval_step(self.state, self._to_device(next(iterator)))
             total, count = total + float(batch_total), count + float(batch_count)
-        return total / max(count, 1.0)
+        if count == 0:
+            raise UserError("no eval token carries loss: check eval_data, seq_len and the objective's loss_on")
+        return total / count
 
     def fit(self) -> list[dict]:
         """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics."""
@@ -402,18 +385,26 @@ class Trainer:
             with open(os.path.join(self.workdir, "recipe.json"), "w", encoding="utf-8") as f:
                 json.dump(to_json(self.recipe), f, indent=1)
         if main and self.eval_data is not None and self.step == 0:
-            entropy = unigram_entropy(self.eval_data, self.tokenizer, max_documents=1000)
-            print(f"nnxlm: eval data unigram entropy {entropy:.3f} nats/token (the loss of token frequencies alone)")
+            baseline = self.objective.baseline(self.eval_data, self.tokenizer)
+            if baseline:
+                print(f"nnxlm: {baseline}")
         writer = metrics_lib.MetricsWriter(self.workdir) if main else None
         peak = (self.peak_flops_per_device or metrics_lib.device_peak_flops()) * self.mesh.size
         tokens_per_step = self.batch_size * self.seq_len
         history, pending = [], None
         progress = Progress(self.num_steps, self.step, enabled=main)
+        if self.eval_at_start and self.step == 0 and self.eval_data is not None:
+            self._report_start(writer, history, progress)
         last_time = time.perf_counter()
 
-        def finish(step, step_metrics):
+        def finish(step, step_metrics, counts):
             nonlocal last_time
             record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for that step
+            if record.pop("units") == 0:
+                raise UserError(
+                    f"step {step}: no token of the batch carries loss (every row is masked): check the data, "
+                    "seq_len and the objective's loss_on"
+                )
             now = time.perf_counter()
             step_time, last_time = now - last_time, now
             tokens_per_s = tokens_per_step / step_time
@@ -422,6 +413,7 @@ class Trainer:
                 tokens_per_s=tokens_per_s,
                 tflops_per_s=self.flops_per_token * tokens_per_s / 1e12,
                 mfu=self.flops_per_token * tokens_per_s / peak,
+                **counts,
             )
             if self.eval_data is not None and self.eval_every and step % self.eval_every == 0:
                 record["eval_loss"] = self.evaluate()
@@ -433,12 +425,13 @@ class Trainer:
 
         try:
             while self.step < self.num_steps:
-                batch = self._to_device(next(self.train_iterator))
-                self.state, step_metrics = self._train_step(self.state, batch)
+                host_batch = next(self.train_iterator)
+                counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in self.objective.batch_fields}
+                self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
                 self.step += 1
                 if pending:  # fetch the previous step's metrics while this one runs
                     finish(*pending)
-                pending = (self.step, step_metrics)
+                pending = (self.step, step_metrics, counts)
                 if self.step == self.num_steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
                     finish(*pending)  # time the step before saving: saving is not step time
                     pending = None
@@ -451,9 +444,22 @@ class Trainer:
             if writer:
                 writer.close()
             self.checkpointer.wait()
-        for prompt, completion in zip(self.sample_prompts, self.sample(self.sample_prompts), strict=False):
-            print(f"--- {prompt!r}\n{prompt}{completion}\n")
+        self._print_samples()
         return history
+
+    def _report_start(self, writer, history: list, progress: Progress) -> None:
+        """The eval loss and sample completions of the model before any step (step 0)."""
+        record = {"eval_loss": self.evaluate()}
+        if writer:
+            writer.write(0, record)
+        history.append({"step": 0, **record})
+        if progress.enabled:
+            progress.bar.console.print(f"step      0  eval {record['eval_loss']:.3f} (before training)")
+        self._print_samples("before training: ")
+
+    def _print_samples(self, heading: str = "") -> None:
+        for prompt, completion in zip(self.sample_prompts, self.sample(self.sample_prompts), strict=False):
+            print(f"--- {heading}{prompt!r}\n{self.objective.sample_text(prompt, completion)}\n")
 
     def save(self) -> None:
         """Checkpoints the current state and data position (asynchronously)."""
@@ -466,18 +472,19 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state).model
 
     def sample(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """Completions of text prompts by the current model, sampled as the recipe says."""
-        from nnxlm.generation import generate_text
+        """Completions of text prompts by the current model, sampled as the recipe says; the
+        objective makes each prompt into the model's input (SFT: a user turn of the chat template)."""
+        from nnxlm.generation import complete
 
         if not prompts or self.tokenizer is None:
             return []
         if jax.process_count() > 1:
             print("nnxlm: sample completions are printed by single-process runs only", file=sys.stderr)
             return []
-        return generate_text(
+        return complete(
             self.model,
             self.tokenizer,
-            list(prompts),
+            [self.objective.prompt_ids(self.tokenizer, prompt) for prompt in prompts],
             max_new_tokens=max_new_tokens or self.sample_max_new_tokens,
             temperature=self.sample_temperature,
             top_p=self.sample_top_p,

@@ -1,8 +1,11 @@
-"""Test-wide setup: CPU only, absl flags parsed (grain worker processes read them)."""
+"""Test-wide setup: CPU only, absl flags parsed (grain worker processes read them); a small
+SentencePiece tokenizer trained on stdlib code for the tests that need real text."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -16,3 +19,20 @@ def in_tmp(tmp_path, monkeypatch):
     """Runs the test from an empty directory (run directories default to ./runs/<name>)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def stdlib_files():
+    """Paths of the stdlib files of the train split (sorted)."""
+    from nnxlm.data import PythonStdlib
+
+    return PythonStdlib(eval_fraction=0.0).documents()
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(stdlib_files):
+    """A vocab-1000 tokenizer trained on ~300 k characters of stdlib code (every 10th file)."""
+    from nnxlm.data import SentencePieceTokenizer
+
+    texts = [Path(p).read_text(encoding="utf-8") for p in stdlib_files[::10]]
+    return SentencePieceTokenizer.train(texts, 1000, max_chars=300_000)

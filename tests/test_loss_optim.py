@@ -6,15 +6,15 @@ from nnxlm.loss import cross_entropy
 from nnxlm.optim import AdamW
 
 
-def test_cross_entropy_averages_unmasked_tokens_and_adds_z_loss():
+def test_cross_entropy_sums_unmasked_tokens_and_adds_z_loss():
     logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
     targets = jnp.array([[1, 2, 3], [4, 0, 1]])
     mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     log_probs = np.asarray(jax.nn.log_softmax(logits))
     picked = [(0, 0), (0, 1), (1, 0)]
-    expected_nll = -np.mean([log_probs[b, t, targets[b, t]] for b, t in picked])
+    expected_nll = -np.sum([log_probs[b, t, targets[b, t]] for b, t in picked])
     log_z = np.asarray(jax.nn.logsumexp(logits, axis=-1))
-    expected_z = np.mean([log_z[b, t] ** 2 for b, t in picked])
+    expected_z = np.sum([log_z[b, t] ** 2 for b, t in picked])
     total, nll, count = cross_entropy(logits, targets, mask, z_loss_weight=1e-2)
     np.testing.assert_allclose(nll, expected_nll, rtol=1e-6)
     np.testing.assert_allclose(total, expected_nll + 1e-2 * expected_z, rtol=1e-6)

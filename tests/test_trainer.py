@@ -169,7 +169,7 @@ def test_a_multi_token_prediction_model_adds_and_logs_its_loss(tmp_path):
 
     def weights():
         model = trainer.model
-        return np.array(model.mtp.depths.projection[...]), np.array(model.layers.mlp.gate[...])
+        return np.array(model.mtp.depths.projection.kernel[...]), np.array(model.layers.mlp.gate.kernel[...])
 
     before = weights()
     history = trainer.fit()

@@ -13,45 +13,54 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nnxlm.checkpointing import ModelReader, save_model_checkpoint, stack_layers
+from nnxlm.checkpointing import ModelReader, collapse_kernels, save_model_checkpoint, stored_layout
+from nnxlm.convert import peft
 from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
+from nnxlm.data.tokenizer import TOKENIZER_FILES
 from nnxlm.errors import UserError
 from nnxlm.modules.moe import RoutingBias
-from nnxlm.recipes.serialization import to_json
+from nnxlm.recipes.serialization import as_config, to_json
 
 # HF tensors that hold nothing a model needs (buffers recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def from_hf(source: str, destination: str) -> str:
+def from_hf(source: str, destination: str, base: str | None = None) -> str:
     """Converts the HF model directory `source` into the nnxlm run directory `destination`
-    (checkpoint step 0 with the recipe, and the tokenizer files) and returns destination."""
+    (checkpoint step 0 with the recipe, and the tokenizer files) and returns destination.
+
+    A `source` holding a peft LoRA adapter (adapter_config.json) is imported with its base model:
+    `base`, else the adapter's base_model_name_or_path when that is a local directory, else
+    source itself when it also holds config.json. The run's model then has the adapters (and
+    trains them alone: trainable="lora")."""
     from nnxlm.recipes import experiments
 
-    config = read_config(source)
-    family = family_of_config(config)
-    if config.get("quantization_config"):  # e.g. DeepSeek-V3's published fp8 weights with their scales
-        method = config["quantization_config"].get("quant_method", "quantized")
-        raise UserError(
-            f"config.json quantization_config ({method}) is not supported: convert the unquantized "
-            "(bf16 or fp32) weights of the model"
-        )
-    reader = TensorReader(source)
-    if family.complete_config is not None:
-        config = family.complete_config(config, reader.names())
+    adapter = source if os.path.exists(os.path.join(source, peft.CONFIG_FILE)) else None
+    model_dir = _base_directory(adapter, base) if adapter else source
+    config, family, reader = _open_hf(model_dir)
     model_recipe = family.recipe(config)
+    if adapter:
+        adapter_config = peft.read_adapter_config(adapter)
+        rules = peft.targeted(adapter_config, [t for ts in family.tensors(config) for t in ts if _is_linear(t)])
+        if not rules:
+            raise UserError(f"{adapter}: target_modules {adapter_config.get('target_modules')} match no module")
+        model_recipe.lora = as_config(peft.lora_of(adapter_config, sorted({r.path[-1] for r in rules})))
     abstract = nnx.eval_shape(lambda: fdl.build(model_recipe)(rngs=nnx.Rngs(0)))
-    target = stack_layers(nnx.to_pure_dict(nnx.state(abstract)))
+    target = stored_layout(nnx.to_pure_dict(nnx.state(abstract)))
     params = _read_params(family.tensors(config), reader, target)
+    if adapter:
+        _read_adapter(rules, peft.adapter_reader(adapter), params)
     if os.path.exists(os.path.join(destination, "checkpoints")):
         raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
     os.makedirs(destination, exist_ok=True)
-    copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
+    copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, name))]
     for name in copied:
-        shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+        shutil.copy(os.path.join(model_dir, name), os.path.join(destination, name))
     recipe = experiments.trainer(model_recipe, name=os.path.basename(os.path.normpath(destination)))
+    recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft_files) sets it
+    if adapter:
+        recipe.trainable = "lora"
     tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
     if tokenizers:  # the model's own tokenizer, wherever the run directory later trains
         recipe.tokenizer_path = os.path.join(os.path.abspath(destination), tokenizers[0])
@@ -61,19 +70,64 @@ def from_hf(source: str, destination: str) -> str:
     return destination
 
 
+def _base_directory(adapter: str, base: str | None) -> str:
+    named = peft.read_adapter_config(adapter).get("base_model_name_or_path")
+    for candidate in (base, named if named and os.path.isdir(named) else None, adapter):
+        if candidate and os.path.exists(os.path.join(candidate, "config.json")):
+            return candidate
+    raise UserError(
+        f"{adapter} holds a LoRA adapter whose base model ({named!r}) is not a local directory: "
+        "give the base model's directory (--base DIR)"
+    )
+
+
+def _open_hf(directory: str):
+    """(config.json completed from the tensor names, the Family, a TensorReader) of an HF model."""
+    config = read_config(directory)
+    family = family_of_config(config)
+    if config.get("quantization_config"):  # e.g. DeepSeek-V3's published fp8 weights with their scales
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserError(
+            f"config.json quantization_config ({method}) is not supported: convert the unquantized "
+            "(bf16 or fp32) weights of the model"
+        )
+    reader = TensorReader(directory)
+    if family.complete_config is not None:
+        config = family.complete_config(config, reader.names())
+    return config, family, reader
+
+
+def read_hf_parameters(directory: str, target: dict, model: nnx.Module) -> dict:
+    """The parameters of the HF model in `directory` as numpy arrays, onto `target` (the stored
+    layout of `model`'s parameters, e.g. a recipe's model to fine-tune)."""
+    config, family, reader = _open_hf(directory)
+    expected = family_of_model(model)
+    if expected is not family:
+        raise UserError(
+            f"{directory} holds a {family.architecture} but the recipe's model is a {expected.architecture}: "
+            "start from the recipe of the converted model (nnxlm convert from-hf) or fix the recipe"
+        )
+    return _read_params(family.tensors(config), reader, target)
+
+
+def _is_linear(tensor) -> bool:
+    return tensor.contract not in (None, 0) and tensor.hf.endswith(".weight") and not tensor.shared
+
+
 def _read_params(tensors, reader: TensorReader, target: dict) -> dict:
     global_tensors, layer_tensors = tensors
     params = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), target)
     used = set()
     for tensor in global_tensors:
-        _set(params, tensor.path, tensor.to_nnx(reader.get(tensor.hf), _get(params, tensor.path).shape))
+        path = _kernel_path(params, tensor.path)
+        _set(params, path, tensor.to_nnx(reader.get(tensor.hf), _get(params, path).shape))
         used.add(tensor.hf)
     for tensor in layer_tensors:
         count = _stack_size(_get(params, tensor.stack))
         if tensor.shared:  # a copy of a model-level parameter, which is read once, above
             used.update(name for _, name in _layer_names(tensor, count, ()) if name in reader.names())
             continue
-        stacked = _get(params, (*tensor.stack, *tensor.path))
+        stacked = _get(params, _kernel_path(params, (*tensor.stack, *tensor.path)))
         for index, name in _layer_names(tensor, count, stacked.shape[1:]):
             stacked[index] = tensor.to_nnx(reader.get(name), stacked[index].shape)
             used.add(name)
@@ -84,6 +138,24 @@ def _read_params(tensors, reader: TensorReader, target: dict) -> dict:
             "this variant of the architecture is not supported"
         )
     return params
+
+
+def _read_adapter(rules, reader: TensorReader, params: dict) -> None:
+    """Fills the adapters of `params` (stored layout) from a peft adapter's tensors."""
+    used = set()
+    for rule in rules:
+        adapter = _get(params, (*rule.stack, *rule.path, "adapter") if "{i}" in rule.hf else (*rule.path, "adapter"))
+        a, b = adapter["a"], adapter["b"]
+        layered = "{i}" in rule.hf
+        names = _layer_names(rule, a.shape[0], a.shape[1:]) if layered else [((), rule.hf)]
+        for index, name in names:
+            module = peft.PREFIX + name[: -len(".weight")]
+            lora_a, lora_b = reader.get(module + ".lora_A.weight"), reader.get(module + ".lora_B.weight")
+            a[index], b[index] = peft.nnx_arrays(rule, lora_a, lora_b, a[index].shape, b[index].shape)
+            used.update((module + ".lora_A.weight", module + ".lora_B.weight"))
+    unused = sorted(reader.names() - used)
+    if unused:
+        raise UserError(f"adapter tensor {unused[0]} (and {len(unused) - 1} more) has no place in the nnxlm model")
 
 
 def _layer_names(tensor, num_layers: int, layer_shape) -> list[tuple[tuple[int, ...], str]]:
@@ -112,19 +184,31 @@ def _get(tree: dict, path):
     return tree
 
 
+def _kernel_path(tree: dict, path) -> tuple:
+    """path, or the path of its kernel where a conversion rule's parameter is a projection module
+    (one with a LoRA adapter: the stored layout keeps bare projections as their kernels)."""
+    return (*path, "kernel") if isinstance(_get(tree, path), dict) else tuple(path)
+
+
 def _set(tree: dict, path, value) -> None:
     _get(tree, path[:-1])[path[-1]][...] = value
 
 
-def to_hf(model_or_path, destination: str) -> str:
+def to_hf(model_or_path, destination: str, *, adapter: bool = False, merged: bool = False) -> str:
     """Writes an nnxlm model (or the model of a run directory / checkpoint) as an HF model directory.
     From a checkpoint it reads one parameter at a time, so memory stays near the largest parameter
-    (the model is never built); from a model, near the model plus one tensor."""
+    (the model is never built); from a model, near the model plus one tensor.
+
+    A model with LoRA adapters is written as its merged weights (merged=True: W + scale A B, a plain
+    HF model) or as a peft adapter alone (adapter=True: adapter_config.json and
+    adapter_model.safetensors, loaded with peft onto the base model)."""
+    if adapter and merged:
+        raise UserError("choose one of --adapter and --merged")
     if not isinstance(model_or_path, str):
-        _write_hf(model_or_path, None, destination)
+        _write_hf(model_or_path, None, destination, adapter, merged)
         return destination
     with ModelReader(model_or_path) as reader:
-        _write_hf(reader.model, reader, destination)
+        _write_hf(reader.model, reader, destination, adapter, merged)
     run_dir = model_or_path
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(run_dir, name)):
@@ -132,22 +216,37 @@ def to_hf(model_or_path, destination: str) -> str:
     return destination
 
 
-def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str) -> None:
-    """config.json and the safetensors of `model`, whose parameters come from `reader` where given
-    (model is then abstract and layer stacks are read stacked, as checkpoints hold them)."""
+def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, adapter: bool, merged: bool) -> None:
+    """config.json and the safetensors of `model` (or its peft adapter), whose parameters come from
+    `reader` where given (model is then abstract and layer stacks are read stacked, as checkpoints
+    hold them)."""
     family = family_of_model(model)
     config = family.hf_config(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, RoutingBias)))
-    if reader is not None:
-        params = stack_layers(params)
+    params = stored_layout(params) if reader is not None else collapse_kernels(params)
     global_tensors, layer_tensors = family.tensors(config)
+    lora = getattr(model, "lora", None)
+    if lora is None and (adapter or merged):
+        raise UserError("the model has no LoRA adapters: export it without --adapter or --merged")
+    if lora is not None and not (adapter or merged):
+        raise UserError("the model has LoRA adapters: export --merged (one HF model) or --adapter (a peft adapter)")
 
     def parameter(path):  # the whole parameter at path (a stacked one for a layer tensor)
         return reader.read(path) if reader is not None else _get(params, path)
 
+    def merge(kernel, a, b):  # W + scale A B of one layer's projection
+        update = np.asarray(a, np.float32).reshape(-1, a.shape[-1]) @ np.asarray(b, np.float32).reshape(b.shape[0], -1)
+        return (np.asarray(kernel, np.float32) + lora.scale * update.reshape(kernel.shape)).astype(kernel.dtype)
+
+    def weight(path):  # the whole kernel at path, merged with its adapter's update where it has one
+        if not isinstance(_get(params, path), dict):
+            return np.asarray(parameter(path))
+        parts = [np.asarray(parameter((*path, *part))) for part in (("kernel",), ("adapter", "a"), ("adapter", "b"))]
+        return merge(*parts)
+
     def tensors():  # one at a time: memory holds one parameter (and one of its tensors) beside the model
         for tensor in global_tensors:
-            yield tensor.hf, tensor.to_hf(np.asarray(parameter(tensor.path)))
+            yield tensor.hf, tensor.to_hf(weight(tensor.path))
         for tensor in layer_tensors:
             stack = _get(params, tensor.stack)
             count = _stack_size(stack)
@@ -157,19 +256,65 @@ def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str) -
                     yield name, tensor.to_hf(shared)
                 continue
             if _is_list(stack):  # an unscanned model: each layer holds its own parameters
-                layer_shape = _get(stack[0], tensor.path).shape
+                layer_shape = _get(stack[0], _kernel_path(stack[0], tensor.path)).shape
                 for index, name in _layer_names(tensor, count, layer_shape):
-                    yield name, tensor.to_hf(np.asarray(_get(stack[index[0]], tensor.path)[index[1:]]))
+                    yield name, tensor.to_hf(weight((*tensor.stack, index[0], *tensor.path))[index[1:]])
                 continue
-            stacked = parameter((*tensor.stack, *tensor.path))
+            path = (*tensor.stack, *tensor.path)
+            if isinstance(_get(params, path), dict):  # an adapted projection, merged layer by layer
+                kernel, a, b = (parameter((*path, *part)) for part in (("kernel",), ("adapter", "a"), ("adapter", "b")))
+                for index, name in _layer_names(tensor, count, kernel.shape[1:]):
+                    yield (
+                        name,
+                        tensor.to_hf(merge(np.asarray(kernel[index]), np.asarray(a[index]), np.asarray(b[index]))),
+                    )
+                continue
+            stacked = parameter(path)
             for index, name in _layer_names(tensor, count, stacked.shape[1:]):
                 yield name, tensor.to_hf(np.asarray(stacked[index]))
             stacked = None  # freed before the next parameter is read
 
     os.makedirs(destination, exist_ok=True)
+    if adapter:
+        _write_adapter(params, parameter, (global_tensors, layer_tensors), lora, destination)
+        return
     write_tensors(destination, tensors())
     with open(os.path.join(destination, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
+
+
+def _write_adapter(params, parameter, tables, lora, destination: str) -> None:
+    """The model's adapters as a peft LoRA adapter (nnxlm.convert.peft)."""
+
+    def has_adapter(rule) -> bool:
+        stack = _get(params, rule.stack) if "{i}" in rule.hf else None
+        node = _get(stack[0] if _is_list(stack) else stack, rule.path) if stack is not None else _get(params, rule.path)
+        return isinstance(node, dict) and "adapter" in node
+
+    rules = peft.adapted_tensors(tables, has_adapter)
+
+    def tensors():
+        for rule in rules:
+            if "{i}" not in rule.hf:
+                places = [(rule.hf, rule.path, ())]
+            else:
+                stack = _get(params, rule.stack)
+                names = _layer_names(rule, _stack_size(stack), ())
+                if _is_list(stack):  # an unscanned model's own layers
+                    places = [(name, (*rule.stack, i, *rule.path), ()) for (i,), name in names]
+                else:  # slices of the stacked factors
+                    places = [(name, (*rule.stack, *rule.path), (i,)) for (i,), name in names]
+            factors = {}
+            for name, path, index in places:
+                if path not in factors:  # each parameter read once
+                    factors[path] = tuple(np.asarray(parameter((*path, "adapter", part))) for part in ("a", "b"))
+                a, b = factors[path]
+                lora_a, lora_b = peft.peft_arrays(rule, a[index], b[index])
+                module = peft.PREFIX + name[: -len(".weight")]
+                yield module + ".lora_A.weight", lora_a
+                yield module + ".lora_B.weight", lora_b
+
+    peft.write_adapter(destination, peft.adapter_config(lora, rules, base=None), tensors())
 
 
 __all__ = ["from_hf", "to_hf"]

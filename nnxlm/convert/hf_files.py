@@ -102,11 +102,14 @@ class TensorReader:
     """Tensors of an HF checkpoint by name, each read from its safetensors file when asked for
     (plain reads: memory holds only the tensors the caller keeps)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, file: str | None = None):
+        """file: read this one safetensors file of the directory (e.g. adapter_model.safetensors)."""
         self.directory = directory
         self._headers = {}  # file -> (entries, data offset)
         index_path = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index_path):
+        if file is not None:
+            weight_map = dict.fromkeys(self._header(file)[0], file)
+        elif os.path.exists(index_path):
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         else:
@@ -195,10 +198,15 @@ def _header_bytes(header: bytes, length: int) -> bytes:
 
 
 def write_tensors(
-    directory: str, tensors, shard_bytes: int = SHARD_BYTES, header_reserve: int = HEADER_RESERVE
+    directory: str,
+    tensors,
+    shard_bytes: int = SHARD_BYTES,
+    header_reserve: int = HEADER_RESERVE,
+    prefix: str = "model",
 ) -> None:
     """Writes (name, array) pairs as safetensors shards of at most shard_bytes (with an index when
-    there is more than one), each array to disk as it comes: memory holds one array at a time."""
+    there is more than one), each array to disk as it comes: memory holds one array at a time.
+    Files are named <prefix>.safetensors, or <prefix>-00001-of-0000N.safetensors with an index."""
     parts = []  # (temporary path, tensor names)
     writer, total = None, 0
 
@@ -227,12 +235,12 @@ def write_tensors(
                     os.remove(leftover)
         raise
     if len(parts) == 1:
-        os.replace(parts[0][0], os.path.join(directory, "model.safetensors"))
+        os.replace(parts[0][0], os.path.join(directory, f"{prefix}.safetensors"))
         return
     weight_map = {}
     for number, (path, names) in enumerate(parts, start=1):
-        final = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
+        final = f"{prefix}-{number:05d}-of-{len(parts):05d}.safetensors"
         os.replace(path, os.path.join(directory, final))
         weight_map.update(dict.fromkeys(names, final))
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(directory, f"{prefix}.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)

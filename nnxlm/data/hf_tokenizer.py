@@ -1,7 +1,8 @@
 """Hugging Face `tokenizer.json` files behind nnxlm's tokenizer interface (optional `tokenizers`).
 
 The bos / eos / pad ids come from the special tokens named in tokenizer_config.json (or
-special_tokens_map.json, or the model's config.json) beside the file.
+special_tokens_map.json, or the model's config.json) beside the file, and the chat template from
+chat_template.jinja or tokenizer_config.json (nnxlm.data.chat).
 """
 
 import json
@@ -10,15 +11,20 @@ from collections.abc import Sequence
 
 from nnxlm.errors import UserError
 
+SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "cls", "mask")
+
 
 def _special_tokens(directory: str) -> dict[str, object]:
     found = {}
     for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
         path = os.path.join(directory, name)
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            for key in ("bos", "eos", "pad"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path} is not readable JSON ({e}): fix or remove it") from None
+            for key in SPECIAL_NAMES:
                 for field in (f"{key}_token", f"{key}_token_id"):
                     value = data.get(field)
                     if isinstance(value, dict):
@@ -38,10 +44,14 @@ class HFTokenizer:
             self._tokenizer = Tokenizer.from_file(path)
         except Exception as e:  # the Rust library raises its own exception type
             raise UserError(f"tokenizer file {path} is not a Hugging Face tokenizer.json ({e})") from None
+        from nnxlm.data.chat import find_template
+
         self.path = path
-        special = _special_tokens(os.path.dirname(os.path.abspath(path)))
+        directory = os.path.dirname(os.path.abspath(path))
+        special = _special_tokens(directory)
         self._ids = {key: self._to_id(value) for key, value in special.items()}
-        self._skip = {i for i in self._ids.values() if i is not None}
+        self._skip = {i for key, i in self._ids.items() if i is not None and key in ("bos", "eos", "pad")}
+        self.chat_template = find_template(directory)
 
     def _to_id(self, token) -> int | None:
         return token if isinstance(token, int) else self._tokenizer.token_to_id(token)
@@ -67,6 +77,20 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, [(start, end) character range of each token]); special tokens' texts in `text`
+        become those tokens, as transformers tokenizes a rendered chat template."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(offset) for offset in encoding.offsets]
+
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' texts, as chat templates name them (bos_token, eos_token, ...)."""
+        tokens = {}
+        for key, i in self._ids.items():
+            if i is not None:
+                tokens[f"{key}_token"] = self._tokenizer.id_to_token(i)
+        return tokens
 
     def decode(self, ids: Sequence[int]) -> str:
         keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in self._skip]

@@ -6,7 +6,9 @@ scanning happens in ``documents()``. Every source has:
 
 - ``documents() -> list``: cheap items, one per document (paths, ``(path, offset, line)`` tuples
   or integers), sorted and deterministic. Raises ``UserError`` when nothing matches.
-- ``load(item) -> str | np.ndarray``: the text of one document (``Synthetic``: int32 token ids).
+- ``load(item) -> str | np.ndarray | dict``: the text of one document (``Synthetic``: int32 token
+  ids; ``JsonlFiles(field=None)``: the whole JSON record, e.g. a fine-tuning example).
+- ``where(item) -> str``: where the document is, for error messages (``path:line``).
 - ``split`` ("train" or "eval") and ``eval_fraction``: a document is held out for eval when a
   stable hash of its key (its path relative to the glob's fixed prefix, plus the line number for
   JSONL) falls below ``eval_fraction``. With ``eval_fraction == 0`` every document is in the split
@@ -142,10 +144,11 @@ class TextFiles:
 
 @dataclasses.dataclass(frozen=True)
 class JsonlFiles:
-    """Each non-blank line of the matching JSONL files is one document: ``json[field]``."""
+    """Each non-blank line of the matching JSONL files is one document: ``json[field]``, or with
+    ``field=None`` the whole JSON object (supervised fine-tuning examples: nnxlm.data.sft)."""
 
     globs: Sequence[str]
-    field: str = "text"
+    field: str | None = "text"
     split: str = "train"
     eval_fraction: float = 0.0
 
@@ -167,9 +170,12 @@ class JsonlFiles:
             raise _empty_split(f"JsonlFiles({list(self.globs)})", self.split)
         return docs
 
-    def load(self, item: tuple[str, int, int]) -> str:
-        path, offset, lineno = item
-        where = f"{path}:{lineno}"
+    def where(self, item: tuple[str, int, int]) -> str:
+        return f"{item[0]}:{item[2]}"
+
+    def load(self, item: tuple[str, int, int]) -> str | dict:
+        path, offset, _ = item
+        where = self.where(item)
         with open(path, "rb") as f:
             f.seek(offset)
             line = _decode(f.readline(), where)
@@ -177,6 +183,10 @@ class JsonlFiles:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where} is not valid JSON ({e.msg}): fix or remove the line") from None
+        if self.field is None:
+            if not isinstance(record, dict):
+                raise UserError(f"{where} is not a JSON object: each line must be one example object")
+            return record
         if not isinstance(record, dict) or self.field not in record:
             raise UserError(f"{where} has no field {self.field!r}: set JsonlFiles.field to the text field")
         text = record[self.field]

@@ -25,6 +25,9 @@ from nnxlm.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _SPACE_MARK = "\u2581"  # "▁": SentencePiece's escape for " "
+# The files of a tokenizer: the vocabulary (one of the first two) and what travels with it.
+COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", *COMPANION_FILES)
 
 
 @runtime_checkable
@@ -40,15 +43,21 @@ class Tokenizer(Protocol):
     @property
     def eos_id(self) -> int: ...
     def encode(self, text: str) -> list[int]: ...
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+    def special_tokens(self) -> dict[str, str]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def save(self, path: str) -> None: ...
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model held in memory (picklable, so grain workers can use it)."""
+    """A SentencePiece model held in memory (picklable, so grain workers can use it).
 
-    def __init__(self, model_proto: bytes):
+    chat_template: the Jinja chat template kept beside the model file, if any (nnxlm.data.chat).
+    """
+
+    def __init__(self, model_proto: bytes, chat_template: str | None = None):
         """Wraps a serialized SentencePiece ModelProto; ``ValueError`` when it is not one."""
+        self.chat_template = chat_template
         self._proto = bytes(model_proto)
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
@@ -90,6 +99,44 @@ class SentencePieceTokenizer:
                 out.extend(self._sp.encode(part))
         return out
 
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' texts, as chat templates name them (bos_token, eos_token, ...)."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id, "unk_token": self.unk_id}
+        return {name: self._sp.id_to_piece(i) for name, i in ids.items() if i >= 0}
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, [(start, end) character range of each token]) of text in which the special tokens'
+        texts (bos, eos, pad: "<s>", "</s>", ...) stand for those tokens, as a chat template writes them."""
+        specials = {piece: self._sp.piece_to_id(piece) for piece in self.special_tokens().values()}
+        specials.pop(self._sp.id_to_piece(self.unk_id), None)
+        ids, offsets, start = [], [], 0
+        while start < len(text):
+            found = [(text.find(piece, start), piece) for piece in specials if piece]
+            found = [(at, piece) for at, piece in found if at >= 0]
+            end = min(found)[0] if found else len(text)
+            if end > start:
+                part_ids = self.encode(text[start:end])
+                ids += part_ids
+                offsets += _char_offsets(text[start:end], [self._piece_bytes(i) for i in part_ids], start)
+            if found:
+                at, piece = min(found)
+                ids.append(specials[piece])
+                offsets.append((at, at + len(piece)))
+                end = at + len(piece)
+            start = end
+        return ids, offsets
+
+    def _piece_bytes(self, i: int) -> int:
+        """How many UTF-8 bytes of text token i stands for."""
+        piece = self._sp.id_to_piece(i)
+        if self._sp.is_byte(i):
+            return 1
+        return len(piece.replace(_SPACE_MARK, " ").encode("utf-8"))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, skipping pad/bos/eos, negative ids and ids >= ``vocab_size``."""
         keep = [int(i) for i in ids]
@@ -111,7 +158,8 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
-        """Reads a ``.model`` file; ``UserError`` when missing or not a SentencePiece model."""
+        """Reads a ``.model`` file (and the chat template beside it); ``UserError`` when missing or
+        not a SentencePiece model."""
         path = os.fspath(path)
         try:
             with open(path, "rb") as f:
@@ -122,18 +170,20 @@ class SentencePieceTokenizer:
             ) from None
         except OSError as e:
             raise UserError(f"cannot read tokenizer file {path}: {e.strerror}") from None
+        from nnxlm.data.chat import find_template
+
         try:
-            return cls(data)
+            return cls(data, find_template(os.path.dirname(os.path.abspath(path))))
         except ValueError as e:
             raise UserError(
                 f"tokenizer file {path} is not a SentencePiece model: {e}; point to a .model file or train a new one"
             ) from None
 
     def __getstate__(self):
-        return {"proto": self._proto}
+        return {"proto": self._proto, "chat_template": self.chat_template}
 
     def __setstate__(self, state):
-        self.__init__(state["proto"])
+        self.__init__(state["proto"], state.get("chat_template"))
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self._n})"
@@ -197,6 +247,22 @@ def _lines(texts: Iterable[str], max_chars: int, seen: list[int]) -> Iterator[st
         total += len(text)
         if total >= max_chars:
             return
+
+
+def _char_offsets(text: str, byte_lengths: list[int], base: int) -> list[tuple[int, int]]:
+    """Character ranges (plus base) of consecutive tokens covering text's UTF-8 bytes in order; a
+    token inside one character (a byte piece) gets that character's range."""
+    char_of_byte = []
+    for index, char in enumerate(text):
+        char_of_byte += [index] * len(char.encode("utf-8"))
+    char_of_byte.append(len(text))
+    offsets, position = [], 0
+    for length in byte_lengths:
+        first = char_of_byte[min(position, len(char_of_byte) - 1)]
+        last = char_of_byte[min(position + length, len(char_of_byte)) - 1] + 1 if length else first
+        offsets.append((base + first, base + max(last, first)))
+        position += length
+    return offsets
 
 
 def find_tokenizer(run_dir: str, tokenizer_path: str | None = None) -> str:

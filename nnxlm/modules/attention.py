@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.dense import Dense, fold_key
 from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.rope import apply_rope
 
@@ -83,13 +83,13 @@ class Attention(nnx.Module):
         self.scale = (query_pre_attn_scalar or head_dim) ** -0.5
         self.dtype = jnp.dtype(dtype)
 
-        def param(shape, fan_in, axes):
-            return nnx.Param(dense_init(rngs, shape, fan_in, param_dtype), logical_axes=axes)
+        def dense(shape_in, shape_out, axes):
+            return Dense(shape_in, shape_out, logical_axes=axes, param_dtype=param_dtype, rngs=rngs)
 
-        self.q_proj = param((d_model, num_heads, head_dim), d_model, ("embed", "heads", "head_dim"))
-        self.k_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
-        self.v_proj = param((d_model, num_kv_heads, head_dim), d_model, ("embed", "kv_heads", "head_dim"))
-        self.o_proj = param((num_heads, head_dim, d_model), num_heads * head_dim, ("heads", "head_dim", "embed"))
+        self.q_proj = dense(d_model, (num_heads, head_dim), ("embed", "heads", "head_dim"))
+        self.k_proj = dense(d_model, (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = dense(d_model, (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = dense((num_heads, head_dim), d_model, ("heads", "head_dim", "embed"))
         if qkv_bias:
 
             def bias(heads, axis):
@@ -107,9 +107,10 @@ class Attention(nnx.Module):
     def rope_scaling(self) -> dict | None:
         return dict(self._rope_scaling) if self._rope_scaling else None
 
-    def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array | None = None):
+    def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array | None = None, key=None):
         """Queries [batch, length, heads, head_dim], keys and values [..., kv_heads, head_dim]."""
-        q_btnh, k_btkh, v_btkh = (project(x_btd, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q_btnh, k_btkh, v_btkh = (proj(x_btd, fold_key(key, i)) for i, proj in enumerate(projections))
         if self.qkv_bias:
             q_btnh = q_btnh + self.q_bias[...].astype(self.dtype)
             k_btkh = k_btkh + self.k_bias[...].astype(self.dtype)
@@ -135,12 +136,14 @@ class Attention(nnx.Module):
         *,
         window: jax.Array | None = None,
         inv_freq: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Without a cache: attention within x. With one (this layer's k and v, the key segment ids
         with x's already written at cache.index): returns (output, cache with x's k and v written).
-        window and inv_freq: this layer's own (see the module docstring)."""
+        window and inv_freq: this layer's own (see the module docstring); dropout_key: of the
+        projections' LoRA dropout (training)."""
         x = x_btd.astype(self.dtype)
-        q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt, inv_freq)
+        q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt, inv_freq, dropout_key)
         window = self.sliding_window if window is None else window
         if cache is None:
             mask = attention_mask(segment_ids_bt, positions_bt, window)
@@ -149,11 +152,11 @@ class Attention(nnx.Module):
             else:  # the cache layout's attention, over x's own keys and values
                 own = KVCache(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3), segment_ids_bt, 0)
                 out_btnh = cached_attention(q_btnh, own, mask, self.scale, self.softcap)
-            return project(out_btnh, self.o_proj[...], contract=2)
+            return self.o_proj(out_btnh, fold_key(dropout_key, 3))
         slot = (0, 0, cache.index, 0)
         k = jax.lax.dynamic_update_slice(cache.k, k_btkh.transpose(0, 2, 1, 3).astype(cache.k.dtype), slot)
         v = jax.lax.dynamic_update_slice(cache.v, v_btkh.transpose(0, 2, 1, 3).astype(cache.v.dtype), slot)
         cache = dataclasses.replace(cache, k=k, v=v)
         mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, window)
         out_btnh = cached_attention(q_btnh, cache, mask, self.scale, self.softcap)
-        return project(out_btnh, self.o_proj[...], contract=2), cache
+        return self.o_proj(out_btnh, fold_key(dropout_key, 3)), cache

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.dense import fold_key
 from nnxlm.sharding.rules import constrain
 
 
@@ -58,7 +59,11 @@ class DecoderBlock(nnx.Module):
         """x [batch, length, embed] -> same; with a KVCache of this layer, (x, updated cache).
         layer: this layer's own attention settings ({"window": ..., "inv_freq": ...}, see Attention)."""
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        # the attention's and MLP's own keys (LoRA dropout) are kept apart from the residual ones
+        attention_key, mlp_key = fold_key(dropout_key, 2), fold_key(dropout_key, 3)
         layer = layer or {}
+        if attention_key is not None:
+            layer = {**layer, "dropout_key": attention_key}
         if cache is None:
             h = self.attention(self.attention_norm(x_btd), positions_bt, segment_ids_bt, **layer)
         else:
@@ -66,7 +71,7 @@ class DecoderBlock(nnx.Module):
         if self.post_norms:
             h = self.post_attention_norm(h)
         x_btd = x_btd + dropout(h, self.dropout_rate, keys[0])
-        h = self.mlp(self.mlp_norm(x_btd))
+        h = self.mlp(self.mlp_norm(x_btd), mlp_key)
         if self.post_norms:
             h = self.post_mlp_norm(h)
         x_btd = x_btd + dropout(h, self.dropout_rate, keys[1])

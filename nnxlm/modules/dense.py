@@ -1,4 +1,10 @@
-"""Initialisation and application of projection kernels.
+"""Projections: every matmul of an input against a weight is one of these modules.
+
+`Dense` maps x [..., *in] to [..., *out] through its one parameter, `kernel` [*in, *out];
+`ExpertDense` holds one such kernel per expert [experts, in, out] for mixture-of-experts layers.
+Being modules, they are what LoRA (nnxlm.modules.lora: an `adapter` beside the kernel) and
+quantization extend or replace, while the base weight keeps its path, checkpoint entry and
+Hugging Face name.
 
 Every projection is computed as one 2-D matmul: the input's leading axes are flattened into rows
 and the contracted axes into columns. On CPU, XLA runs the backward pass of an einsum that
@@ -9,6 +15,7 @@ product as a 2-D matmul, so the flattening is worth its reshapes (which are free
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -27,3 +34,101 @@ def project(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
     rows = x.reshape(math.prod(lead), math.prod(in_shape))
     out = rows @ kernel.astype(x.dtype).reshape(math.prod(in_shape), math.prod(out_shape))
     return out.reshape(*lead, *out_shape)
+
+
+def _shape(dims) -> tuple[int, ...]:
+    return (dims,) if isinstance(dims, int) else tuple(dims)
+
+
+def fold_key(key: jax.Array | None, index: int) -> jax.Array | None:
+    """The key of a module's index-th projection, derived from the module's key (None: no dropout)."""
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+class Dense(nnx.Module):
+    """x [..., *in_shape] -> [..., *out_shape] (computed in x's dtype).
+
+    Args:
+      in_shape, out_shape: the contracted input axes and the output axes (ints or tuples).
+      logical_axes: names of the kernel's axes, [*in, *out] (nnxlm.sharding).
+      fan_in: of the initialisation (default: the product of in_shape).
+    """
+
+    def __init__(self, in_shape, out_shape, *, logical_axes, fan_in: int | None = None, param_dtype="float32", rngs):
+        in_shape, out_shape = _shape(in_shape), _shape(out_shape)
+        self.in_ndim, self.out_ndim = len(in_shape), len(out_shape)
+        kernel = dense_init(rngs, (*in_shape, *out_shape), fan_in or math.prod(in_shape), param_dtype)
+        self.kernel = nnx.Param(kernel, logical_axes=tuple(logical_axes))
+        self.adapter = nnx.data(None)  # a LoRAAdapter (nnxlm.modules.lora) once one is added
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        y = project(x, self.kernel[...], self.in_ndim)
+        if self.adapter is not None and self.adapter.active:
+            low = project(self.adapter.inputs(x, dropout_key), self.adapter.a[...], self.in_ndim)
+            y = y + project(low, self.adapter.b[...]) * jnp.asarray(self.adapter.scale, y.dtype)
+        return y
+
+    def weight(self) -> jax.Array:
+        """The kernel this projection applies: with an active adapter, kernel + its update."""
+        if self.adapter is not None and self.adapter.active:
+            from nnxlm.modules.lora import lora_delta
+
+            return (self.kernel[...].astype(jnp.float32) + lora_delta(self)).astype(self.kernel.dtype)
+        return self.kernel[...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.kernel.shape
+
+
+class ExpertDense(nnx.Module):
+    """experts kernels [experts, in, out]: `all(x)` runs every expert on every token, `grouped(x,
+    group_sizes)` each expert on its own contiguous rows (jax.lax.ragged_dot), and `combine(h,
+    weights)` sums the experts' projections of per-expert inputs (a down projection).
+
+    Args:
+      num_experts, in_dim, out_dim: the kernel's shape.
+      logical_axes: names of its three axes.
+    """
+
+    def __init__(self, num_experts: int, in_dim: int, out_dim: int, *, logical_axes, param_dtype="float32", rngs):
+        self.in_ndim, self.out_ndim = 1, 1
+        kernel = dense_init(rngs, (num_experts, in_dim, out_dim), in_dim, param_dtype)
+        self.kernel = nnx.Param(kernel, logical_axes=tuple(logical_axes))
+        self.adapter = nnx.data(None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.kernel.shape
+
+    def _lora(self):
+        adapter = self.adapter
+        return adapter if adapter is not None and adapter.active else None
+
+    def all(self, x_nd: jax.Array, dropout_key=None) -> jax.Array:
+        """Every expert on every token: [n, in] -> [n, experts, out]."""
+        y_nef = jnp.einsum("nd,edf->nef", x_nd, self.kernel[...].astype(x_nd.dtype))
+        if (adapter := self._lora()) is not None:
+            x = adapter.inputs(x_nd, dropout_key)
+            low_ner = jnp.einsum("nd,edr->ner", x, adapter.a[...].astype(x.dtype))
+            y_nef += jnp.einsum("ner,erf->nef", low_ner, adapter.b[...].astype(x.dtype)) * adapter.scale
+        return y_nef
+
+    def combine(self, h_nef: jax.Array, dropout_key=None) -> jax.Array:
+        """Sum over experts of each expert's projection of its own input: [n, experts, in] -> [n, out],
+        as one matmul contracting experts and features together: [n, E*F] x [E*F, out]."""
+        y_nd = project(h_nef, self.kernel[...], contract=2)
+        if (adapter := self._lora()) is not None:
+            h = adapter.inputs(h_nef, dropout_key)
+            low_ner = jnp.einsum("nef,efr->ner", h, adapter.a[...].astype(h.dtype))
+            y_nd += jnp.einsum("ner,erd->nd", low_ner, adapter.b[...].astype(h.dtype)) * adapter.scale
+        return y_nd
+
+    def grouped(self, x_sd: jax.Array, group_sizes: jax.Array, dropout_key=None) -> jax.Array:
+        """Rows sorted by expert, group_sizes [experts] rows each: [s, in] -> [s, out]."""
+        y_sf = jax.lax.ragged_dot(x_sd, self.kernel[...].astype(x_sd.dtype), group_sizes)
+        if (adapter := self._lora()) is not None:
+            x = adapter.inputs(x_sd, dropout_key)
+            low_sr = jax.lax.ragged_dot(x, adapter.a[...].astype(x.dtype), group_sizes)
+            y_sf += jax.lax.ragged_dot(low_sr, adapter.b[...].astype(x.dtype), group_sizes) * adapter.scale
+        return y_sf

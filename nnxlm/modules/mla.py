@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.attention import attention_mask
-from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.dense import Dense, fold_key
 from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.norms import RMSNorm
 
@@ -186,26 +186,23 @@ class MLA(nnx.Module):
         self.scale = softmax_scale(self.qk_head_dim, rope_scaling)
         self.dtype = jnp.dtype(dtype)
 
-        def param(shape, fan_in, axes):
-            return nnx.Param(dense_init(rngs, shape, fan_in, param_dtype), logical_axes=axes)
+        def dense(shape_in, shape_out, axes):
+            return Dense(shape_in, shape_out, logical_axes=axes, param_dtype=param_dtype, rngs=rngs)
 
         def norm(dim):
             return RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
 
         if q_lora_rank is None:
-            self.q_proj = param((d_model, num_heads, self.qk_head_dim), d_model, ("embed", "heads", "head_dim"))
+            self.q_proj = dense(d_model, (num_heads, self.qk_head_dim), ("embed", "heads", "head_dim"))
         else:
-            self.q_a_proj = param((d_model, q_lora_rank), d_model, ("embed", "q_lora"))
+            self.q_a_proj = dense(d_model, q_lora_rank, ("embed", "q_lora"))
             self.q_a_norm = norm(q_lora_rank)
-            self.q_b_proj = param(
-                (q_lora_rank, num_heads, self.qk_head_dim), q_lora_rank, ("q_lora", "heads", "head_dim")
-            )
-        self.kv_a_proj = param((d_model, kv_lora_rank + qk_rope_head_dim), d_model, ("embed", "kv_lora"))
+            self.q_b_proj = dense(q_lora_rank, (num_heads, self.qk_head_dim), ("q_lora", "heads", "head_dim"))
+        self.kv_a_proj = dense(d_model, kv_lora_rank + qk_rope_head_dim, ("embed", "kv_lora"))
         self.kv_a_norm = norm(kv_lora_rank)
-        self.kv_b_proj = param(
-            (kv_lora_rank, num_heads, qk_nope_head_dim + v_head_dim), kv_lora_rank, ("kv_lora", "heads", "head_dim")
-        )
-        self.o_proj = param((num_heads, v_head_dim, d_model), num_heads * v_head_dim, ("heads", "head_dim", "embed"))
+        heads_out = (num_heads, qk_nope_head_dim + v_head_dim)
+        self.kv_b_proj = dense(kv_lora_rank, heads_out, ("kv_lora", "heads", "head_dim"))
+        self.o_proj = dense((num_heads, v_head_dim), d_model, ("heads", "head_dim", "embed"))
 
     @property
     def rope_scaling(self) -> dict | None:
@@ -214,31 +211,31 @@ class MLA(nnx.Module):
     def _rope(self, x_btnr: jax.Array, positions_bt: jax.Array) -> jax.Array:
         return apply_mla_rope(x_btnr, positions_bt, self.rope_theta, self.rope_scaling, self.rope_interleave)
 
-    def _queries(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    def _queries(self, x_btd: jax.Array, positions_bt: jax.Array, key=None) -> jax.Array:
         """[batch, length, heads, qk_nope_head_dim + qk_rope_head_dim], RoPE on the last part."""
         if self.q_lora_rank is None:
-            q_btnh = project(x_btd, self.q_proj[...])
+            q_btnh = self.q_proj(x_btd, fold_key(key, 0))
         else:
-            q_btnh = project(self.q_a_norm(project(x_btd, self.q_a_proj[...])), self.q_b_proj[...])
+            q_btnh = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_btd, fold_key(key, 1))), fold_key(key, 2))
         q_nope, q_rope = jnp.split(q_btnh, [self.qk_nope_head_dim], axis=-1)
         return jnp.concatenate([q_nope, self._rope(q_rope, positions_bt)], axis=-1)
 
-    def _latents(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _latents(self, x_btd: jax.Array, positions_bt: jax.Array, key=None) -> tuple[jax.Array, jax.Array]:
         """What a KV cache keeps per token: the normalised latent kv [batch, length, kv_lora_rank]
         and the rotated shared rope key [batch, length, qk_rope_head_dim]."""
-        kv_btc, k_rope_btr = jnp.split(project(x_btd, self.kv_a_proj[...]), [self.kv_lora_rank], axis=-1)
+        kv_btc, k_rope_btr = jnp.split(self.kv_a_proj(x_btd, fold_key(key, 3)), [self.kv_lora_rank], axis=-1)
         k_rope_btr = self._rope(k_rope_btr[:, :, None, :], positions_bt)[:, :, 0, :]
         return self.kv_a_norm(kv_btc), k_rope_btr
 
-    def _expand(self, kv_btc: jax.Array, k_rope_btr: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _expand(self, kv_btc: jax.Array, k_rope_btr: jax.Array, key=None) -> tuple[jax.Array, jax.Array]:
         """Latents (of any number of tokens, e.g. a cache's) to keys [batch, length, heads,
         qk_nope_head_dim + qk_rope_head_dim] and values [batch, length, heads, v_head_dim]."""
-        k_nope_btnh, v_btnv = jnp.split(project(kv_btc, self.kv_b_proj[...]), [self.qk_nope_head_dim], axis=-1)
+        k_nope_btnh, v_btnv = jnp.split(self.kv_b_proj(kv_btc, fold_key(key, 4)), [self.qk_nope_head_dim], axis=-1)
         k_rope_btnr = jnp.broadcast_to(k_rope_btr[:, :, None, :], (*k_nope_btnh.shape[:-1], self.qk_rope_head_dim))
         return jnp.concatenate([k_nope_btnh, k_rope_btnr.astype(k_nope_btnh.dtype)], axis=-1), v_btnv
 
-    def _keys_values(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self._expand(*self._latents(x_btd, positions_bt))
+    def _keys_values(self, x_btd: jax.Array, positions_bt: jax.Array, key=None) -> tuple[jax.Array, jax.Array]:
+        return self._expand(*self._latents(x_btd, positions_bt, key), key)
 
     def _attend(self, q_btnh: jax.Array, k_bsnh: jax.Array, v_bsnv: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
         """Softmax attention (float32 logits and softmax), [batch, length, heads, v_head_dim]."""
@@ -249,8 +246,8 @@ class MLA(nnx.Module):
 
     def _attend_latents(self, q_btnh, kv_bsc, k_rope_bsr, mask_b1ts) -> jax.Array:
         """Attention over cached latents, kv_b_proj absorbed (see the module docstring); the same
-        result as _attend over _expand(kv, k_rope)."""
-        w_k_cnh, w_v_cnv = jnp.split(self.kv_b_proj[...].astype(q_btnh.dtype), [self.qk_nope_head_dim], axis=-1)
+        result as _attend over _expand(kv, k_rope); with a LoRA adapter, its update is absorbed too."""
+        w_k_cnh, w_v_cnv = jnp.split(self.kv_b_proj.weight().astype(q_btnh.dtype), [self.qk_nope_head_dim], axis=-1)
         q_nope_btnh, q_rope_btnr = jnp.split(q_btnh, [self.qk_nope_head_dim], axis=-1)
         q_latent_btnc = jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_k_cnh)
         logits = jnp.einsum("btnc,bsc->bnts", q_latent_btnc, kv_bsc, preferred_element_type=jnp.float32)
@@ -267,17 +264,24 @@ class MLA(nnx.Module):
         return kv, empty_layer_kv(batch, max_length, 1, self.qk_rope_head_dim, self.dtype)
 
     def __call__(
-        self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array, cache: KVCache | None = None
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        segment_ids_bt: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Attention within x [batch, length, d_model]: causal, within each packed segment. With a
         cache (this layer's latents, the key segment ids with x's already written at cache.index):
-        returns (output, cache with x's latents written), attending over every cached slot."""
+        returns (output, cache with x's latents written), attending over every cached slot.
+        dropout_key: of the projections' LoRA dropout (training)."""
         x = x_btd.astype(self.dtype)
-        q_btnh = self._queries(x, positions_bt)
+        q_btnh = self._queries(x, positions_bt, dropout_key)
         if cache is None:
-            k_btnh, v_btnv = self._keys_values(x, positions_bt)
+            k_btnh, v_btnv = self._keys_values(x, positions_bt, dropout_key)
             out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
-            return project(out_btnv, self.o_proj[...], contract=2)
+            return self.o_proj(out_btnv, fold_key(dropout_key, 5))
         kv_btc, k_rope_btr = self._latents(x, positions_bt)
         slot = (0, 0, cache.index, 0)
         k = jax.lax.dynamic_update_slice(cache.k, kv_btc[:, None].astype(cache.k.dtype), slot)
@@ -285,4 +289,4 @@ class MLA(nnx.Module):
         cache = dataclasses.replace(cache, k=k, v=v)
         mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
         out_btnv = self._attend_latents(q_btnh, cache.k[:, 0], cache.v[:, 0], mask)
-        return project(out_btnv, self.o_proj[...], contract=2), cache
+        return self.o_proj(out_btnv), cache

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.dense import Dense, fold_key
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,  # SwiGLU (Llama, Mistral, Qwen)
@@ -30,12 +30,12 @@ class GatedMLP(nnx.Module):
             raise ValueError(f"unknown MLP activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
         self.activation = activation
         self.dtype = jnp.dtype(dtype)
-        shape_in, shape_out = (d_model, hidden_dim), (hidden_dim, d_model)
-        self.gate = nnx.Param(dense_init(rngs, shape_in, d_model, param_dtype), logical_axes=("embed", "mlp"))
-        self.up = nnx.Param(dense_init(rngs, shape_in, d_model, param_dtype), logical_axes=("embed", "mlp"))
-        self.down = nnx.Param(dense_init(rngs, shape_out, hidden_dim, param_dtype), logical_axes=("mlp", "embed"))
+        self.gate = Dense(d_model, hidden_dim, logical_axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
+        self.up = Dense(d_model, hidden_dim, logical_axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
+        self.down = Dense(hidden_dim, d_model, logical_axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """dropout_key: of the projections' LoRA dropout (training)."""
         x = x_btd.astype(self.dtype)
-        hidden_btf = ACTIVATIONS[self.activation](project(x, self.gate[...])) * project(x, self.up[...])
-        return project(hidden_btf, self.down[...])
+        gate_btf, up_btf = self.gate(x, fold_key(dropout_key, 0)), self.up(x, fold_key(dropout_key, 1))
+        return self.down(ACTIVATIONS[self.activation](gate_btf) * up_btf, fold_key(dropout_key, 2))

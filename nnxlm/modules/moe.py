@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.dense import Dense, ExpertDense, fold_key
 from nnxlm.modules.mlp import ACTIVATIONS, GatedMLP
 
 ROUTERS = ("softmax", "sigmoid")
@@ -113,7 +113,7 @@ class MoE(nnx.Module):
         self.dtype = jnp.dtype(dtype)
 
         e, d, f = num_experts, d_model, expert_hidden_dim
-        self.router = nnx.Param(dense_init(rngs, (d, e), d, param_dtype), logical_axes=("embed", "expert"))
+        self.router = Dense(d, e, logical_axes=("embed", "expert"), param_dtype=param_dtype, rngs=rngs)
         if router_bias:
             self.router_bias = nnx.Param(jnp.zeros((e,), param_dtype), logical_axes=("expert",))
         else:
@@ -123,9 +123,9 @@ class MoE(nnx.Module):
         else:
             self.score_correction_bias = None
         axes_in, axes_out = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
-        self.gate = nnx.Param(dense_init(rngs, (e, d, f), d, param_dtype), logical_axes=axes_in)
-        self.up = nnx.Param(dense_init(rngs, (e, d, f), d, param_dtype), logical_axes=axes_in)
-        self.down = nnx.Param(dense_init(rngs, (e, f, d), f, param_dtype), logical_axes=axes_out)
+        self.gate = ExpertDense(e, d, f, logical_axes=axes_in, param_dtype=param_dtype, rngs=rngs)
+        self.up = ExpertDense(e, d, f, logical_axes=axes_in, param_dtype=param_dtype, rngs=rngs)
+        self.down = ExpertDense(e, f, d, logical_axes=axes_out, param_dtype=param_dtype, rngs=rngs)
         if num_shared_experts:
             hidden = shared_hidden_dim or num_shared_experts * expert_hidden_dim
             self.shared = GatedMLP(
@@ -134,20 +134,22 @@ class MoE(nnx.Module):
         else:
             self.shared = None
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """dropout_key: of the expert projections' LoRA dropout (training)."""
         batch, length, d_model = x_btd.shape
         x_nd = x_btd.astype(self.dtype).reshape(batch * length, d_model)
         weights_nk, experts_nk, probs_ne = self.route(x_nd)
         if hasattr(self, "__captures__"):  # only under nnx.capture: flax 0.12 would otherwise keep
             # appending the loss to the module's own state on every call (inference included)
             self.sow(nnx.Intermediate, "moe_aux_loss", load_balancing_loss(experts_nk, probs_ne, self.num_experts))
+        keys = [fold_key(dropout_key, i) for i in range(4)]
         if self.dispatch == "dense":
-            y_nd = self._dense(x_nd, weights_nk, experts_nk)
+            y_nd = self._dense(x_nd, weights_nk, experts_nk, keys)
         else:
-            y_nd = self._sorted(x_nd, weights_nk, experts_nk)
+            y_nd = self._sorted(x_nd, weights_nk, experts_nk, keys)
         y_btd = y_nd.reshape(batch, length, d_model)
         if self.shared is not None:
-            y_btd = y_btd + self.shared(x_btd)
+            y_btd = y_btd + self.shared(x_btd, keys[3])
         return y_btd
 
     def route(self, x_nd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -156,7 +158,7 @@ class MoE(nnx.Module):
         The probabilities are what the load-balancing loss averages (softmax, or the sigmoid scores
         normalised per token). The router runs in float32, as in the reference implementations.
         """
-        logits_ne = x_nd.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+        logits_ne = self.router(x_nd.astype(jnp.float32))
         if self.router_bias is not None:
             logits_ne = logits_ne + self.router_bias[...].astype(jnp.float32)
         k = self.num_experts_per_token
@@ -186,28 +188,25 @@ class MoE(nnx.Module):
         kept_ng = jnp.any(kept_groups[:, :, None] == jnp.arange(groups), axis=1)
         return jnp.where(kept_ng[:, :, None], choice_ngs, -jnp.inf).reshape(n, self.num_experts)
 
-    def _dense(self, x_nd, weights_nk, experts_nk):
+    def _dense(self, x_nd, weights_nk, experts_nk, keys):
         """All experts on all tokens, weighted by a combine matrix that is zero outside the top k."""
         one_hot_nke = jax.nn.one_hot(experts_nk, self.num_experts, dtype=jnp.float32)
         combine_ne = jnp.einsum("nk,nke->ne", weights_nk, one_hot_nke).astype(self.dtype)
-        gate_nef = jnp.einsum("nd,edf->nef", x_nd, self.gate[...].astype(self.dtype))
-        up_nef = jnp.einsum("nd,edf->nef", x_nd, self.up[...].astype(self.dtype))
+        gate_nef, up_nef = self.gate.all(x_nd, keys[0]), self.up.all(x_nd, keys[1])
         # weighting the hidden units before the (linear) down projection lets one matmul contract
         # experts and hidden units together: [n, E*F] x [E*F, embed]
         hidden_nef = ACTIVATIONS[self.activation](gate_nef) * up_nef * combine_ne[:, :, None]
-        return project(hidden_nef, self.down[...], contract=2)
+        return self.down.combine(hidden_nef, keys[2])
 
-    def _sorted(self, x_nd, weights_nk, experts_nk):
+    def _sorted(self, x_nd, weights_nk, experts_nk, keys):
         """Token-slots sorted by expert; one grouped matmul (ragged_dot) per projection."""
         n, k = experts_nk.shape
         experts_s = experts_nk.reshape(n * k)
         order_s = jnp.argsort(experts_s, stable=True)  # slot s of the sorted list is slot order_s[s]
         x_sd = x_nd[order_s // k]
         group_sizes = jnp.bincount(experts_s, length=self.num_experts).astype(jnp.int32)
-        gate_sf = jax.lax.ragged_dot(x_sd, self.gate[...].astype(self.dtype), group_sizes)
-        up_sf = jax.lax.ragged_dot(x_sd, self.up[...].astype(self.dtype), group_sizes)
-        hidden_sf = ACTIVATIONS[self.activation](gate_sf) * up_sf
-        y_sd = jax.lax.ragged_dot(hidden_sf, self.down[...].astype(self.dtype), group_sizes)
+        gate_sf, up_sf = self.gate.grouped(x_sd, group_sizes, keys[0]), self.up.grouped(x_sd, group_sizes, keys[1])
+        y_sd = self.down.grouped(ACTIVATIONS[self.activation](gate_sf) * up_sf, group_sizes, keys[2])
         unsorted_sd = jnp.zeros_like(y_sd).at[order_s].set(y_sd)  # back to token-major slot order
         weights_nk = weights_nk.astype(self.dtype)
         return jnp.einsum("nkd,nk->nd", unsorted_sd.reshape(n, k, -1), weights_nk)

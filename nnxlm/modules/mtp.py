@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.dense import Dense
 from nnxlm.modules.stack import stacked
 
 
@@ -45,14 +45,13 @@ class PredictionDepth(nnx.Module):
         self.embedding_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
         self.hidden_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
         # the concatenated input is a hidden dimension of this one matmul (as an MLP's down projection)
-        kernel = dense_init(rngs, (2 * d_model, d_model), 2 * d_model, param_dtype)
-        self.projection = nnx.Param(kernel, logical_axes=("mlp", "embed"))
+        self.projection = Dense(2 * d_model, d_model, logical_axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
         self.block = block(d_model, norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.output_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, hidden_btd, embedded_btd, positions_bt, segment_ids_bt):
         both_btd = jnp.concatenate([self.embedding_norm(embedded_btd), self.hidden_norm(hidden_btd)], axis=-1)
-        h_btd = self.block(project(both_btd.astype(self.dtype), self.projection[...]), positions_bt, segment_ids_bt)
+        h_btd = self.block(self.projection(both_btd.astype(self.dtype)), positions_bt, segment_ids_bt)
         return h_btd, self.output_norm(h_btd)
 
 

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.dense import dense_init, project
+from nnxlm.modules.dense import Dense
 from nnxlm.modules.embed import Embedder
 from nnxlm.modules.kv_cache import KVCache
+from nnxlm.modules.lora import LoRA
 from nnxlm.modules.mtp import MultiTokenPrediction, shifted_ids
 from nnxlm.modules.norms import RMSNorm
 from nnxlm.modules.rope import inverse_frequencies
@@ -63,6 +64,8 @@ class Transformer(nnx.Module):
         ones), as a stack of their own, `first_layers`; `layers` holds the others.
       mtp_depth: multi-token prediction modules for training (DeepSeek-V3: 1), each one more
         `block` (see nnxlm.modules.mtp and mtp_logits); 0: none.
+      lora: LoRA adapters added to the projections once the model is built (nnxlm.modules.lora);
+        None: none.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Transformer(nnx.Module):
         first_block: Callable[..., nnx.Module] | None = None,
         num_first_layers: int = 0,
         mtp_depth: int = 0,
+        lora: LoRA | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -114,12 +118,14 @@ class Transformer(nnx.Module):
         self.layers = self._stack(functools.partial(block, d_model, **shared), num_layers - num_first_layers, rngs)
         self.final_norm = norm(d_model, param_dtype=param_dtype, rngs=rngs)
         if not tie_embeddings:
-            head = dense_init(rngs, (d_model, vocab_size), d_model, param_dtype)
-            self.head = nnx.Param(head, logical_axes=("embed", "vocab"))
+            self.head = Dense(d_model, vocab_size, logical_axes=("embed", "vocab"), param_dtype=param_dtype, rngs=rngs)
         self.mtp_depth = mtp_depth
         self.mtp = (
             MultiTokenPrediction(d_model, depth=mtp_depth, block=block, **shared, rngs=rngs) if mtp_depth else None
         )
+        self.lora = lora
+        if lora is not None:
+            lora.apply(self, rngs)
 
     def _stack(self, make_block, count: int, rngs: nnx.Rngs) -> nnx.Module:
         if self.scan_layers:
@@ -220,7 +226,7 @@ class Transformer(nnx.Module):
         if self.tie_embeddings:
             logits_btv = self.embedder.attend(x_btd)
         else:
-            logits_btv = project(x_btd, self.head[...])
+            logits_btv = self.head(x_btd)
         logits_btv = logits_btv.astype(jnp.float32)
         if self.final_logit_softcap is not None:
             logits_btv = self.final_logit_softcap * jnp.tanh(logits_btv / self.final_logit_softcap)

@@ -3,6 +3,8 @@
 import fiddle as fdl
 
 from nnxlm.data import JsonlFiles, Synthetic, TextFiles
+from nnxlm.modules.lora import LoRA
+from nnxlm.objectives import SFT
 
 
 def loop_layers(cfg: fdl.Config) -> None:
@@ -60,3 +62,33 @@ def _files(cfg, source, train, eval, eval_fraction, **fields) -> None:
     else:
         cfg.train_data = fdl.Config(source, globs=[train], **fields)
         cfg.eval_data = fdl.Config(source, globs=[eval], **fields)
+
+
+def sft(
+    cfg: fdl.Config,
+    train: str,
+    eval: str | None = None,
+    eval_fraction: float = 0.01,
+    loss_on: str = "assistant",
+    overlong: str = "truncate",
+    chat_template: str | None = None,
+) -> None:
+    """Supervised fine-tuning on the JSON Lines files matching `train`: one example a line, with
+    "messages" or "prompt" / "completion" (nnxlm.data.sft); evaluate on `eval`, or on a held-out
+    eval_fraction of the examples. loss_on, overlong and chat_template are SFT's (nnxlm.objectives)."""
+    _files(cfg, JsonlFiles, train, eval, eval_fraction, field=None)
+    cfg.objective = fdl.Config(SFT, loss_on=loss_on, overlong=overlong, chat_template=chat_template)
+
+
+def lora(
+    cfg: fdl.Config,
+    rank: int = 16,
+    alpha: float = 32.0,
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down"),
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> None:
+    """LoRA adapters on the model's projections (nnxlm.modules.lora), which alone train: targets
+    q, k, v, o, gate, up, down, q_a, q_b, kv_a, kv_b, head; scale alpha / rank."""
+    cfg.model.lora = fdl.Config(LoRA, rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout, rslora=rslora)
+    cfg.trainable = "lora"

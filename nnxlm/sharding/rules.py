@@ -31,6 +31,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_lora": None,
     "norm": None,
     "layers": None,
+    "lora_rank": None,  # LoRA's rank axis is never split (nnxlm.modules.lora)
 }
 
 

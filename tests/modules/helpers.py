@@ -16,12 +16,12 @@ def tiny_model(scan_layers=True, seed=0, **changes):
 
 def copy_weights(source, target):
     """Puts source's parameters into target, converting between stacked and listed layers."""
-    from nnxlm.checkpointing import stack_layers, unstack_layers
+    from nnxlm.checkpointing import from_stored_layout, stored_layout
 
     target_state = nnx.state(target)
-    canonical = stack_layers(nnx.to_pure_dict(nnx.state(source)))
+    canonical = stored_layout(nnx.to_pure_dict(nnx.state(source)))
     like = nnx.to_pure_dict(target_state)
-    nnx.replace_by_pure_dict(target_state, unstack_layers(canonical, _abstract(like)))
+    nnx.replace_by_pure_dict(target_state, from_stored_layout(canonical, _abstract(like)))
     nnx.update(target, target_state)
 
 

@@ -9,9 +9,9 @@ from nnxlm.modules.rope import apply_rope
 
 def reference_multi_head_attention(attention, x_btd):
     """Textbook causal multi-head attention with the same weights (no GQA, no packing)."""
-    q = jnp.einsum("btd,dnh->bnth", x_btd, attention.q_proj[...])
-    k = jnp.einsum("btd,dnh->bnth", x_btd, attention.k_proj[...])
-    v = jnp.einsum("btd,dnh->bnth", x_btd, attention.v_proj[...])
+    q = jnp.einsum("btd,dnh->bnth", x_btd, attention.q_proj.kernel[...])
+    k = jnp.einsum("btd,dnh->bnth", x_btd, attention.k_proj.kernel[...])
+    v = jnp.einsum("btd,dnh->bnth", x_btd, attention.v_proj.kernel[...])
     positions = jnp.arange(x_btd.shape[1])[None]
     q = apply_rope(q.transpose(0, 2, 1, 3), positions, attention.rope_theta).transpose(0, 2, 1, 3)
     k = apply_rope(k.transpose(0, 2, 1, 3), positions, attention.rope_theta).transpose(0, 2, 1, 3)
@@ -19,7 +19,7 @@ def reference_multi_head_attention(attention, x_btd):
     causal = np.tril(np.ones((x_btd.shape[1],) * 2, bool))
     weights = jax.nn.softmax(jnp.where(causal, scores, -np.inf), axis=-1)
     out = jnp.einsum("bnts,bnsh->btnh", weights, v)
-    return jnp.einsum("btnh,nhd->btd", out, attention.o_proj[...])
+    return jnp.einsum("btnh,nhd->btd", out, attention.o_proj.kernel[...])
 
 
 def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
@@ -33,10 +33,10 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
 def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
     gqa = Attention(32, num_heads=6, num_kv_heads=2, head_dim=12, rngs=nnx.Rngs(0))
     mha = Attention(32, num_heads=6, num_kv_heads=6, head_dim=12, rngs=nnx.Rngs(1))
-    mha.q_proj[...], mha.o_proj[...] = gqa.q_proj[...], gqa.o_proj[...]
+    mha.q_proj.kernel[...], mha.o_proj.kernel[...] = gqa.q_proj.kernel[...], gqa.o_proj.kernel[...]
     # query head n uses kv head n // (num_heads / num_kv_heads)
-    mha.k_proj[...] = jnp.repeat(gqa.k_proj[...], 3, axis=1)
-    mha.v_proj[...] = jnp.repeat(gqa.v_proj[...], 3, axis=1)
+    mha.k_proj.kernel[...] = jnp.repeat(gqa.k_proj.kernel[...], 3, axis=1)
+    mha.v_proj.kernel[...] = jnp.repeat(gqa.v_proj.kernel[...], 3, axis=1)
     x = jax.random.normal(jax.random.key(2), (2, 7, 32))
     positions, segments = jnp.broadcast_to(jnp.arange(7), (2, 7)), jnp.ones((2, 7), jnp.int32)
     np.testing.assert_allclose(gqa(x, positions, segments), mha(x, positions, segments), atol=1e-5, rtol=1e-5)
@@ -73,7 +73,7 @@ def _twin(**options):
     plain = Attention(32, num_heads=4, num_kv_heads=2, head_dim=12, rngs=nnx.Rngs(0))
     other = Attention(32, num_heads=4, num_kv_heads=2, head_dim=12, **options, rngs=nnx.Rngs(0))
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        getattr(other, name)[...] = getattr(plain, name)[...]
+        getattr(other, name).kernel[...] = getattr(plain, name).kernel[...]
     return plain, other
 
 
@@ -91,7 +91,7 @@ def test_zero_qkv_biases_equal_no_bias_and_biases_shift_the_projections():
     np.testing.assert_allclose(biased(x, positions, segments), plain(x, positions, segments), atol=1e-6)
     # a value bias b adds o_proj(b) to every output (attention weights sum to 1)
     biased.v_bias[...] = jax.random.normal(jax.random.key(3), (2, 12))
-    shift = jnp.einsum("nh,nhd->d", jnp.repeat(biased.v_bias[...], 2, axis=0), biased.o_proj[...])
+    shift = jnp.einsum("nh,nhd->d", jnp.repeat(biased.v_bias[...], 2, axis=0), biased.o_proj.kernel[...])
     np.testing.assert_allclose(biased(x, positions, segments), plain(x, positions, segments) + shift, atol=1e-5)
 
 
@@ -107,12 +107,12 @@ def test_qk_norm_normalises_each_query_and_key_head_before_rope():
     def rms_norm(y, scale):
         return y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * scale
 
-    q = rms_norm(jnp.einsum("btd,dnh->btnh", x, normed.q_proj[...]), normed.q_norm.scale[...])
-    k = rms_norm(jnp.einsum("btd,dnh->btnh", x, normed.k_proj[...]), normed.k_norm.scale[...])
-    v = jnp.einsum("btd,dnh->btnh", x, normed.v_proj[...])
+    q = rms_norm(jnp.einsum("btd,dnh->btnh", x, normed.q_proj.kernel[...]), normed.q_norm.scale[...])
+    k = rms_norm(jnp.einsum("btd,dnh->btnh", x, normed.k_proj.kernel[...]), normed.k_norm.scale[...])
+    v = jnp.einsum("btd,dnh->btnh", x, normed.v_proj.kernel[...])
     q, k = apply_rope(q, positions, normed.rope_theta), apply_rope(k, positions, normed.rope_theta)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    expected = jnp.einsum("btnh,nhd->btd", out, normed.o_proj[...])
+    expected = jnp.einsum("btnh,nhd->btd", out, normed.o_proj.kernel[...])
     np.testing.assert_allclose(normed(x, positions, segments), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nnxlm.checkpointing import stack_layers
+from nnxlm.checkpointing import stored_layout
 from nnxlm.loss import multi_token_prediction_loss
 from tests.modules.helpers import copy_weights, tiny_deepseek
 
@@ -42,7 +42,7 @@ def captured(model, ids):
 def test_two_layer_stacks_scanned_or_looped_hold_the_same_numbers(model, looped):
     assert model.first_layers.mlp.gate.shape == (1, 32, 40) and model.layers.mlp.gate.shape == (2, 8, 32, 16)
     assert len(looped.first_layers) == 1 and len(looped.layers) == 2
-    stored = stack_layers(nnx.to_pure_dict(nnx.state(looped)))  # the checkpoint layout
+    stored = stored_layout(nnx.to_pure_dict(nnx.state(looped)))  # the checkpoint layout
     assert stored["first_layers"]["mlp"]["gate"].shape == (1, 32, 40)
     assert stored["layers"]["mlp"]["score_correction_bias"].shape == (2, 8)
     ids = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)

@@ -94,15 +94,15 @@ def load_hf_weights(layer, attention):
     (.T then reshape for the 3-D ones; heads are the major factor of HF's out / in dims.)"""
     state = {name: value.detach().numpy() for name, value in attention.state_dict().items()}
     if "q_proj.weight" in state:
-        layer.q_proj[...] = state["q_proj.weight"].T.reshape(layer.q_proj.shape)
+        layer.q_proj.kernel[...] = state["q_proj.weight"].T.reshape(layer.q_proj.shape)
     else:
-        layer.q_a_proj[...] = state["q_a_proj.weight"].T
+        layer.q_a_proj.kernel[...] = state["q_a_proj.weight"].T
         layer.q_a_norm.scale[...] = state["q_a_layernorm.weight"]
-        layer.q_b_proj[...] = state["q_b_proj.weight"].T.reshape(layer.q_b_proj.shape)
-    layer.kv_a_proj[...] = state["kv_a_proj_with_mqa.weight"].T
+        layer.q_b_proj.kernel[...] = state["q_b_proj.weight"].T.reshape(layer.q_b_proj.shape)
+    layer.kv_a_proj.kernel[...] = state["kv_a_proj_with_mqa.weight"].T
     layer.kv_a_norm.scale[...] = state["kv_a_layernorm.weight"]
-    layer.kv_b_proj[...] = state["kv_b_proj.weight"].T.reshape(layer.kv_b_proj.shape)
-    layer.o_proj[...] = state["o_proj.weight"].T.reshape(layer.o_proj.shape)
+    layer.kv_b_proj.kernel[...] = state["kv_b_proj.weight"].T.reshape(layer.kv_b_proj.shape)
+    layer.o_proj.kernel[...] = state["o_proj.weight"].T.reshape(layer.o_proj.shape)
 
 
 def hf_output(config, attention, x, positions):
@@ -178,17 +178,17 @@ def test_two_packed_documents_equal_each_alone(rope_scaling):
 def test_parameter_shapes_and_logical_axes(q_lora_rank):
     layer = mla(q_lora_rank)
     expected = {
-        "kv_a_proj": ((D, KV_LORA + ROPE), ("embed", "kv_lora")),
+        "kv_a_proj.kernel": ((D, KV_LORA + ROPE), ("embed", "kv_lora")),
         "kv_a_norm.scale": ((KV_LORA,), ("norm",)),
-        "kv_b_proj": ((KV_LORA, HEADS, NOPE + V), ("kv_lora", "heads", "head_dim")),
-        "o_proj": ((HEADS, V, D), ("heads", "head_dim", "embed")),
+        "kv_b_proj.kernel": ((KV_LORA, HEADS, NOPE + V), ("kv_lora", "heads", "head_dim")),
+        "o_proj.kernel": ((HEADS, V, D), ("heads", "head_dim", "embed")),
     }
     if q_lora_rank is None:
-        expected["q_proj"] = ((D, HEADS, NOPE + ROPE), ("embed", "heads", "head_dim"))
+        expected["q_proj.kernel"] = ((D, HEADS, NOPE + ROPE), ("embed", "heads", "head_dim"))
     else:
-        expected["q_a_proj"] = ((D, Q_LORA), ("embed", "q_lora"))
+        expected["q_a_proj.kernel"] = ((D, Q_LORA), ("embed", "q_lora"))
         expected["q_a_norm.scale"] = ((Q_LORA,), ("norm",))
-        expected["q_b_proj"] = ((Q_LORA, HEADS, NOPE + ROPE), ("q_lora", "heads", "head_dim"))
+        expected["q_b_proj.kernel"] = ((Q_LORA, HEADS, NOPE + ROPE), ("q_lora", "heads", "head_dim"))
     actual = {}
     for path, variable in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
         axes = variable.get_metadata()["logical_axes"]

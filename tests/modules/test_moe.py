@@ -43,7 +43,7 @@ def loop_over_chosen_experts(moe, x_btd):
     """The definition: each token's output is the weighted sum of its chosen experts' outputs."""
     x = np.asarray(x_btd, np.float64).reshape(-1, x_btd.shape[-1])
     weights, experts, _ = (np.asarray(a) for a in moe.route(jnp.asarray(x, jnp.float32)))
-    gate, up, down = (np.asarray(p[...], np.float64) for p in (moe.gate, moe.up, moe.down))
+    gate, up, down = (np.asarray(p.kernel[...], np.float64) for p in (moe.gate, moe.up, moe.down))
     out = np.zeros_like(x)
     for n in range(x.shape[0]):
         for w, e in zip(weights[n], experts[n], strict=True):
@@ -95,7 +95,7 @@ def test_one_expert_is_a_gated_mlp(router):
     moe = MoE(D, num_experts=1, num_experts_per_token=1, expert_hidden_dim=F, router=router, rngs=nnx.Rngs(0))
     mlp = GatedMLP(D, hidden_dim=F, rngs=nnx.Rngs(1))
     for name in ("gate", "up", "down"):
-        getattr(mlp, name)[...] = getattr(moe, name)[0]
+        getattr(mlp, name).kernel[...] = getattr(moe, name).kernel[0]
     x = tokens()
     np.testing.assert_allclose(moe(x), mlp(x), rtol=1e-5, atol=1e-6)
 
@@ -119,15 +119,15 @@ def load_hf_weights(moe, block):
     [out, in]); gate.e_score_correction_bias [E]."""
     state = {name: value.detach().numpy() for name, value in block.state_dict().items()}
     f = state["experts.down_proj"].shape[-1]
-    moe.router[...] = state["gate.weight"].T
-    moe.gate[...] = state["experts.gate_up_proj"][:, :f].transpose(0, 2, 1)
-    moe.up[...] = state["experts.gate_up_proj"][:, f:].transpose(0, 2, 1)
-    moe.down[...] = state["experts.down_proj"].transpose(0, 2, 1)
+    moe.router.kernel[...] = state["gate.weight"].T
+    moe.gate.kernel[...] = state["experts.gate_up_proj"][:, :f].transpose(0, 2, 1)
+    moe.up.kernel[...] = state["experts.gate_up_proj"][:, f:].transpose(0, 2, 1)
+    moe.down.kernel[...] = state["experts.down_proj"].transpose(0, 2, 1)
     if "gate.e_score_correction_bias" in state:
         moe.score_correction_bias[...] = state["gate.e_score_correction_bias"]
     if moe.shared is not None:
         for name in ("gate", "up", "down"):
-            getattr(moe.shared, name)[...] = state[f"shared_experts.{name}_proj.weight"].T
+            getattr(moe.shared, name).kernel[...] = state[f"shared_experts.{name}_proj.weight"].T
 
 
 def assert_matches_hf(moe, block, seed=0):
@@ -207,11 +207,11 @@ def test_aux_loss_is_captured_and_is_one_kth_of_transformers_value():
     x = tokens(2, (3, 11, D))
     _, captured = nnx.capture(moe, nnx.Intermediate)(x)
     (sown,) = jax.tree.leaves(captured)
-    logits = x.reshape(-1, D) @ moe.router[...]
+    logits = x.reshape(-1, D) @ moe.router.kernel[...]
     hf_loss = load_balancing_loss_func((torch.tensor(np.asarray(logits)),), num_experts=4, top_k=2)
     np.testing.assert_allclose(2 * sown, hf_loss.item(), rtol=1e-5)
     # a uniform router gives exactly 1 whichever experts it picks
-    moe.router[...] = jnp.zeros_like(moe.router[...])
+    moe.router.kernel[...] = jnp.zeros_like(moe.router.kernel[...])
     np.testing.assert_allclose(jax.tree.leaves(nnx.capture(moe, nnx.Intermediate)(x)[1]), [1.0], rtol=1e-6)
 
 
@@ -250,7 +250,7 @@ def test_aux_loss_of_every_layer_comes_out_of_the_scanned_transformer():
     new_state, aux_l, grads = train_step(state)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)  # captured: nothing left behind
     assert aux_l.shape == (2,)  # one a layer, stacked by nnx.scan
-    assert float(jnp.min(jnp.sum(jnp.abs(grads["layers"]["mlp"]["router"][...]), axis=(1, 2)))) > 0
+    assert float(jnp.min(jnp.sum(jnp.abs(grads["layers"]["mlp"]["router"]["kernel"][...]), axis=(1, 2)))) > 0
 
     # the same numbers outside jax.jit's pure step, scanned and layer by layer unscanned
     listed = nnx.eval_shape(lambda: moe_model(scan_layers=False))
@@ -267,15 +267,15 @@ def test_aux_loss_of_every_layer_comes_out_of_the_scanned_transformer():
 def test_parameters_carry_logical_axes_matching_their_rank():
     moe = MoE(D, expert_hidden_dim=F, router_bias=True, **DEEPSEEK, rngs=nnx.Rngs(0))
     expected = {
-        ("router",): ("embed", "expert"),
+        ("router", "kernel"): ("embed", "expert"),
         ("router_bias",): ("expert",),
         ("score_correction_bias",): ("expert",),
-        ("gate",): ("expert", "embed", "mlp"),
-        ("up",): ("expert", "embed", "mlp"),
-        ("down",): ("expert", "mlp", "embed"),
-        ("shared", "gate"): ("embed", "mlp"),
-        ("shared", "up"): ("embed", "mlp"),
-        ("shared", "down"): ("mlp", "embed"),
+        ("gate", "kernel"): ("expert", "embed", "mlp"),
+        ("up", "kernel"): ("expert", "embed", "mlp"),
+        ("down", "kernel"): ("expert", "mlp", "embed"),
+        ("shared", "gate", "kernel"): ("embed", "mlp"),
+        ("shared", "up", "kernel"): ("embed", "mlp"),
+        ("shared", "down", "kernel"): ("mlp", "embed"),
     }
     found = {}
     for path, variable in nnx.iter_graph(moe):

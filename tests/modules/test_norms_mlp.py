@@ -22,7 +22,7 @@ def test_rmsnorm_matches_the_formula():
 def test_gated_mlp_is_down_of_activated_gate_times_up(activation, function):
     mlp = GatedMLP(8, hidden_dim=16, activation=activation, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 3, 8))
-    expected = (function(x @ mlp.gate[...]) * (x @ mlp.up[...])) @ mlp.down[...]
+    expected = (function(x @ mlp.gate.kernel[...]) * (x @ mlp.up.kernel[...])) @ mlp.down.kernel[...]
     np.testing.assert_allclose(mlp(x), expected, atol=1e-5, rtol=1e-5)
 
 

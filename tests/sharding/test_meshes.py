@@ -34,21 +34,21 @@ def meshes():
 # (global shape, first device's shard shape) of a few parameters; tiny: width 64, 4 layers
 # (stacked), 4 query and 2 KV heads of 16, MLP 192, vocabulary 256; the MoE has 4 experts of 32.
 EXPECTED_SHARDS = {
-    "data=8": {"layers.attention.q_proj": [4, 64, 4, 16], "head": [64, 256]},
+    "data=8": {"layers.attention.q_proj.kernel": [4, 64, 4, 16], "head.kernel": [64, 256]},
     "fsdp=8": {
-        "layers.attention.q_proj": [4, 8, 4, 16],
-        "layers.mlp.gate": [4, 8, 192],
+        "layers.attention.q_proj.kernel": [4, 8, 4, 16],
+        "layers.mlp.gate.kernel": [4, 8, 192],
         "embedder.embedding": [256, 8],
     },
     "data=2 fsdp=2 tensor=2": {
-        "layers.attention.q_proj": [4, 32, 2, 16],
-        "layers.attention.k_proj": [4, 32, 1, 16],
-        "layers.mlp.down": [4, 96, 32],
-        "head": [32, 128],
+        "layers.attention.q_proj.kernel": [4, 32, 2, 16],
+        "layers.attention.k_proj.kernel": [4, 32, 1, 16],
+        "layers.mlp.down.kernel": [4, 96, 32],
+        "head.kernel": [32, 128],
     },
-    "tensor=4": {"layers.attention.q_proj": [4, 64, 1, 16], "layers.attention.k_proj": [4, 64, 2, 16]},
-    "expert=4 moe": {"layers.mlp.gate": [4, 1, 64, 32], "layers.mlp.router": [4, 64, 1]},
-    "sequence=2 fsdp=4": {"layers.attention.q_proj": [4, 8, 4, 16], "embedder.embedding": [256, 8]},
+    "tensor=4": {"layers.attention.q_proj.kernel": [4, 64, 1, 16], "layers.attention.k_proj.kernel": [4, 64, 2, 16]},
+    "expert=4 moe": {"layers.mlp.gate.kernel": [4, 1, 64, 32], "layers.mlp.router.kernel": [4, 64, 1]},
+    "sequence=2 fsdp=4": {"layers.attention.q_proj.kernel": [4, 8, 4, 16], "embedder.embedding": [256, 8]},
 }
 
 

@@ -1,0 +1,191 @@
+"""Chat templates: conversations -> the text a model was trained on, rendered as transformers does.
+
+A chat template is a Jinja template (Hugging Face's convention): `chat_template.jinja` beside the
+tokenizer, or the `chat_template` field of `tokenizer_config.json`. It is rendered with the
+conversation as `messages`, `add_generation_prompt`, and the tokenizer's special tokens as strings
+(`bos_token`, `eos_token`, ...), in a sandboxed environment with the settings of transformers'
+`apply_chat_template` (trim_blocks, lstrip_blocks, loop controls, `raise_exception`,
+`strftime_now`, a `tojson` that keeps non-ASCII text), so the text is byte for byte the same.
+Templates are data: the sandbox gives them no access to Python objects beyond plain values.
+
+Tokenizers trained by nnxlm have no template; BUILTIN_TEMPLATE is theirs:
+
+    <|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}</s>\\n...
+
+and the generation prompt is `<|assistant|>\\n`. The eos token ends every assistant turn.
+
+Which tokens an assistant turn covers (`assistant_spans`): where the template marks them with
+`{% generation %}` ... `{% endgeneration %}`, those characters; otherwise the characters that
+rendering the conversation up to turn k adds to the rendering of the turns before it with a
+generation prompt (the turn's content and its end-of-turn token, not its role header). Trailing
+whitespace after the end-of-turn token is left out (generation stops at that token).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import functools
+import json
+import os
+
+from nnxlm.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+TEMPLATE_FILE = "chat_template.jinja"
+BUILTIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def find_template(directory: str) -> str | None:
+    """The chat template kept beside a tokenizer: chat_template.jinja, else tokenizer_config.json's
+    chat_template (its "default" entry when it holds several); None when there is neither."""
+    path = os.path.join(directory, TEMPLATE_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.exists(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is not readable JSON ({e}): fix or remove it") from None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        if "default" not in named:
+            raise UserError(f"{config_path} holds chat templates {sorted(named)} but no 'default' one: name one")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{config_path}: chat_template is {type(template).__name__}, not a template string")
+    return template
+
+
+_GENERATION_SPANS: contextvars.ContextVar = contextvars.ContextVar("nnxlm_generation_spans", default=None)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationSpans(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` renders its body and, while recording, notes
+        where the body starts and ends in the output (transformers' assistant mask markers)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)  # the tag's name
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark", [jinja2.nodes.ContextReference()]), [], [], body)
+
+        def _mark(self, context, caller):
+            text = caller()
+            recording = _GENERATION_SPANS.get()
+            if recording is not None:  # (output chunks so far, spans): the body starts where they end
+                chunks, spans = recording
+                start = sum(len(chunk) for chunk in chunks)
+                spans.append((start, start + len(text)))
+            return text
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationSpans, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"the chat template does not parse (line {e.lineno}: {e.message}): fix the template") from None
+
+
+class ChatTemplate:
+    """A chat template with the special tokens it is rendered with.
+
+    special_tokens: {"bos_token": "<s>", "eos_token": "</s>", ...} as the tokenizer names them.
+    """
+
+    def __init__(self, template: str, special_tokens: dict[str, str]):
+        self.template = template
+        self.special_tokens = dict(special_tokens)
+        self._compiled = _compile(template)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return "".join(self._chunks(messages, add_generation_prompt, []))
+
+    def _chunks(self, messages, add_generation_prompt: bool, chunks: list[str]) -> list[str]:
+        import jinja2
+
+        variables = dict(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+        try:
+            for chunk in self._compiled.generate(**variables, **self.special_tokens):
+                chunks.append(chunk)
+        except jinja2.exceptions.TemplateError as e:
+            raise UserError(
+                f"the chat template does not render this conversation ({e}): fix the template or the data"
+            ) from None
+        return chunks
+
+    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """(the rendered conversation, [(start, end) character range of each assistant turn])."""
+        if "generation" in self.template and "endgeneration" in self.template:
+            return self._marked_spans(messages)
+        text = self.render(messages)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:k], add_generation_prompt=True)
+            upto = self.render(messages[: k + 1])
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise UserError(
+                    "the chat template does not render a conversation turn by turn (the text up to an assistant "
+                    "turn is not a prefix of the whole), so its assistant tokens cannot be found: add "
+                    "{% generation %} markers to the template or train on every token (loss_on='all')"
+                )
+            end = len(prompt) + len(upto[len(prompt) :].rstrip())
+            spans.append((len(prompt), end))
+        return text, spans
+
+    def _marked_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        chunks, spans = [], []
+        token = _GENERATION_SPANS.set((chunks, spans))
+        try:
+            self._chunks(messages, False, chunks)
+        finally:
+            _GENERATION_SPANS.reset(token)
+        return "".join(chunks), [span for span in spans if span[1] > span[0]]
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """The messages of one example, each {"role": one of ROLES, "content": str}; UserError naming
+    `where` (file:line) otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise UserError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise UserError(f"{where}: message {i} has unknown role {message['role']!r}: use one of {', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise UserError(f"{where}: message {i} content is {type(message['content']).__name__}, not a string")
+        checked.append({key: value for key, value in message.items() if value is not None})
+    return checked

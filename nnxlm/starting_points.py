@@ -1,0 +1,187 @@
+"""Where a run starts: its tokenizer, and the weights or train state of another run or HF model.
+
+A run resumes from its own checkpoints first. Otherwise it may start from
+- load_parameters_path: the parameters of a run directory, checkpoint or Hugging Face model
+  directory (fresh optimizer, step 0). LoRA adapters the source lacks keep their initial values.
+- load_full_state_path: the whole train state of a run directory or checkpoint (parameters,
+  optimizer state, step); the data order starts over.
+A run directory that holds only a model (`nnxlm convert from-hf`) starts from that model.
+
+A pretrained model keeps its own tokenizer: the run uses tokenizer_path, or the tokenizer already in
+its run directory, or copies the source's tokenizer files (and chat template) into it. Only a run
+that starts from scratch trains a new tokenizer; a pretrained model without one is an error.
+"""
+
+import os
+import shutil
+import sys
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from nnxlm.checkpointing import (
+    Checkpointer,
+    find_checkpoint,
+    from_stored_layout,
+    load_recipe,
+    restore_model,
+    saved_paths,
+    stored_layout,
+)
+from nnxlm.data import SentencePieceTokenizer, Synthetic, find_tokenizer, load_tokenizer
+from nnxlm.data.tokenizer import COMPANION_FILES
+from nnxlm.errors import UserError
+
+
+def is_hf_directory(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_parameters(trainer, path: str) -> None:
+    """Replaces the trainer's model parameters by those of `path` (see the module docstring)."""
+    model_state = trainer.state["model"]
+    target = trainer.abstract_state["model"]
+    if is_hf_directory(path):
+        params = _hf_parameters(trainer, path, target)
+    else:
+        directory, step = find_checkpoint(path)
+        saved = saved_paths(directory, step)
+        if not any("adapter" in p for p in saved):  # a base model: the adapters keep their init
+            target = _without_adapters(target)
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(directory)
+        try:
+            params = restore_model(manager, directory, step, target)
+        finally:
+            manager.close()
+    nnx.replace_by_pure_dict(model_state, params)
+    print(f"nnxlm: starting from the parameters in {path}", file=sys.stderr)
+
+
+def _without_adapters(tree):
+    if not isinstance(tree, dict):
+        return tree
+    return {key: _without_adapters(value) for key, value in tree.items() if key != "adapter"}
+
+
+def _hf_parameters(trainer, path: str, target: dict) -> dict:
+    from nnxlm.convert import read_hf_parameters
+
+    target = _without_adapters(target)
+    params = read_hf_parameters(path, stored_layout(target), trainer.model)
+    sharded = jax.tree.map(lambda array, leaf: jax.device_put(array, leaf.sharding), params, stored_layout(target))
+    return from_stored_layout(sharded, target)
+
+
+def restore_full_state(trainer, path: str):
+    """(train state, step) of the run directory or checkpoint `path`."""
+    directory, step = find_checkpoint(path)
+    source = Checkpointer(directory)
+    try:
+        if not source.has_train_state(step):
+            raise UserError(
+                f"{directory}/{step} holds a model without optimizer state: use load_parameters_path instead"
+            )
+        restored, _ = source.restore(step, trainer.abstract_state)
+    finally:
+        source.close()
+    print(f"nnxlm: starting from the train state of {directory}/{step}", file=sys.stderr)
+    return trainer._from_pure_dict(restored), step
+
+
+def prepare_tokenizer(trainer, pretrained: bool):
+    """The run's tokenizer (see the module docstring); None for data that is already token ids."""
+    if isinstance(trainer.train_data, Synthetic):
+        return None
+    workdir = trainer.workdir
+    path = find_tokenizer(workdir, trainer.tokenizer_path)
+    if not os.path.exists(path) and not trainer.tokenizer_path:
+        source = trainer.load_parameters_path or trainer.load_full_state_path
+        if source:
+            _on_main_process(lambda: copy_tokenizer(_tokenizer_of(source), workdir), "tokenizer copied")
+            path = find_tokenizer(workdir)
+        elif pretrained:
+            raise UserError(
+                f"the model in {workdir} has no tokenizer: copy its tokenizer.json or tokenizer.model (with "
+                "tokenizer_config.json) into the run directory, or set tokenizer_path"
+            )
+        else:
+            _on_main_process(lambda: _train_tokenizer(trainer, path), "tokenizer written")
+    return _load_checked(trainer, path)
+
+
+def find_run_tokenizer(trainer):
+    """The tokenizer a run would use, without writing anything (None for token-id data)."""
+    if isinstance(trainer.train_data, Synthetic):
+        return None
+    path = find_tokenizer(trainer.workdir, trainer.tokenizer_path)
+    source = trainer.load_parameters_path or trainer.load_full_state_path
+    if not os.path.exists(path) and not trainer.tokenizer_path and source:
+        path = _tokenizer_of(source)
+    if not os.path.exists(path):
+        raise UserError(f"the run has no tokenizer yet ({path}): set tokenizer_path, or train once to make one")
+    return _load_checked(trainer, path)
+
+
+def _load_checked(trainer, path: str):
+    if not os.path.exists(path):
+        raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > trainer.model_vocab_size:
+        raise UserError(
+            f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {trainer.model_vocab_size}: "
+            "raise model.vocab_size or use a smaller tokenizer"
+        )
+    return tokenizer
+
+
+def _on_main_process(write, what: str) -> None:
+    """Runs `write` on process 0 only; the others wait for it (a shared run directory)."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"nnxlm {what}")
+
+
+def _tokenizer_of(source: str) -> str:
+    """The tokenizer file of a run directory, checkpoint or HF model directory; UserError if none."""
+    if is_hf_directory(source):
+        path = find_tokenizer(source)
+    else:
+        directory, step = find_checkpoint(source)
+        run_dir = os.path.dirname(directory)
+        path = find_tokenizer(run_dir, load_recipe(os.path.join(directory, str(step))).tokenizer_path)
+    if not os.path.exists(path):
+        raise UserError(
+            f"the pretrained model in {source} has no tokenizer: set tokenizer_path to its tokenizer.model "
+            "or tokenizer.json (a model is never given another vocabulary)"
+        )
+    return path
+
+
+def copy_tokenizer(tokenizer_path: str, destination: str) -> None:
+    """Copies a tokenizer file and what travels with it (its config, chat template) into destination."""
+    os.makedirs(destination, exist_ok=True)
+    source = os.path.dirname(os.path.abspath(tokenizer_path))
+    for name in (os.path.basename(tokenizer_path), *COMPANION_FILES):
+        if os.path.exists(os.path.join(source, name)) and not os.path.exists(os.path.join(destination, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+
+
+def _train_tokenizer(trainer, path: str) -> None:
+    documents = trainer.train_data.documents()  # raises first if the data is missing
+    if not isinstance(trainer.train_data.load(documents[0]), str):
+        raise UserError(
+            "train_data holds examples, not text, and the run has no tokenizer: start from a pretrained "
+            "model (load_parameters_path) or set tokenizer_path"
+        )
+    print(f"nnxlm: training a {trainer.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
+    texts = (trainer.train_data.load(doc) for doc in documents)
+    tokenizer = SentencePieceTokenizer.train(texts, trainer.model_vocab_size, max_chars=trainer.tokenizer_train_chars)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tokenizer.save(path)
+
+
+__all__ = ["copy_tokenizer", "find_run_tokenizer", "load_parameters", "prepare_tokenizer", "restore_full_state"]

@@ -1,0 +1,214 @@
+"""Chat templates render as transformers' apply_chat_template does, and SFT masks follow the turns."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nnxlm import UserError
+from nnxlm.data import load_tokenizer
+from nnxlm.data.chat import BUILTIN_TEMPLATE, ChatTemplate
+from nnxlm.data.sft import example_tokens
+
+CHATML = (  # Qwen 2.5's shape: a default system turn when the conversation has none
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+GEMMA = (  # the system turn is folded into the first user turn; roles must alternate
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+CHATML_MARKED = (  # with transformers' {% generation %} markers around what the assistant writes
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "chatml-marked": CHATML_MARKED}
+SPECIAL = {
+    "chatml": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+    "chatml-marked": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+    "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
+    "gemma": dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
+}
+END_OF_TURN = {"chatml": "<|im_end|>", "chatml-marked": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+    "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>",
+]  # fmt: skip
+CONVERSATIONS = [
+    [{"role": "user", "content": "What does len() return?"}, {"role": "assistant", "content": "The number of items."}],
+    [
+        {"role": "system", "content": "You answer in one line."},
+        {"role": "user", "content": "Sort [3, 1, 2]."},
+        {"role": "assistant", "content": " [1, 2, 3] "},
+        {"role": "user", "content": "And reversed?"},
+        {"role": "assistant", "content": "[3, 2, 1] — done. Ünïcode ok"},
+    ],
+    [{"role": "user", "content": "Only a question, 3 * 4 =\n?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory, stdlib_files):
+    """One HF tokenizer (byte-level BPE with the specials of the three families) per template."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [Path(p).read_text(encoding="utf-8")[:4000] for p in stdlib_files[:40]]
+    texts += [m["content"] for c in CONVERSATIONS for m in c]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet)
+    tokenizer.train_from_iterator(texts, trainer)
+    dirs = {}
+    for name, template in TEMPLATES.items():
+        directory = tmp_path_factory.mktemp(name)
+        tokenizer.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **SPECIAL[name]}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+        dirs[name] = directory
+    return dirs
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_rendered_text_and_tokens_equal_transformers_apply_chat_template(tokenizer_dirs, name):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(tokenizer_dirs[name]))
+    tokenizer = load_tokenizer(str(tokenizer_dirs[name] / "tokenizer.json"))
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens())
+    for conversation in CONVERSATIONS:
+        for generation_prompt in (False, True):
+            expected = reference.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=generation_prompt
+            )
+            text = template.render(conversation, add_generation_prompt=generation_prompt)
+            assert text == expected
+            expected_ids = reference.apply_chat_template(
+                conversation, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
+            )["input_ids"]
+            assert tokenizer.encode_with_offsets(text)[0] == list(expected_ids)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_the_loss_covers_assistant_turns_and_their_end_of_turn_token_only(tokenizer_dirs, name):
+    tokenizer = load_tokenizer(str(tokenizer_dirs[name] / "tokenizer.json"))
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens())
+    conversation = CONVERSATIONS[1]
+    ids, trained = example_tokens({"messages": conversation}, tokenizer, template)
+    trained_text = tokenizer._tokenizer.decode(ids[trained].tolist(), skip_special_tokens=False)
+    answers = [m["content"] for m in conversation if m["role"] == "assistant"]
+    if name in ("llama3", "gemma"):  # these templates trim the content
+        answers = [a.strip() for a in answers]
+    assert trained_text == "".join(a + END_OF_TURN[name] for a in answers)
+    if "bos_token" in SPECIAL[name]:  # the template's own bos, once, and never trained
+        bos = tokenizer.bos_id
+        assert ids[0] == bos and list(ids).count(bos) == 1 and not trained[0]
+    # the role headers carry no loss: the token before each trained run is untrained prompt
+    starts = np.flatnonzero(trained[1:] & ~trained[:-1]) + 1
+    assert len(starts) == 2
+
+
+def test_generation_markers_give_the_masks_transformers_gives(tokenizer_dirs):
+    from transformers import AutoTokenizer
+
+    directory = tokenizer_dirs["chatml-marked"]
+    reference = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = load_tokenizer(str(directory / "tokenizer.json"))
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens())
+    for conversation in CONVERSATIONS[:2]:
+        expected = reference.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, trained = example_tokens({"messages": conversation}, tokenizer, template)
+        assert list(ids) == list(expected["input_ids"])
+        assert trained.astype(int).tolist() == list(expected["assistant_masks"])
+
+
+def test_prompt_completion_pairs_train_the_completion_and_eos(tokenizer_dirs):
+    tokenizer = load_tokenizer(str(tokenizer_dirs["llama3"] / "tokenizer.json"))
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens())
+    record = {"prompt": "def add(a, b):\n", "completion": "    return a + b\n"}
+    ids, trained = example_tokens(record, tokenizer, template)
+    assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id and trained[-1] and not trained[0]
+    assert tokenizer._tokenizer.decode(ids[trained][:-1].tolist()) == "    return a + b\n"
+    everything = example_tokens(record, tokenizer, template, loss_on="all")[1]
+    assert everything.all()
+    conversational = {"prompt": CONVERSATIONS[1][:4], "completion": CONVERSATIONS[1][4:]}
+    ids, trained = example_tokens(conversational, tokenizer, template)
+    trained_text = tokenizer._tokenizer.decode(ids[trained].tolist(), skip_special_tokens=False)
+    assert trained_text == "[3, 2, 1] — done. Ünïcode ok<|eot_id|>"  # the prompt's assistant turn is not trained
+
+
+def test_the_builtin_template_suits_nnxlm_sentencepiece_tokenizers(small_tokenizer):
+    template = ChatTemplate(BUILTIN_TEMPLATE, small_tokenizer.special_tokens())
+    text = template.render(CONVERSATIONS[1][:3], add_generation_prompt=False)
+    assert text.startswith("<|system|>\nYou answer in one line.\n<|user|>\nSort")
+    assert text.endswith("<|assistant|>\n [1, 2, 3] </s>\n")
+    ids, trained = example_tokens({"messages": CONVERSATIONS[1]}, small_tokenizer, template)
+    assert list(ids).count(small_tokenizer.eos_id) == 2  # "</s>" became the eos token, once a turn
+    assert small_tokenizer.decode(ids[trained].tolist()) == " [1, 2, 3] [3, 2, 1] — done. Ünïcode ok"
+    assert np.sum(ids[trained] == small_tokenizer.eos_id) == 2  # each turn's eos carries loss
+    prompt = template.render(CONVERSATIONS[2], add_generation_prompt=True)
+    assert prompt == "<|user|>\nOnly a question, 3 * 4 =\n?\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
+        ({"messages": [{"role": "user"}]}, "must be an object with 'role' and 'content'"),
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content is int"),
+        ({"messages": [{"role": "user", "content": "no answer"}]}, "no assistant message"),
+        ({"prompt": "only a prompt"}, "needs 'messages', or 'prompt' and 'completion'"),
+        ({"prompt": "text", "completion": [{"role": "assistant", "content": "x"}]}, "both be strings"),
+        (["a", "list"], "must be a JSON object"),
+    ],
+)
+def test_malformed_examples_name_where_they_are(small_tokenizer, record, message):
+    template = ChatTemplate(BUILTIN_TEMPLATE, small_tokenizer.special_tokens())
+    with pytest.raises(UserError, match=message) as error:
+        example_tokens(record, small_tokenizer, template, where="data/chat.jsonl:7")
+    assert str(error.value).startswith("data/chat.jsonl:7: ")
+
+
+def test_a_template_that_does_not_render_is_one_clear_error(tokenizer_dirs):
+    tokenizer = load_tokenizer(str(tokenizer_dirs["gemma"] / "tokenizer.json"))
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens())
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(UserError, match="does not render this conversation.*roles must alternate"):
+        template.render(twice)
+    with pytest.raises(UserError, match="does not parse"):
+        ChatTemplate("{% for m in messages %}", {})
