@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except UserError as e:
-        print(f"nnxlm: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line: fiddle appends its build context on lines of its own
+        print(f"nnxlm: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 
 

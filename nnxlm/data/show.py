@@ -31,7 +31,9 @@ def render(tokenizer, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:
     specials = {}
     if tokenizer is not None:
         for text in tokenizer.special_tokens().values():
-            specials.update({i: text for i in tokenizer.encode_with_offsets(text)[0][:1]})
+            encoded = tokenizer.encode_with_offsets(text)[0]
+            if len(encoded) == 1:  # a token of its own (an unknown-token text is not)
+                specials[encoded[0]] = text
     pieces, start = [], 0
     while start < len(ids):
         end = start

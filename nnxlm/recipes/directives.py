@@ -65,7 +65,7 @@ def load_base(spec: str) -> tuple[fdl.Config, ModuleType]:
     cfg = function()
     if not isinstance(cfg, fdl.Buildable):
         raise UserError(f"recipe {spec!r} returned {type(cfg).__name__}, not a fiddle config: return fdl.Config(...)")
-    if "name" in fdl.ordered_arguments(cfg) and "name" not in cfg.__arguments__:
+    if "name" in fdl.ordered_arguments(cfg, include_defaults=True) and "name" not in cfg.__arguments__:
         cfg.name = function_name  # the run directory defaults to runs/<recipe name>
     return cfg, module
 
