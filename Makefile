@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint format bench clean
+.PHONY: setup train sft test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ setup: $(VENV)/.installed
 # The demo: train a small Llama on the standard library's source code, then print completions.
 train: $(VENV)/.installed
 	$(BIN)/nnxlm train --recipe recipes/demo.py
+
+# The fine-tuning demo: LoRA on the demo model (make train first, which resumes or is done at once)
+# to write the docstrings of standard-library functions.
+sft: $(VENV)/.installed
+	$(MAKE) train
+	$(BIN)/nnxlm train --recipe recipes/sft.py
 
 test: lint
 	$(BIN)/pytest -q

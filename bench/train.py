@@ -141,7 +141,8 @@ def nnxlm_stepper(recipe: str):
     return step, lambda: shutil.rmtree(cfg.workdir, ignore_errors=True)
 
 
-def hf_stepper(shape: dict):
+def hf_model(shape: dict):
+    """transformers' LlamaForCausalLM of the shape (SDPA attention, fp32), in training mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -160,31 +161,46 @@ def hf_stepper(shape: dict):
         max_position_embeddings=max(2048, shape["seq_len"]),
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).float().train()
+    return LlamaForCausalLM(config).float().train()
+
+
+def hf_training_step(model, parameters: list, shape: dict):
+    """(step, optimizer): one forward with labels, backward, clipping and AdamW (fused, as
+    transformers' Trainer uses it) of `parameters`, on random tokens."""
+    import torch
+
     opt = shape["optimizer"]
     betas, eps, decay = (opt["b1"], opt["b2"]), opt["eps"], opt["weight_decay"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=betas, eps=eps, weight_decay=decay, fused=True)
+    optimizer = torch.optim.AdamW(parameters, lr=3e-4, betas=betas, eps=eps, weight_decay=decay, fused=True)
     generator = torch.Generator().manual_seed(0)
 
     def step():
         ids = torch.randint(3, shape["vocab_size"], (shape["batch_size"], shape["seq_len"]), generator=generator)
         loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt["clip_norm"])
+        torch.nn.utils.clip_grad_norm_(parameters, opt["clip_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
 
+    return step, optimizer
+
+
+def hf_stepper(shape: dict):
+    model = hf_model(shape)
+    step, _ = hf_training_step(model, list(model.parameters()), shape)
     return step, lambda: None
 
 
-def serve(step, close) -> None:
-    """Warms up, then times blocks of steps on request (see above)."""
+def serve(step, close, info=None) -> None:
+    """Warms up, then times blocks of steps on request (see above). info(), if given, is a dict
+    added to the ready message after the warm-up (e.g. sizes of the state the steps made)."""
     for i in range(WARMUP_STEPS):
         step()
         if i == 0:
             first_step_epoch = time.time()
-    print(json.dumps({"ready": True, "first_step_epoch": first_step_epoch}), flush=True)
+    ready = {"ready": True, "first_step_epoch": first_step_epoch, **(info() if info else {})}
+    print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         if not line.startswith("steps"):
             break
@@ -201,10 +217,10 @@ def serve(step, close) -> None:
 class Server:
     """A serve() process: started, asked for blocks of steps, closed (giving its peak RSS)."""
 
-    def __init__(self, args: list[str], log_path: str):
+    def __init__(self, args: list[str], log_path: str, module: str = "bench.train"):
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.train", "serve", *args],
+            [sys.executable, "-m", module, "serve", *args],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

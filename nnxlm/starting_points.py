@@ -17,6 +17,7 @@ import shutil
 import sys
 
 import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -49,8 +50,6 @@ def load_parameters(trainer, path: str) -> None:
         saved = saved_paths(directory, step)
         if not any("adapter" in p for p in saved):  # a base model: the adapters keep their init
             target = _without_adapters(target)
-        import orbax.checkpoint as ocp
-
         manager = ocp.CheckpointManager(directory)
         try:
             params = restore_model(manager, directory, step, target)

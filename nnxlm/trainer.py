@@ -149,12 +149,12 @@ class Trainer:
         self._check_batch_divides()
         self.tx, self.schedule = self.optimizer.build(self.num_steps)
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
-        trainable_count(nnx.merge(self.graphdef, abstract_state).model, self.trainable, self.freeze)
+        abstract_model = nnx.merge(self.graphdef, abstract_state).model
+        trainable_count(abstract_model, self.trainable, self.freeze)
         self.state_shardings = state_shardings(abstract_state, self.mesh, self.sharding_rules)
         for note in unsplit_dimensions(abstract_state["model"], self.mesh, self.sharding_rules):
             print(f"nnxlm: replicated where the mesh does not divide it: {note}", file=sys.stderr)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
-        abstract_model = nnx.merge(self.graphdef, abstract_state).model
         self.model_vocab_size = abstract_model.vocab_size
         self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len, self.trainable_filter)
         self._abstract_state = abstract_state
@@ -179,14 +179,15 @@ class Trainer:
         if self.train_data is None:
             raise UserError(
                 "the recipe has no train_data: point it at data, e.g. --recipe \"fiddler:text_files('data/*.txt')\" "
-                "(or jsonl_files, sft_files)"
+                "(or jsonl_files, sft)"
             )
         self.plan()
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
         self.step = self.checkpointer.latest_step()
         resuming = self.step is not None and self.checkpointer.has_train_state(self.step)
+        # a model that has weights already (any checkpoint, a starting point) never gets a new vocabulary
         pretrained = self.step is not None or self.load_parameters_path or self.load_full_state_path
-        self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained) and not resuming)
+        self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained))
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
         if resuming:
             restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)

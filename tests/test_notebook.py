@@ -16,3 +16,4 @@ def test_quickstart_notebook_executes(tmp_path):
     assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)  # the loss plot
     text = "".join(o.get("text", "") + str(o.get("data", "")) for o in outputs)
     assert "parameters:" in text and "step    200" in text  # the recipe summary and the progress log
+    assert "masked eval loss:" in text and "adapter_model.safetensors" in text  # the fine-tuning section

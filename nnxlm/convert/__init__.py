@@ -58,7 +58,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     for name in copied:
         shutil.copy(os.path.join(model_dir, name), os.path.join(destination, name))
     recipe = experiments.trainer(model_recipe, name=os.path.basename(os.path.normpath(destination)))
-    recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft_files) sets it
+    recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft) sets it
     if adapter:
         recipe.trainable = "lora"
     tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]

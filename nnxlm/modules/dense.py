@@ -65,7 +65,7 @@ class Dense(nnx.Module):
         y = project(x, self.kernel[...], self.in_ndim)
         if self.adapter is not None and self.adapter.active:
             low = project(self.adapter.inputs(x, dropout_key), self.adapter.a[...], self.in_ndim)
-            y = y + project(low, self.adapter.b[...]) * jnp.asarray(self.adapter.scale, y.dtype)
+            y = y + project(low * jnp.asarray(self.adapter.scale, low.dtype), self.adapter.b[...])  # scale rank-wide
         return y
 
     def weight(self) -> jax.Array:
@@ -110,8 +110,8 @@ class ExpertDense(nnx.Module):
         y_nef = jnp.einsum("nd,edf->nef", x_nd, self.kernel[...].astype(x_nd.dtype))
         if (adapter := self._lora()) is not None:
             x = adapter.inputs(x_nd, dropout_key)
-            low_ner = jnp.einsum("nd,edr->ner", x, adapter.a[...].astype(x.dtype))
-            y_nef += jnp.einsum("ner,erf->nef", low_ner, adapter.b[...].astype(x.dtype)) * adapter.scale
+            low_ner = jnp.einsum("nd,edr->ner", x, adapter.a[...].astype(x.dtype)) * adapter.scale
+            y_nef += jnp.einsum("ner,erf->nef", low_ner, adapter.b[...].astype(x.dtype))
         return y_nef
 
     def combine(self, h_nef: jax.Array, dropout_key=None) -> jax.Array:
@@ -120,8 +120,8 @@ class ExpertDense(nnx.Module):
         y_nd = project(h_nef, self.kernel[...], contract=2)
         if (adapter := self._lora()) is not None:
             h = adapter.inputs(h_nef, dropout_key)
-            low_ner = jnp.einsum("nef,efr->ner", h, adapter.a[...].astype(h.dtype))
-            y_nd += jnp.einsum("ner,erd->nd", low_ner, adapter.b[...].astype(h.dtype)) * adapter.scale
+            low_ner = jnp.einsum("nef,efr->ner", h, adapter.a[...].astype(h.dtype)) * adapter.scale
+            y_nd += jnp.einsum("ner,erd->nd", low_ner, adapter.b[...].astype(h.dtype))
         return y_nd
 
     def grouped(self, x_sd: jax.Array, group_sizes: jax.Array, dropout_key=None) -> jax.Array:
@@ -129,6 +129,6 @@ class ExpertDense(nnx.Module):
         y_sf = jax.lax.ragged_dot(x_sd, self.kernel[...].astype(x_sd.dtype), group_sizes)
         if (adapter := self._lora()) is not None:
             x = adapter.inputs(x_sd, dropout_key)
-            low_sr = jax.lax.ragged_dot(x, adapter.a[...].astype(x.dtype), group_sizes)
-            y_sf += jax.lax.ragged_dot(low_sr, adapter.b[...].astype(x.dtype), group_sizes) * adapter.scale
+            low_sr = jax.lax.ragged_dot(x, adapter.a[...].astype(x.dtype), group_sizes) * adapter.scale
+            y_sf += jax.lax.ragged_dot(low_sr, adapter.b[...].astype(x.dtype), group_sizes)
         return y_sf

@@ -26,6 +26,22 @@ def test_a_built_trainer_records_the_recipe_it_was_built_from():
     assert fdl.build(recorded).model_factory.keywords["d_model"] == 64
 
 
+def test_a_fine_tuning_recipe_is_recorded_with_its_objective_and_adapters():
+    from nnxlm.objectives import SFT
+    from nnxlm.recipes import fiddlers
+
+    cfg = nnxlm.recipes.tiny()
+    fiddlers.sft(cfg, "chat/*.jsonl", loss_on="all", overlong="drop")
+    fiddlers.lora(cfg, rank=4, targets=("q", "v"), dropout=0.05)
+    cfg.load_parameters_path, cfg.freeze = "runs/base", "embedder"
+    trainer = fdl.build(cfg)
+    recorded = from_json(to_json(trainer.recipe))  # what recipe.json holds
+    rebuilt = fdl.build(recorded)
+    assert rebuilt.objective == SFT(loss_on="all", overlong="drop") and rebuilt.trainable == "lora"
+    assert rebuilt.model_factory.keywords["lora"].targets == ("q", "v")
+    assert (rebuilt.load_parameters_path, rebuilt.freeze) == ("runs/base", "embedder")
+
+
 def test_deepcopy_branches_a_recipe():
     base = nnxlm.recipes.tiny()
     branch = copy.deepcopy(base)
