@@ -154,11 +154,7 @@ class Checkpointer:
 
     def restore_model(self, step: int, target: dict) -> dict:
         """Only the model's parameters, onto `target` (pure dict of ShapeDtypeStructs)."""
-        reader = ocp.CheckpointManager(self.directory)  # its own: a manager keeps one handler per item
-        try:
-            return restore_model(reader, self.directory, step, target)
-        finally:
-            reader.close()
+        return restore_model(self.directory, step, target)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -270,9 +266,12 @@ def load_recipe(path: str) -> fdl.Config:
         ) from e
 
 
-def restore_model(manager: ocp.CheckpointManager, directory: str, step: int, target: dict) -> dict:
-    """Reads only the `model` subtree of a checkpoint's state (no optimizer state is read)."""
+def restore_model(directory: str, step: int, target: dict) -> dict:
+    """Reads only the `model` subtree of a checkpoint's state onto `target` (a pure dict of
+    ShapeDtypeStructs; no optimizer state is read), with a manager of its own (a manager keeps one
+    handler per item)."""
     item = {"model": stored_layout(target)}
+    manager = ocp.CheckpointManager(directory)
     try:
         restored = manager.restore(
             step,
@@ -284,6 +283,8 @@ def restore_model(manager: ocp.CheckpointManager, directory: str, step: int, tar
         )
     except Exception as e:
         raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+    finally:
+        manager.close()
     return from_stored_layout(restored["state"], {"model": target})["model"]
 
 
@@ -301,12 +302,7 @@ def load_model(path: str) -> nnx.Module:
     graphdef, abstract_state = nnx.split(_abstract_model(directory, step))
     mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
     target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
-    manager = ocp.CheckpointManager(directory)
-    try:
-        model_state = restore_model(manager, directory, step, target)
-    finally:
-        manager.close()
-    nnx.replace_by_pure_dict(abstract_state, model_state)
+    nnx.replace_by_pure_dict(abstract_state, restore_model(directory, step, target))
     return nnx.merge(graphdef, abstract_state)
 
 

@@ -17,7 +17,6 @@ import shutil
 import sys
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -50,11 +49,7 @@ def load_parameters(trainer, path: str) -> None:
         saved = saved_paths(directory, step)
         if not any("adapter" in p for p in saved):  # a base model: the adapters keep their init
             target = _without_adapters(target)
-        manager = ocp.CheckpointManager(directory)
-        try:
-            params = restore_model(manager, directory, step, target)
-        finally:
-            manager.close()
+        params = restore_model(directory, step, target)
     nnx.replace_by_pure_dict(model_state, params)
     print(f"nnxlm: starting from the parameters in {path}", file=sys.stderr)
 

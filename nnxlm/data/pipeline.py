@@ -81,26 +81,20 @@ class ToBatch(grain.transforms.Map):
         }
 
 
-def make_dataset(
+def ordered_documents(
     source: Any,
-    tokenizer: Any | None,
     *,
     seq_len: int,
     batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    repeat: bool = True,
-    num_workers: int = 0,
-    shard_index: int = 0,
-    shard_count: int = 1,
-) -> grain.IterDataset:
-    """Packed, batched language-model data from ``source`` (see module docstring for the batch).
-
-    ``tokenizer`` may be None when the source yields token ids (``Synthetic``). With
-    ``repeat=False`` the data ends after one pass; the last partial batch is dropped.
-    ``num_workers > 0`` uses grain worker processes (``mp_prefetch``): outside ``absl.app.run``
-    call ``absl.flags.FLAGS.mark_as_parsed()`` first.
-    """
+    seed: int,
+    shuffle: bool,
+    repeat: bool,
+    num_workers: int,
+    shard_index: int,
+    shard_count: int,
+) -> grain.MapDataset:
+    """The items of ``source``'s documents in training order: shuffled (a new order every epoch),
+    repeated, and this data shard's share; UserError for settings no pipeline can use."""
     for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
         if int(value) < low:
             raise UserError(f"{name} is {value}: use a positive integer")
@@ -126,6 +120,33 @@ def make_dataset(
         ds = ds.repeat()
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
+    return ds
+
+
+def make_dataset(
+    source: Any,
+    tokenizer: Any | None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Packed, batched language-model data from ``source`` (see module docstring for the batch).
+
+    ``tokenizer`` may be None when the source yields token ids (``Synthetic``). With
+    ``repeat=False`` the data ends after one pass; the last partial batch is dropped.
+    ``num_workers > 0`` uses grain worker processes (``mp_prefetch``): outside ``absl.app.run``
+    call ``absl.flags.FLAGS.mark_as_parsed()`` first.
+    """
+    ds = ordered_documents(
+        source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
+        num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+    )  # fmt: skip
     ds = ds.map(LoadAndTokenize(source, tokenizer))
     it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
     it = it.batch(batch_size, drop_remainder=True).map(ToBatch())

@@ -37,6 +37,7 @@ import numpy as np
 from grain import experimental as gx
 
 from nnxlm.data.chat import ChatTemplate, check_messages
+from nnxlm.data.pipeline import ordered_documents
 from nnxlm.errors import UserError
 
 LOSS_ON = ("assistant", "all")
@@ -169,18 +170,10 @@ def make_sft_dataset(
     seq_len] inputs, targets, segment_ids, positions, loss_mask and [batch_size] example counts."""
     if tokenizer is None:
         raise UserError("SFT data is text: the run needs a tokenizer (set tokenizer_path)")
-    docs = list(source.documents())
-    if len(docs) < shard_count:
-        raise UserError(
-            f"{type(source).__name__} has {len(docs)} examples for {shard_count} data shards: add data or use fewer"
-        )
-    ds = grain.MapDataset.source(docs)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat()
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
+    ds = ordered_documents(
+        source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
+        num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+    )  # fmt: skip
     ds = ds.map(Tokenize(source, tokenizer, template, seq_len, loss_on, overlong))
     length = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     it = gx.FirstFitPackIterDataset(
