@@ -1,6 +1,7 @@
 """The optimizer recipe: AdamW with linear warmup, cosine decay and global-norm clipping."""
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import optax
@@ -12,7 +13,9 @@ class AdamW:
 
     The learning rate rises linearly from 0 over warmup_steps, then follows a cosine from
     learning_rate down to learning_rate * min_lr_ratio at decay_steps (default: the run's length).
-    Weight decay applies to matrices only (ndim >= 2), not to norm scales.
+    Weight decay applies to weights (projection kernels, embedding tables, LoRA factors) and not
+    to norm scales or biases, decided by what a parameter is (`is_decayed`), not by its rank: a
+    scanned model's [layers, d] norm scales are no matrices.
     """
 
     learning_rate: float = 3e-4
@@ -44,7 +47,15 @@ class AdamW:
             b2=self.b2,
             eps=self.eps,
             weight_decay=self.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+            mask=lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_decayed(path), params),
         )
         clip = optax.clip_by_global_norm(self.clip_norm) if self.clip_norm else optax.identity()
         return optax.chain(clip, adamw), schedule
+
+
+def is_decayed(path: Sequence) -> bool:
+    """Whether weight decay applies to the parameter at `path` (a pytree key path or names): every
+    parameter but norm scales ("scale") and biases ("bias", "router_bias", ...), whatever its rank."""
+    names = [str(getattr(key, "key", key)) for key in path if not hasattr(key, "name")]  # drops .value
+    name = names[-1] if names else ""
+    return name != "scale" and not name.endswith("bias")

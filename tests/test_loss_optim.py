@@ -34,3 +34,36 @@ def test_clipping_bounds_the_update_of_a_huge_gradient():
     state = tx.init(params)
     updates, _ = tx.update({"w": jnp.full((3, 3), 1e6)}, state, params)
     assert np.all(np.isfinite(updates["w"])) and np.max(np.abs(updates["w"])) <= 1.0 + 1e-6
+
+
+def _not_decayed(model) -> set[str]:
+    from flax import nnx
+
+    from nnxlm.optim import is_decayed
+
+    params = nnx.state(model, nnx.Param)
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", "")) for k in p).strip("/") for p, _ in paths if not is_decayed(p)}
+
+
+def test_weight_decay_spares_norm_scales_and_biases_whatever_their_rank():
+    import fiddle as fdl
+    from flax import nnx
+
+    from nnxlm.modules.lora import LoRA
+    from nnxlm.recipes import models
+
+    spared = {}
+    for scan in (True, False):
+        cfg = models.llama_tiny(vocab_size=64)
+        cfg.scan_layers = scan
+        cfg.block.attention.qkv_bias = True
+        cfg.lora = LoRA(rank=2)
+        spared[scan] = _not_decayed(fdl.build(cfg)(rngs=nnx.Rngs(0)))
+    assert spared[True] == {
+        "final_norm/scale", "layers/attention_norm/scale", "layers/mlp_norm/scale",
+        "layers/attention/q_bias", "layers/attention/k_bias", "layers/attention/v_bias",
+    }  # fmt: skip
+    assert {p.split("/", 2)[-1] if p.startswith("layers/") else p for p in spared[False]} == {
+        p.removeprefix("layers/") for p in spared[True]
+    }  # the looped model's layers/0/..., layers/1/... spare the same parameters

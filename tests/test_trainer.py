@@ -178,3 +178,22 @@ def test_a_multi_token_prediction_model_adds_and_logs_its_loss(tmp_path):
     # weight decay would move it, some 100x less: the prediction module learns from its loss
     moved = [np.abs(a - b).mean() for a, b in zip(weights(), before, strict=True)]
     assert moved[0] > 0.2 * moved[1], moved
+
+
+def test_a_scanned_and_a_looped_model_train_to_the_same_losses(tmp_path):
+    # Strong decay makes any parameter decayed in one layout and not the other show in the loss.
+    def recipe(workdir, scan):
+        cfg = tiny(workdir, num_steps=40, eval_every=0, checkpoint_every=0)
+        cfg.model.scan_layers = scan
+        cfg.optimizer.weight_decay = 1.0
+        cfg.optimizer.learning_rate = 1e-2
+        return cfg
+
+    scanned = fdl.build(recipe(tmp_path / "scanned", True)).setup()
+    scanned.save()  # step 0: the looped run starts from these very parameters
+    scanned.checkpointer.wait()
+    looped_cfg = recipe(tmp_path / "looped", False)
+    looped_cfg.load_full_state_path = str(tmp_path / "scanned")
+    looped = fdl.build(looped_cfg).fit()
+    reference = scanned.fit()
+    np.testing.assert_allclose([r["loss"] for r in looped], [r["loss"] for r in reference], rtol=2e-5)
