@@ -1,5 +1,8 @@
+"""`python -m nnxlm`: the same program as the `nnxlm` command (nnxlm.launch.main)."""
+
 import sys
 
-from nnxlm.cli import main
+from nnxlm.launch import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (pkgutil, a recipe's reference) runs nothing
+    sys.exit(main())

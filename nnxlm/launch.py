@@ -1,4 +1,5 @@
-"""`nnxlm train` restarts itself, once, with huge pages for malloc's large allocations.
+"""The command-line entry point (`nnxlm` and `python -m nnxlm` call main): `nnxlm train` restarts
+itself, once, with huge pages for malloc's large allocations.
 
 XLA on CPU allocates a step's temporary buffers afresh at every step (for bench_llama_20m about
 570 MB, mostly the [tokens, vocabulary] logits and their gradient). With 4 KiB pages the kernel
@@ -7,16 +8,26 @@ GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc's malloc asks for transparent huge 
 instead; the faults fall a hundredfold and the step takes 0.28 s instead of 0.40 s (bench/README.md).
 
 glibc reads its tunables only when a process starts, so the command re-executes itself with the
-setting before anything heavy is imported (nnxlm/__init__.py calls this first). Nothing happens when
-nnxlm is imported as a library, when GLIBC_TUNABLES already sets hugetlb, off glibc 2.35+, when the
-kernel's THP mode is "never", or with NNXLM_HUGE_PAGES=0. Python programs that train get the same by
-starting Python with the variable set.
+setting before anything heavy is imported: this module imports nothing of nnxlm's but the package
+(whose names load lazily, without JAX) until the restart is decided. Only the command line does it:
+importing nnxlm as a library never re-executes the process nor changes its environment. Nothing
+happens either when GLIBC_TUNABLES already sets hugetlb, off glibc 2.35+, when the kernel's THP mode
+is "never", or with NNXLM_HUGE_PAGES=0. Python programs that train get the same by starting Python
+with the variable set.
 """
 
 import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
+
+
+def main() -> int:
+    """The `nnxlm` command: restarts `nnxlm train` with huge pages, then runs the command line."""
+    restart_train_command_with_huge_pages()
+    from nnxlm.cli import main as cli_main  # JAX comes in with it: after the restart
+
+    return cli_main()
 
 
 def restart_train_command_with_huge_pages() -> None:
@@ -48,11 +59,15 @@ def huge_pages_apply() -> bool:
 
 
 def _is_train_command() -> bool:
-    """This process is `nnxlm train ...` or `python -m nnxlm train ...` (seen while nnxlm's package
-    is imported: sys.argv[0] is the script, or "-m" before runpy sets it)."""
+    """This process is `nnxlm train ...` or `python -m nnxlm train ...`: sys.argv[0] is the console
+    script, nnxlm's __main__.py once runpy runs it, or "-m" while runpy imports the package. Anything
+    else (a program that calls main itself, pytest) is not re-executed."""
     if sys.argv[1:2] != ["train"]:
         return False
-    if os.path.basename(sys.argv[0]) == "nnxlm":
+    program = sys.argv[0]
+    if os.path.basename(program) == "nnxlm":
+        return True
+    if os.path.abspath(program) == os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"):
         return True
     argv = sys.orig_argv
-    return sys.argv[0] == "-m" and "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["nnxlm"]
+    return program == "-m" and "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["nnxlm"]

@@ -7,6 +7,10 @@ whole size in memory. The safetensors format is small enough to handle here: an 
 little-endian header length, a JSON header ({name: {"dtype", "shape", "data_offsets": [begin,
 end]}, "__metadata__": {...}}, which may end in spaces), then the tensors' bytes, offsets counted
 from the end of the header.
+
+Only safetensors are read: PyTorch's own formats (pytorch_model.bin, *.pt, *.pth, *.ckpt) are
+pickles, and unpickling a file runs whatever code it names, so a directory from someone else that
+has only those is refused with the file's name and the conversion that makes it safe.
 """
 
 import json
@@ -24,6 +28,7 @@ SHARD_BYTES = 4 * 2**30  # transformers' default shard size for save_pretrained 
 # header that outgrows it (thousands of tensors in one shard) costs one copy of that shard.
 HEADER_RESERVE = 2**20
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 DTYPES = {
     "F64": np.float64,
@@ -58,6 +63,25 @@ def read_config(directory: str) -> dict:
 
 def _damaged(path: str, why: str) -> UserError:
     return UserError(f"{path} is not a readable safetensors file ({why}): re-download the model")
+
+
+def missing_safetensors(directory: str, wanted: str) -> UserError:
+    """The error for a directory without the safetensors file(s) `wanted`, naming the pickle file
+    it has instead, if any (never opened: see the module docstring)."""
+    try:
+        pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    except OSError:
+        pickles = []
+    if pickles:
+        more = f" (and {len(pickles) - 1} more)" if len(pickles) > 1 else ""
+        return UserError(
+            f"{os.path.join(directory, pickles[0])}{more} is a pickle, which nnxlm never loads (loading it "
+            f"could run any code); {directory} has no {wanted}: convert it to safetensors where you trust "
+            "it (transformers: save_pretrained(..., safe_serialization=True))"
+        )
+    return UserError(
+        f"{directory} has no {wanted}: only safetensors checkpoints convert (save the model with safe_serialization)"
+    )
 
 
 def read_header(path: str) -> tuple[dict, int]:
@@ -108,17 +132,15 @@ class TensorReader:
         self._headers = {}  # file -> (entries, data offset)
         index_path = os.path.join(directory, "model.safetensors.index.json")
         if file is not None:
+            if not os.path.exists(os.path.join(directory, file)):
+                raise missing_safetensors(directory, file)
             weight_map = dict.fromkeys(self._header(file)[0], file)
         elif os.path.exists(index_path):
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         else:
-            single = os.path.join(directory, "model.safetensors")
-            if not os.path.exists(single):
-                raise UserError(
-                    f"{directory} has no model.safetensors or model.safetensors.index.json: "
-                    "only safetensors checkpoints convert (save the model with safe_serialization)"
-                )
+            if not os.path.exists(os.path.join(directory, "model.safetensors")):
+                raise missing_safetensors(directory, "model.safetensors or model.safetensors.index.json")
             weight_map = dict.fromkeys(self._header("model.safetensors")[0], "model.safetensors")
         self.weight_map = weight_map
 

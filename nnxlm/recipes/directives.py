@@ -6,7 +6,8 @@
     fiddler:NAME(args)        an edit from nnxlm.recipes.fiddlers (or the recipe file, or a.b.fn)
     set:path.to.field=VALUE   VALUE is a Python literal: 3, 1e-3, 'bfloat16', [1, 2], None
 
-Every mistake raises UserError with one line naming the directive and the fix.
+Every mistake raises UserError with one line naming the directive and the fix; the resolved
+recipe's values are then checked (nnxlm.recipes.validation) before anything runs.
 """
 
 import ast
@@ -38,6 +39,9 @@ def resolve(directives: list[str]) -> fdl.Config:
             apply_fiddler(cfg, directive, module)
         else:
             raise UserError(f"--recipe {directive!r}: after the first, each --recipe must start with set: or fiddler:")
+    from nnxlm.recipes.validation import check_recipe  # imported here: it imports the Trainer
+
+    check_recipe(cfg)
     return cfg
 
 

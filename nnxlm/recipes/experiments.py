@@ -8,11 +8,12 @@ import fiddle as fdl
 from nnxlm.data import PythonStdlib, Synthetic
 from nnxlm.optim import AdamW
 from nnxlm.recipes import models
-from nnxlm.trainer import Trainer
 
 
 def trainer(model: fdl.Partial, **settings) -> fdl.Config:
     """A Trainer recipe for `model` on the Python standard library's source files (no download)."""
+    from nnxlm.trainer import Trainer  # here: nnxlm.trainer imports nnxlm.recipes (serialization)
+
     cfg = fdl.Config(
         Trainer,
         model=model,
