@@ -15,6 +15,7 @@ The stored layout (`stored_layout`) differs from the model's pure dict in two wa
 """
 
 import ast
+import contextlib
 import ctypes
 import json
 import os
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxlm.errors import UserError
 from nnxlm.recipes.serialization import from_json
+from nnxlm.resumption import checkpoint_damage, checkpoint_steps, damaged
 
 # The Transformer's layer stacks: `layers` and, where the first layers differ, `first_layers`.
 LAYER_STACKS = ("layers", "first_layers")
@@ -120,17 +122,42 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing = None  # the step being written in the background, if any
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, recipe: dict, data_state: dict | None = None) -> None:
         """Starts writing `state` (pure dict), the recipe and the data position (a JSON snapshot, taken
-        before the call: the iterators move on while orbax writes); all processes call it."""
+        before the call: the iterators move on while orbax writes); all processes call it. A failed
+        write (disk full, no permission) is a UserError here or at the next save or wait()."""
         items = _items(ocp.args.StandardSave(stored_layout(state)), state, recipe, data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        with self._reporting_failure(step):
+            self.manager.save(step, args=ocp.args.Composite(**items))
+        self._writing = step
+
+    @contextlib.contextmanager
+    def _reporting_failure(self, step: int):
+        try:
+            yield
+        except Exception as e:  # orbax re-raises a background write's error, of any type, here
+            failed = self._writing if self._writing is not None else step
+            self._writing = None
+            intact = [s for s in checkpoint_steps(self.directory) if s != failed]
+            raise UserError(
+                f"checkpoint step {failed} could not be written to {self.directory} ({type(e).__name__}: "
+                f"{_first_line(e)}); the earlier checkpoints are intact (newest: "
+                f"{intact[-1] if intact else 'none'}): free disk space or fix permissions, then run again to resume"
+            ) from e
+
+    def saved_recipe(self, step: int) -> dict:
+        """The recipe JSON saved with checkpoint `step` (read as data: nothing is imported)."""
+        with open(os.path.join(self.directory, str(step), "recipe", "metadata"), encoding="utf-8") as f:
+            return json.load(f)
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict | None]:
         """(state restored onto `target`, a pure dict of ShapeDtypeStructs; the saved data position)."""
@@ -140,10 +167,8 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            raise UserError(
-                f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
-                "if the recipe changed shapes, use a new --workdir; if the files are damaged, move that step away"
-            ) from e
+            reason = f"it cannot be restored: {type(e).__name__}: {_first_line(e)}"
+            raise damaged(self.directory, step, reason, resuming=True) from e
         return from_stored_layout(restored["state"], target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
@@ -157,7 +182,9 @@ class Checkpointer:
         return restore_model(self.directory, step, target)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_failure(self._writing if self._writing is not None else -1):
+            self.manager.wait_until_finished()
+        self._writing = None
 
     def close(self) -> None:
         self.manager.close()
@@ -243,10 +270,12 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     for directory, step in candidates:
         if not os.path.isdir(directory):
             continue
-        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        steps = checkpoint_steps(directory)
         if step is None and steps:
             step = steps[-1]
         if step is not None and step in steps:
+            if reason := checkpoint_damage(directory, step):
+                raise damaged(directory, step, reason, resuming=False)
             return directory, step
     raise UserError(
         f"no checkpoint found at {path}: give a run directory (with checkpoints/) or a checkpoint step directory"
@@ -254,16 +283,22 @@ def find_checkpoint(path: str) -> tuple[str, int]:
 
 
 def load_recipe(path: str) -> fdl.Config:
-    """The recipe saved beside a checkpoint, as a fiddle config."""
+    """The recipe saved beside a checkpoint, as a fiddle config, its values checked."""
+    from nnxlm.recipes.validation import check_recipe  # validation imports the Trainer
+
     directory, step = find_checkpoint(path)
     recipe_file = os.path.join(directory, str(step), "recipe", "metadata")
     try:
         with open(recipe_file, encoding="utf-8") as f:
-            return from_json(f.read())
-    except (OSError, ValueError) as e:
+            recipe = from_json(f.read())
+    except UserError:
+        raise
+    except Exception as e:  # fiddle raises KeyError, TypeError, ... for JSON that is not a recipe
         raise UserError(
             f"checkpoint {directory}/{step} has no readable recipe ({e}); it was not written by nnxlm"
         ) from e
+    check_recipe(recipe)
+    return recipe
 
 
 def restore_model(directory: str, step: int, target: dict) -> dict:
@@ -282,7 +317,9 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
             ),
         )
     except Exception as e:
-        raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+        raise damaged(
+            directory, step, f"it cannot be read: {type(e).__name__}: {_first_line(e)}", resuming=False
+        ) from e
     finally:
         manager.close()
     return from_stored_layout(restored["state"], {"model": target})["model"]
@@ -330,9 +367,8 @@ class ModelReader:
         try:
             restored = self._manager.restore(self.step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:
-            raise UserError(
-                f"checkpoint {self.directory}/{self.step} cannot be read ({type(e).__name__}: {_first_line(e)})"
-            ) from e
+            reason = f"it cannot be read: {type(e).__name__}: {_first_line(e)}"
+            raise damaged(self.directory, self.step, reason, resuming=False) from e
         for key in ("model", *path):
             restored = restored[key]
         return restored

@@ -6,6 +6,7 @@ Any mistake in the user's input prints one line and exits with code 2.
 
 import argparse
 import os
+import signal
 import sys
 
 from nnxlm.errors import UserError
@@ -14,6 +15,15 @@ from nnxlm.errors import UserError
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _trust_argument(parser):
+    parser.add_argument(
+        "--trust_recipe_code",
+        action="store_true",
+        help="let recipe JSON (a .json --recipe, a run directory's saved recipe) name code outside nnxlm, "
+        "which may run it: only for recipes whose source you trust",
+    )
 
 
 def _recipe_argument(parser):
@@ -30,14 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a recipe (resumes from the run directory)")
+    _trust_argument(train)
     _recipe_argument(train)
     train.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+    train.add_argument(
+        "--resume_step",
+        type=int,
+        help="resume from this checkpoint instead of the newest (e.g. a damaged one); newer ones are set aside",
+    )
     hosts = train.add_argument_group("multi-process runs (every process runs the same command)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
     hosts.add_argument("--num_processes", type=int, help="processes in the run (or JAX_NUM_PROCESSES)")
     hosts.add_argument("--process_id", type=int, help="this process, 0 to num_processes - 1 (or JAX_PROCESS_ID)")
 
     inspect = commands.add_parser("inspect", help="print the resolved recipe, parameters, FLOPs and memory")
+    _trust_argument(inspect)
     _recipe_argument(inspect)
     inspect.add_argument("--compile", action="store_true", help="compile the train step for XLA's memory analysis")
     inspect.add_argument(
@@ -47,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="look at a recipe's data")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     show = data_commands.add_parser("show", help="print the first examples as the train step sees them")
+    _trust_argument(show)
     _recipe_argument(show)
     show.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
     show.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
@@ -54,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     tokenizer_train = tokenizer_commands.add_parser("train", help="train a SentencePiece tokenizer")
+    _trust_argument(tokenizer_train)
     source = tokenizer_train.add_mutually_exclusive_group(required=True)
     source.add_argument("--recipe", action="append", help="train on this recipe's train_data")
     source.add_argument("--data", action="append", help="text file glob (repeatable); *.jsonl reads the 'text' field")
@@ -62,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_train.add_argument("--output", required=True, help="path of the .model file to write")
 
     decode = commands.add_parser("decode", help="complete prompts with a trained model, streaming the text")
+    _trust_argument(decode)
     decode.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     decode.add_argument("--prompt", action="append", help="a prompt (repeatable); none: read prompts from stdin")
     decode.add_argument("--max_new_tokens", type=int, default=100)
@@ -77,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("destination", help="new run directory (checkpoint, recipe, tokenizer)")
     from_hf.add_argument("--base", help="the base model's HF directory, when source is a peft LoRA adapter")
     to_hf = directions.add_parser("to-hf", help="an nnxlm run directory or checkpoint -> an HF model directory")
+    _trust_argument(to_hf)
     to_hf.add_argument("source", help="run directory or checkpoint directory")
     to_hf.add_argument("destination", help="directory for config.json and safetensors")
     lora = to_hf.add_mutually_exclusive_group()
@@ -88,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        from nnxlm.recipes.serialization import trust_recipe_code
+
+        with trust_recipe_code(getattr(args, "trust_recipe_code", False)):  # restored after: main may run again
+            return COMMANDS[args.command](args)
     except UserError as e:  # one line: fiddle appends its build context on lines of its own
         print(f"nnxlm: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -106,7 +130,9 @@ def train(args) -> int:
         cfg.workdir = args.workdir
     trainer = fdl.build(cfg)
     _cache_compilations(os.path.join(trainer.workdir, "jax_cache"))
-    trainer.fit()
+    trainer.fit(resume_step=args.resume_step)
+    if trainer.stopped_by:  # SIGTERM or Ctrl-C: the checkpoint is written, the run is not done
+        return 128 + signal.Signals[trainer.stopped_by].value
     return 0
 
 
@@ -164,6 +190,9 @@ def tokenizer(args) -> int:
     from nnxlm.data import JsonlFiles, SentencePieceTokenizer, TextFiles
     from nnxlm.recipes.directives import resolve
 
+    for name in ("max_chars", "vocab_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} is not positive: give a positive number")
     if args.recipe:
         cfg = resolve(args.recipe)
         source = fdl.build(cfg.train_data)

@@ -13,6 +13,7 @@ per depth.
 
 import json
 import os
+import platform
 import sys
 import time
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.files import write_atomically
 from nnxlm.modules.attention import Attention
 from nnxlm.modules.mla import MLA
 from nnxlm.modules.moe import MoE
@@ -100,23 +102,105 @@ def measure_matmul_peak(size: int = 1536, repeats: int = 5) -> float:
 
 
 def device_peak_flops(device=None) -> float:
-    """Peak FLOP/s of one device: the data-sheet figure for known accelerators, else measured."""
+    """Peak FLOP/s of one device: the data-sheet figure for known accelerators, else the highest
+    rate measured on this machine (measured_peak_flops)."""
     device = device or jax.devices()[0]
     for kind, flops in PEAK_FLOPS.items():
         if device.device_kind.startswith(kind):
             return flops
     if device.platform != "cpu":
         print(f"nnxlm: unknown device kind {device.device_kind!r}; MFU uses a measured matmul peak")
-    return measure_matmul_peak()
+    return measured_peak_flops(device)
+
+
+def _peak_cache() -> tuple[str, str]:
+    """(cache file, this machine's key in it): the same processor, cores, device and JAX."""
+    directory = os.environ.get("NNXLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nnxlm"
+    )
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = jax.devices()[0].device_kind
+    return os.path.join(directory, "peak_flops.json"), f"{processor} | {cores} cores | {device} | jax {jax.__version__}"
+
+
+def measured_peak_flops(device=None) -> float:
+    """The highest FLOP/s seen on this machine: a matmul measured once (the best of several sizes and
+    repeats after warm-up) and kept in a cache file, raised by remember_peak_flops whenever a run
+    does better. A single measurement at start-up can read low (another process busy, a clock not yet
+    up), and MFU divided by it exceeded 100 %; the best rate ever seen cannot."""
+    path, key = _peak_cache()
+    try:
+        with open(path, encoding="utf-8") as f:
+            known = float(json.load(f)[key])
+        if known > 0:
+            return known
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return remember_peak_flops(max(measure_matmul_peak(size, repeats=5) for size in (1024, 1536, 2048)))
+
+
+def remember_peak_flops(flops: float) -> float:
+    """Raises this machine's cached peak to `flops` if higher; returns the cached peak."""
+    path, key = _peak_cache()
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    try:
+        best = max(float(table.get(key, 0.0)), flops)
+    except (TypeError, ValueError):
+        best = flops
+    table[key] = best
+    try:
+        write_atomically(path, json.dumps(table, indent=1))
+    except OSError:  # a read-only home: the peak holds for this process
+        pass
+    return best
+
+
+class PeakFlops:
+    """The peak FLOP/s of a run's devices, for MFU. A measured peak (CPU) is only a lower bound of
+    the true one: a step that runs faster proves the devices can do more, so it raises the peak
+    (and this machine's cache) instead of reporting an impossible MFU above 1. A peak the recipe
+    gives (peak_flops_per_device) is the user's and stays as it is."""
+
+    def __init__(self, per_device: float | None, devices: int):
+        self.measured = per_device is None
+        self.per_device = per_device or device_peak_flops()
+        self.devices = devices
+
+    def utilization(self, achieved: float) -> float:
+        """MFU of a step that achieved `achieved` model FLOP/s over all devices."""
+        if self.measured and achieved > self.per_device * self.devices:
+            print(
+                f"nnxlm: a step ran at {achieved / 1e9:.1f} GFLOP/s, above the measured peak of "
+                f"{self.per_device * self.devices / 1e9:.1f}: MFU divides by that from now on",
+                file=sys.stderr,
+            )
+            self.per_device = remember_peak_flops(achieved / self.devices)
+        return achieved / (self.per_device * self.devices)
 
 
 class MetricsWriter:
-    """Appends one JSON object a step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object a step to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Each record is one write of a whole line, flushed; a line cut short by a crash is removed when
+    the file is next opened, so a resumed run never appends to half a record."""
 
     def __init__(self, workdir: str):
         summary_writer = _tensorboardx_writer()
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_partial_last_line(path)
+        self._jsonl = open(path, "a", encoding="utf-8")
         self._tensorboard = summary_writer(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -128,6 +212,16 @@ class MetricsWriter:
     def close(self) -> None:
         self._jsonl.close()
         self._tensorboard.close()
+
+
+def _drop_partial_last_line(path: str) -> None:
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
 
 
 def _tensorboardx_writer():
@@ -151,6 +245,8 @@ def read_metrics(workdir: str) -> list[dict]:
     by_step = {}
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
+            if not line.endswith("\n"):
+                break  # a record cut short by a crash (see MetricsWriter)
             record = json.loads(line)
             by_step.setdefault(record["step"], {}).update(record)
     return [by_step[step] for step in sorted(by_step)]

@@ -13,7 +13,6 @@ that starts from scratch trains a new tokenizer; a pretrained model without one 
 """
 
 import os
-import shutil
 import sys
 
 import jax
@@ -32,6 +31,7 @@ from nnxlm.checkpointing import (
 from nnxlm.data import SentencePieceTokenizer, Synthetic, find_tokenizer, load_tokenizer
 from nnxlm.data.tokenizer import COMPANION_FILES
 from nnxlm.errors import UserError
+from nnxlm.files import copy_atomically
 
 
 def is_hf_directory(path: str) -> bool:
@@ -161,7 +161,7 @@ def copy_tokenizer(tokenizer_path: str, destination: str) -> None:
     source = os.path.dirname(os.path.abspath(tokenizer_path))
     for name in (os.path.basename(tokenizer_path), *COMPANION_FILES):
         if os.path.exists(os.path.join(source, name)) and not os.path.exists(os.path.join(destination, name)):
-            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+            copy_atomically(os.path.join(source, name), os.path.join(destination, name))
 
 
 def _train_tokenizer(trainer, path: str) -> None:

@@ -12,6 +12,7 @@ What a step optimises and which batch fields it takes belong to the recipe's `ob
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +31,13 @@ from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
 from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
+from nnxlm.files import write_atomically
 from nnxlm.objectives import NextToken
 from nnxlm.optim import AdamW
+from nnxlm.preemption import StopRequests
 from nnxlm.progress import Progress
 from nnxlm.recipes.serialization import as_config, to_json
+from nnxlm.resumption import check_same_recipe, checkpoint_damage, damaged, set_aside_newer
 from nnxlm.sharding import (
     activation_sharding,
     constrain,
@@ -45,6 +49,15 @@ from nnxlm.sharding import (
 )
 from nnxlm.starting_points import load_parameters, prepare_tokenizer, restore_full_state
 from nnxlm.train_state import TrainState, trainable_count, trainable_filter
+
+# A run with on_nonfinite="skip" stops when this many steps in a row were not finite.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 class Trainer:
@@ -85,6 +98,15 @@ class Trainer:
         with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set); the
         objective turns each into the model's input (SFT: a user turn in the chat template).
       peak_flops_per_device: for MFU; None uses the data sheet (accelerators) or measures (CPU).
+      on_nonfinite: what a step whose loss or gradient norm is NaN or infinite does: "stop" (the run
+        ends with a line naming the step; the last checkpoint stays the latest) or "skip" (the
+        update is dropped and the step logged with skipped=1; 10 such steps in a row stop the run).
+      allow_recipe_change: resume a run directory although the recipe differs from the one it was
+        trained with (beyond num_steps and how the run reports, evaluates and checkpoints).
+      allow_data_restart: resume on another data layout (data_shards) by starting the data order over.
+
+    fit(resume_step=N) resumes from checkpoint N instead of the newest (which may be damaged); the
+    newer ones are moved to <workdir>/set_aside/, never deleted.
     """
 
     def __init__(
@@ -123,6 +145,9 @@ class Trainer:
         sample_temperature: float = 0.0,
         sample_top_p: float | None = None,
         peak_flops_per_device: float | None = None,
+        on_nonfinite: str = "stop",
+        allow_recipe_change: bool = False,
+        allow_data_restart: bool = False,
     ):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.recipe = fdl.Config(Trainer, **as_config(arguments))
@@ -173,7 +198,8 @@ class Trainer:
         fields = self.objective.batch_fields
         return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, dtype in fields.items()}
 
-    def setup(self) -> "Trainer":
+    def setup(self, resume_step: int | None = None) -> "Trainer":
+        """Builds everything and restores the run directory's newest checkpoint (or resume_step)."""
         if self._ready:
             return self
         if self.train_data is None:
@@ -182,9 +208,19 @@ class Trainer:
                 "(or jsonl_files, sft)"
             )
         self.plan()
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), self.keep_checkpoints)
+        directory = os.path.join(self.workdir, "checkpoints")
+        if resume_step is not None:
+            if jax.process_index() == 0:
+                set_aside_newer(self.workdir, directory, resume_step)
+            multihost_utils.sync_global_devices("nnxlm: newer checkpoints set aside")
+        self.checkpointer = Checkpointer(directory, self.keep_checkpoints)
         self.step = self.checkpointer.latest_step()
+        if self.step is not None and (damage := checkpoint_damage(self.checkpointer.directory, self.step)):
+            raise damaged(self.checkpointer.directory, self.step, damage, resuming=True)
         resuming = self.step is not None and self.checkpointer.has_train_state(self.step)
+        if resuming:
+            saved_recipe = self.checkpointer.saved_recipe(self.step)
+            check_same_recipe(saved_recipe, to_json(self.recipe), self.workdir, self.allow_recipe_change)
         # a model that has weights already (any checkpoint, a starting point) never gets a new vocabulary
         pretrained = self.step is not None or self.load_parameters_path or self.load_full_state_path
         self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained))
@@ -281,11 +317,13 @@ class Trainer:
         shards = self.data_shards or jax.process_count()
         saved = (position or {}).get("shards", [])
         if len(saved) != shards:
-            print(
-                f"nnxlm: the checkpoint holds the data position of {len(saved)} data shards, this run reads "
-                f"{shards}: the data order starts over (set data_shards={len(saved)} to resume it exactly)",
-                file=sys.stderr,
-            )
+            what = f"the checkpoint holds the data position of {len(saved)} data shards, this run reads {shards}"
+            if not self.allow_data_restart:
+                raise UserError(
+                    f"{what}: set data_shards={len(saved)} to resume the data order exactly, or "
+                    "allow_data_restart=True to start it over"
+                )
+            print(f"nnxlm: {what}: the data order starts over (allow_data_restart)", file=sys.stderr)
             return
         count = len(self.train_iterator.iterators)
         first = jax.process_index() * count
@@ -345,6 +383,7 @@ class Trainer:
         return grads, {**metrics, "units": units}
 
     def _train_step_fn(self, state, batch):
+        before = jax.tree.map(lambda x: x, state)  # new variables: merge shares those of `state`
         train_state = nnx.merge(self.graphdef, state)
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
@@ -352,7 +391,11 @@ class Trainer:
             grads, metrics = self._gradients(train_state.model, batch, dropout_key)
         train_state.optimizer.update(train_state.model, grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return nnx.state(train_state), {**metrics, "lr": learning_rate, "grad_norm": grad_norm}
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new_state = nnx.state(train_state)
+        if self.on_nonfinite == "skip":  # the state before the step, key and optimizer counter included
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, before)
+        return new_state, {**metrics, "lr": learning_rate, "grad_norm": grad_norm, "finite": finite}
 
     def _eval_step_fn(self, state, batch):
         model = nnx.merge(self.graphdef, state).model
@@ -377,35 +420,38 @@ class Trainer:
             raise UserError("no eval token carries loss: check eval_data, seq_len and the objective's loss_on")
         return total / count
 
-    def fit(self) -> list[dict]:
-        """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics."""
-        self.setup()
+    def fit(self, resume_step: int | None = None) -> list[dict]:
+        """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics.
+
+        SIGTERM or Ctrl-C ends the run after the current step with a checkpoint (self.stopped_by
+        names the signal); a second one exits at once (nnxlm.preemption).
+        """
+        self.setup(resume_step)
         main = jax.process_index() == 0  # the process that writes files and prints progress
         if main:
-            os.makedirs(self.workdir, exist_ok=True)
-            with open(os.path.join(self.workdir, "recipe.json"), "w", encoding="utf-8") as f:
-                json.dump(to_json(self.recipe), f, indent=1)
+            write_atomically(os.path.join(self.workdir, "recipe.json"), json.dumps(to_json(self.recipe), indent=1))
         if main and self.eval_data is not None and self.step == 0:
             baseline = self.objective.baseline(self.eval_data, self.tokenizer)
             if baseline:
                 print(f"nnxlm: {baseline}")
         writer = metrics_lib.MetricsWriter(self.workdir) if main else None
-        peak = (self.peak_flops_per_device or metrics_lib.device_peak_flops()) * self.mesh.size
+        peak = metrics_lib.PeakFlops(self.peak_flops_per_device, self.mesh.size)
         tokens_per_step = self.batch_size * self.seq_len
-        history, pending = [], None
+        history, pending, self.stopped_by, skipped_in_a_row = [], None, None, 0
         progress = Progress(self.num_steps, self.step, enabled=main)
         if self.eval_at_start and self.step == 0 and self.eval_data is not None:
             self._report_start(writer, history, progress)
         last_time = time.perf_counter()
 
         def finish(step, step_metrics, counts):
-            nonlocal last_time
+            nonlocal last_time, skipped_in_a_row
             record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for that step
             if record.pop("units") == 0:
                 raise UserError(
                     f"step {step}: no token of the batch carries loss (every row is masked): check the data, "
                     "seq_len and the objective's loss_on"
                 )
+            skipped_in_a_row = 0 if record.pop("finite") else self._nonfinite(step, record, skipped_in_a_row)
             now = time.perf_counter()
             step_time, last_time = now - last_time, now
             tokens_per_s = tokens_per_step / step_time
@@ -413,10 +459,12 @@ class Trainer:
                 step_time_s=step_time,
                 tokens_per_s=tokens_per_s,
                 tflops_per_s=self.flops_per_token * tokens_per_s / 1e12,
-                mfu=self.flops_per_token * tokens_per_s / peak,
+                mfu=peak.utilization(self.flops_per_token * tokens_per_s),
                 **counts,
             )
-            if self.eval_data is not None and self.eval_every and step % self.eval_every == 0:
+            if self.on_nonfinite == "skip":
+                record["skipped"] = float(skipped_in_a_row > 0)
+            if self._evaluates_at(step):
                 record["eval_loss"] = self.evaluate()
                 last_time = time.perf_counter()  # evaluation time is not step time
             if writer:
@@ -425,28 +473,62 @@ class Trainer:
             progress.update(step, record, log=step % self.log_every == 0 or "eval_loss" in record)
 
         try:
-            while self.step < self.num_steps:
-                host_batch = next(self.train_iterator)
-                counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in self.objective.batch_fields}
-                self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
-                self.step += 1
-                if pending:  # fetch the previous step's metrics while this one runs
+            with StopRequests() as stop:
+                while self.step < self.num_steps:
+                    host_batch = next(self.train_iterator)
+                    counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in self.objective.batch_fields}
+                    self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
+                    self.step += 1
+                    if pending:  # fetch the previous step's metrics while this one runs
+                        finish(*pending)
+                    pending = (self.step, step_metrics, counts)
+                    saving = self.step == self.num_steps or stop.signal is not None
+                    saving = saving or bool(self.checkpoint_every and self.step % self.checkpoint_every == 0)
+                    if saving or self._evaluates_at(self.step):
+                        # before the next step changes the parameters that evaluation and saving see
+                        finish(*pending)  # (and time the step: saving is not step time)
+                        pending = None
+                    if saving:
+                        self.save()
+                        last_time = time.perf_counter()
+                    if stop.signal is not None:
+                        self.stopped_by = signal.Signals(stop.signal).name
+                        break
+                if pending:
                     finish(*pending)
-                pending = (self.step, step_metrics, counts)
-                if self.step == self.num_steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
-                    finish(*pending)  # time the step before saving: saving is not step time
-                    pending = None
-                    self.save()
-                    last_time = time.perf_counter()
-            if pending:
-                finish(*pending)
+                self.checkpointer.wait()  # a signal now still lets the last checkpoint complete
         finally:
             progress.close()
             if writer:
                 writer.close()
             self.checkpointer.wait()
-        self._print_samples()
+        if self.stopped_by:
+            print(
+                f"nnxlm: stopped by {self.stopped_by} at step {self.step}; the checkpoint of step {self.step} is "
+                "written: run the same command to resume",
+                file=sys.stderr,
+            )
+        else:
+            self._print_samples()
         return history
+
+    def _evaluates_at(self, step: int) -> bool:
+        return self.eval_data is not None and bool(self.eval_every) and step % self.eval_every == 0
+
+    def _nonfinite(self, step: int, record: dict, skipped_in_a_row: int) -> int:
+        """Handles a step whose loss or gradient norm is not finite (see on_nonfinite); returns how
+        many steps in a row have now been skipped."""
+        what = f"step {step}: the loss is {record['loss']:g} and the gradient norm {record['grad_norm']:g}"
+        good = self.checkpointer.latest_step()
+        if self.on_nonfinite != "skip" or skipped_in_a_row + 1 >= MAX_SKIPPED_IN_A_ROW:
+            in_a_row = f" ({MAX_SKIPPED_IN_A_ROW} steps in a row)" if self.on_nonfinite == "skip" else ""
+            raise UserError(
+                f"{what}{in_a_row}: training stopped, nothing was saved after it and the latest checkpoint is "
+                f"{'step ' + str(good) if good is not None else 'none'}; lower optimizer.learning_rate, check the "
+                "data, or set on_nonfinite='skip' to drop such updates"
+            )
+        print(f"nnxlm: {what}: the update is skipped (on_nonfinite='skip')", file=sys.stderr)
+        return skipped_in_a_row + 1
 
     def _report_start(self, writer, history: list, progress: Progress) -> None:
         """The eval loss and sample completions of the model before any step (step 0)."""
@@ -463,7 +545,15 @@ class Trainer:
             print(f"--- {heading}{prompt!r}\n{self.objective.sample_text(prompt, completion)}\n")
 
     def save(self) -> None:
-        """Checkpoints the current state and data position (asynchronously)."""
+        """Checkpoints the current state and data position (asynchronously); UserError, and nothing
+        written, when the state holds NaN or infinity."""
+        if not bool(_all_finite(self.state)):
+            good = self.checkpointer.latest_step()
+            raise UserError(
+                f"step {self.step}: the parameters or optimizer state hold NaN or infinity, so they are not saved "
+                f"(the latest checkpoint stays {'step ' + str(good) if good is not None else 'none'}): lower "
+                "optimizer.learning_rate or check the data"
+            )
         state = nnx.to_pure_dict(self.state)
         self.checkpointer.save(self.step, state, to_json(self.recipe), self._data_position())
 

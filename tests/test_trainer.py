@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 import nnxlm
 from nnxlm.metrics import read_metrics
+from nnxlm.objectives import NextToken
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +53,9 @@ def test_fit_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupted_run
     first_half = tiny(tmp_path / "b", num_steps=10)
     first_half.optimizer.decay_steps = 20  # the learning-rate schedule of the 20-step run
     fdl.build(first_half).fit()
-    resumed = fdl.build(tiny(tmp_path / "b"))  # same run directory, longer run
+    second_half = tiny(tmp_path / "b")  # same run directory, longer run
+    second_half.optimizer.decay_steps = 20
+    resumed = fdl.build(second_half)
     assert resumed.setup().step == 10
     later = resumed.fit()
     assert [r["step"] for r in later] == list(range(11, 21))
@@ -197,3 +201,70 @@ def test_a_scanned_and_a_looped_model_train_to_the_same_losses(tmp_path):
     looped = fdl.build(looped_cfg).fit()
     reference = scanned.fit()
     np.testing.assert_allclose([r["loss"] for r in looped], [r["loss"] for r in reference], rtol=2e-5)
+
+
+def test_eval_loss_at_step_k_is_the_loss_of_the_model_after_step_k(tmp_path):
+    # A checkpoint at every step makes each step finish before the next starts: the reference.
+    every_step = fdl.build(tiny(tmp_path / "a", num_steps=7, eval_every=3, checkpoint_every=1)).fit()
+    at_the_end = fdl.build(tiny(tmp_path / "b", num_steps=7, eval_every=3, checkpoint_every=0)).fit()
+    evals = lambda history: {r["step"]: r["eval_loss"] for r in history if "eval_loss" in r}  # noqa: E731
+    assert set(evals(at_the_end)) == {3, 6}
+    assert evals(at_the_end) == evals(every_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonedNextToken(NextToken):
+    """Next-token loss made NaN for the batches whose token sum is divisible by `every`."""
+
+    every: int = 7
+
+    def terms(self, model, batch, key):
+        terms = super().terms(model, batch, key)
+        factor = jnp.where(jnp.sum(batch["inputs"]) % self.every == 0, jnp.nan, 1.0)  # NaN gradients too
+        return terms._replace(loss=terms.loss * factor, sums={**terms.sums, "loss": terms.sums["loss"] * factor})
+
+
+def _poisoned_steps(cfg, num_steps):
+    trainer = fdl.build(cfg).setup()
+    batches = [next(trainer.train_iterator) for _ in range(num_steps)]
+    return [i + 1 for i, b in enumerate(batches) if np.sum(b["inputs"]) % cfg.objective.every == 0]
+
+
+def test_a_non_finite_loss_stops_the_run_and_leaves_the_last_good_checkpoint_the_latest(tmp_path):
+    cfg = tiny(tmp_path, num_steps=30, checkpoint_every=2, eval_every=0, keep_checkpoints=30)
+    for every in (7, 11, 13, 17, 19, 23):  # a poisoned step late enough to follow a few checkpoints
+        cfg.objective = fdl.Config(PoisonedNextToken, every=every)
+        first = (_poisoned_steps(cfg, 30) or [0])[0]
+        if first > 4:
+            break
+    with pytest.raises(nnxlm.UserError, match=f"step {first}: the loss is nan.*latest checkpoint is step"):
+        fdl.build(cfg).fit()
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved == list(range(2, first, 2))
+    assert all(r["step"] < first for r in read_metrics(str(tmp_path)))
+
+
+def test_skipping_non_finite_steps_keeps_the_state_of_the_step_before(tmp_path):
+    cfg = tiny(tmp_path, num_steps=30, checkpoint_every=0, eval_every=0, on_nonfinite="skip")
+    cfg.objective = fdl.Config(PoisonedNextToken, every=7)
+    poisoned = _poisoned_steps(cfg, 30)
+    assert 1 < len(poisoned) < 10
+    trainer = fdl.build(cfg)
+    history = trainer.fit()
+    assert [r["step"] for r in history if r["skipped"]] == poisoned
+    assert all(np.isfinite(r["loss"]) for r in history if not r["skipped"])
+    assert int(trainer.state["optimizer"]["step"][...]) == 30 - len(poisoned)  # the skipped did not count
+    always = tiny(tmp_path / "always", checkpoint_every=0, eval_every=0, on_nonfinite="skip")
+    always.objective = fdl.Config(PoisonedNextToken, every=1)
+    with pytest.raises(nnxlm.UserError, match=r"step 10: .* \(10 steps in a row\)"):
+        fdl.build(always).fit()
+
+
+def test_parameters_that_are_not_finite_are_never_saved(tmp_path):
+    trainer = fdl.build(tiny(tmp_path, num_steps=2)).setup()
+    trainer.state["model"]["final_norm"]["scale"][...] = jnp.full_like(
+        trainer.state["model"]["final_norm"]["scale"][...], jnp.inf
+    )
+    with pytest.raises(nnxlm.UserError, match="step 0: the parameters or optimizer state hold NaN or infinity"):
+        trainer.save()
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]

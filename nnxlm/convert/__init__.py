@@ -6,7 +6,6 @@ Both stream tensor by tensor: peak memory is about the converted model plus its 
 
 import json
 import os
-import shutil
 
 import fiddle as fdl
 import jax
@@ -19,8 +18,10 @@ from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
 from nnxlm.data.tokenizer import TOKENIZER_FILES
 from nnxlm.errors import UserError
+from nnxlm.files import copy_atomically, write_atomically
 from nnxlm.modules.moe import RoutingBias
 from nnxlm.recipes.serialization import as_config, to_json
+from nnxlm.recipes.validation import check_recipe
 
 # HF tensors that hold nothing a model needs (buffers recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -46,6 +47,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
         if not rules:
             raise UserError(f"{adapter}: target_modules {adapter_config.get('target_modules')} match no module")
         model_recipe.lora = as_config(peft.lora_of(adapter_config, sorted({r.path[-1] for r in rules})))
+    check_recipe(model_recipe, "model")
     abstract = nnx.eval_shape(lambda: fdl.build(model_recipe)(rngs=nnx.Rngs(0)))
     target = stored_layout(nnx.to_pure_dict(nnx.state(abstract)))
     params = _read_params(family.tensors(config), reader, target)
@@ -56,7 +58,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     os.makedirs(destination, exist_ok=True)
     copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, name))]
     for name in copied:
-        shutil.copy(os.path.join(model_dir, name), os.path.join(destination, name))
+        copy_atomically(os.path.join(model_dir, name), os.path.join(destination, name))
     recipe = experiments.trainer(model_recipe, name=os.path.basename(os.path.normpath(destination)))
     recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft) sets it
     if adapter:
@@ -65,8 +67,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     if tokenizers:  # the model's own tokenizer, wherever the run directory later trains
         recipe.tokenizer_path = os.path.join(os.path.abspath(destination), tokenizers[0])
     save_model_checkpoint(os.path.join(destination, "checkpoints"), 0, params, to_json(recipe))
-    with open(os.path.join(destination, "recipe.json"), "w", encoding="utf-8") as f:
-        json.dump(to_json(recipe), f, indent=1)
+    write_atomically(os.path.join(destination, "recipe.json"), json.dumps(to_json(recipe), indent=1))
     return destination
 
 
@@ -212,7 +213,7 @@ def to_hf(model_or_path, destination: str, *, adapter: bool = False, merged: boo
     run_dir = model_or_path
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(run_dir, name)):
-            shutil.copy(os.path.join(run_dir, name), os.path.join(destination, name))
+            copy_atomically(os.path.join(run_dir, name), os.path.join(destination, name))
     return destination
 
 
@@ -279,8 +280,7 @@ def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, a
         _write_adapter(params, parameter, (global_tensors, layer_tensors), lora, destination)
         return
     write_tensors(destination, tensors())
-    with open(os.path.join(destination, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
+    write_atomically(os.path.join(destination, "config.json"), json.dumps(config, indent=1))
 
 
 def _write_adapter(params, parameter, tables, lora, destination: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from nnxlm.convert.hf_files import TensorReader, write_tensors
 from nnxlm.errors import UserError
+from nnxlm.files import write_atomically
 from nnxlm.modules.lora import LoRA
 
 CONFIG_FILE = "adapter_config.json"
@@ -87,8 +88,7 @@ def write_adapter(destination: str, config: dict, tensors) -> None:
     """adapter_config.json and adapter_model.safetensors (tensors: (peft name, array) pairs)."""
     os.makedirs(destination, exist_ok=True)
     write_tensors(destination, tensors, shard_bytes=2**62, prefix=WEIGHTS_FILE.removesuffix(".safetensors"))
-    with open(os.path.join(destination, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
+    write_atomically(os.path.join(destination, CONFIG_FILE), json.dumps(config, indent=1))
 
 
 def read_adapter_config(directory: str) -> dict:

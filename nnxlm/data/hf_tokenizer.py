@@ -97,7 +97,10 @@ class HFTokenizer:
         return self._tokenizer.decode(keep, skip_special_tokens=False)
 
     def save(self, path: str) -> None:
-        self._tokenizer.save(path)
+        """Writes tokenizer.json atomically (a crash leaves any old file intact)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        self._tokenizer.save(tmp)
+        os.replace(tmp, path)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"

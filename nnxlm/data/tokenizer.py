@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import sentencepiece as spm
 
 from nnxlm.errors import UserError
+from nnxlm.files import write_atomically
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _SPACE_MARK = "\u2581"  # "▁": SentencePiece's escape for " "
@@ -149,12 +150,7 @@ class SentencePieceTokenizer:
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Writes the ``.model`` file (atomically: a crash leaves any old file intact)."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self._proto)
-        os.replace(tmp, path)
+        write_atomically(os.fspath(path), self._proto)
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
