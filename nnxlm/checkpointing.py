@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 
 import fiddle as fdl
 import jax
@@ -117,16 +118,30 @@ def abstract_with_shardings(abstract_state: nnx.State, shardings) -> dict:
     )
 
 
+# Checkpoints past `keep` are renamed into this subdirectory (atomically) before they are deleted:
+# a process killed while deleting one leaves no half-deleted step directory beside the good ones.
+DELETED = "deleted"
+
+
 class Checkpointer:
     """Keeps the last `keep` checkpoints of a run in `directory`; saves asynchronously."""
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+            max_to_keep=keep,
+            enable_async_checkpointing=True,
+            create=True,
+            cleanup_tmp_directories=True,  # what a killed save left
+            todelete_subdir=DELETED,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._writing = None  # the step being written in the background, if any
+        self._purge_deleted()
+
+    def _purge_deleted(self) -> None:
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, DELETED), ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -136,8 +151,12 @@ class Checkpointer:
         before the call: the iterators move on while orbax writes); all processes call it. A failed
         write (disk full, no permission) is a UserError here or at the next save or wait()."""
         items = _items(ocp.args.StandardSave(stored_layout(state)), state, recipe, data_state)
+        self._purge_deleted()
         with self._reporting_failure(step):
-            self.manager.save(step, args=ocp.args.Composite(**items))
+            # force: whatever orbax's save policies say, a step nnxlm saves is saved
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if not saved:
+            raise UserError(f"checkpoint step {step} was not written to {self.directory}: it exists already")
         self._writing = step
 
     @contextlib.contextmanager
@@ -185,6 +204,7 @@ class Checkpointer:
         with self._reporting_failure(self._writing if self._writing is not None else -1):
             self.manager.wait_until_finished()
         self._writing = None
+        self._purge_deleted()
 
     def close(self) -> None:
         self.manager.close()

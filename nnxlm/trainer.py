@@ -482,7 +482,8 @@ class Trainer:
                     if pending:  # fetch the previous step's metrics while this one runs
                         finish(*pending)
                     pending = (self.step, step_metrics, counts)
-                    saving = self.step == self.num_steps or stop.signal is not None
+                    stopping = stop.signal  # read once: a signal may arrive at any moment
+                    saving = self.step == self.num_steps or stopping is not None
                     saving = saving or bool(self.checkpoint_every and self.step % self.checkpoint_every == 0)
                     if saving or self._evaluates_at(self.step):
                         # before the next step changes the parameters that evaluation and saving see
@@ -491,8 +492,8 @@ class Trainer:
                     if saving:
                         self.save()
                         last_time = time.perf_counter()
-                    if stop.signal is not None:
-                        self.stopped_by = signal.Signals(stop.signal).name
+                    if stopping is not None:
+                        self.stopped_by = signal.Signals(stopping).name
                         break
                 if pending:
                     finish(*pending)

@@ -1,10 +1,6 @@
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import fiddle as fdl
 import jax
@@ -60,38 +56,6 @@ def test_fit_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupted_run
     later = resumed.fit()
     assert [r["step"] for r in later] == list(range(11, 21))
     assert [r["loss"] for r in later] == [r["loss"] for r in reference[10:]]
-
-
-def _train_command(workdir):
-    return [
-        sys.executable, "-m", "nnxlm", "train", "--recipe", "tiny",
-        "--recipe", "set:num_steps=300", "--recipe", "set:checkpoint_every=25",
-        "--recipe", "set:eval_every=0", "--workdir", str(workdir),
-    ]  # fmt: skip
-
-
-def test_sigkill_then_restart_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run(_train_command(tmp_path / "reference"), env=env, check=True, capture_output=True, cwd=REPO)
-    victim = subprocess.Popen(
-        _train_command(tmp_path / "killed"), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    first_checkpoint = tmp_path / "killed" / "checkpoints" / "50"
-    deadline = time.time() + 120
-    while not first_checkpoint.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = max(int(d) for d in os.listdir(tmp_path / "killed" / "checkpoints") if d.isdigit())
-    assert killed_at < 300
-    resumed = subprocess.run(_train_command(tmp_path / "killed"), env=env, capture_output=True, text=True, cwd=REPO)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed {tmp_path / 'killed'} at step {killed_at}" in resumed.stderr
-    expected = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "reference"))}
-    got = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "killed"))}
-    later = [step for step in expected if step > killed_at]
-    assert later and [got[s] for s in later] == [expected[s] for s in later]
 
 
 def test_load_model_rebuilds_the_trained_model_from_its_run_directory(tmp_path):
