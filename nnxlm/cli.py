@@ -143,10 +143,8 @@ def _cache_compilations(directory: str) -> None:
     a process, so the path is absolute: it must stay valid if the working directory changes."""
     import jax
 
-    if not jax.config.jax_compilation_cache_dir:
-        directory = os.path.abspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", directory)
+    if not jax.config.jax_compilation_cache_dir:  # JAX makes the directory when it first writes to it
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
 
 
 def inspect(args) -> int:

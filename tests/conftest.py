@@ -4,6 +4,8 @@ SentencePiece tokenizer trained on stdlib code for the tests that need real text
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the measured CPU peak (for MFU) is cached per machine: here, per test session, not in ~/.cache
+os.environ.setdefault("NNXLM_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="nnxlm-cache-"))
 
 from pathlib import Path  # noqa: E402
 

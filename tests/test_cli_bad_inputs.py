@@ -68,6 +68,8 @@ CASES = [
     (["train", *TINY, *_set("optimizer.learning_rate=-0.001")], "optimizer.learning_rate is -0.001"),
     (["train", *TINY, *_set("optimizer.warmup_steps=-1")], "optimizer.warmup_steps is -1"),
     (["train", *TINY, *_set("optimizer.decay_steps=0")], "optimizer.decay_steps is 0"),
+    (["train", *TINY, *_set("on_nonfinite='ignore'")], "on_nonfinite is 'ignore'"),
+    (["train", *TINY, "--resume_step", "3"], "resume_step 3 is no checkpoint"),
     (["train", *TINY, *_set("optimizer.b1=1.0")], "optimizer.b1 is 1.0: use a number in [0, 1)"),
     (["train", *TINY, *_set("optimizer.eps=0.0")], "optimizer.eps is 0.0"),
     (["train", *TINY, *_set("optimizer.weight_decay=-0.1")], "optimizer.weight_decay is -0.1"),

@@ -38,6 +38,7 @@ def test_metrics_jsonl_has_the_documented_fields(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 11))
     for field in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops_per_s", "mfu"):
         assert all(np.isfinite(r[field]) for r in records), field
+    assert all(0 < r["mfu"] <= 1 for r in records)
     assert "eval_loss" in records[9]
     assert os.listdir(tmp_path / "tensorboard")
     recipe = json.loads((tmp_path / "recipe.json").read_text())
@@ -56,6 +57,7 @@ def test_fit_resumes_from_the_latest_checkpoint_and_matches_an_uninterrupted_run
     later = resumed.fit()
     assert [r["step"] for r in later] == list(range(11, 21))
     assert [r["loss"] for r in later] == [r["loss"] for r in reference[10:]]
+    assert all(0 < r["mfu"] <= 1 for r in read_metrics(str(tmp_path / "b")))  # a fresh start and a resume
 
 
 def test_load_model_rebuilds_the_trained_model_from_its_run_directory(tmp_path):

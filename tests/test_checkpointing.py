@@ -1,0 +1,49 @@
+import errno
+import os
+
+import fiddle as fdl
+import pytest
+from orbax.checkpoint._src.path import atomicity
+
+import nnxlm
+from nnxlm.checkpointing import find_checkpoint
+
+
+def _fail_at_step(monkeypatch, step: int, how: str) -> None:
+    """Makes orbax's write of checkpoint `step` fail as a full disk or a denied permission does."""
+    if how == "disk full at commit":
+        rename = atomicity.async_path.rename
+
+        async def failing_rename(source, target, *args, **kwargs):
+            if os.path.basename(str(target)) == str(step):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+            return await rename(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(atomicity.async_path, "rename", failing_rename)
+    else:
+        create = atomicity._create_tmp_directory
+
+        async def failing_create(makedir, tmp_dir, *args, **kwargs):
+            if os.path.basename(str(tmp_dir)).startswith(f"{step}."):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_dir))
+            return await create(makedir, tmp_dir, *args, **kwargs)
+
+        monkeypatch.setattr(atomicity, "_create_tmp_directory", failing_create)
+
+
+@pytest.mark.parametrize("how", ["disk full at commit", "permission denied"])
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_earlier_ones_the_latest(tmp_path, monkeypatch, how):
+    cfg = nnxlm.recipes.tiny()
+    cfg.workdir, cfg.num_steps, cfg.checkpoint_every, cfg.eval_every = str(tmp_path), 15, 5, 0
+    _fail_at_step(monkeypatch, 10, how)
+    with pytest.raises(nnxlm.UserError) as failed:
+        fdl.build(cfg).fit()
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith(f"checkpoint step 10 could not be written to {tmp_path}")
+    assert ("No space left on device" if how.startswith("disk") else "Permission denied") in message
+    assert "the earlier checkpoints are intact (newest: 5)" in message
+    monkeypatch.undo()
+    assert find_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoints"), 5)
+    resumed = fdl.build(cfg).setup()  # and what the failed write left is no checkpoint
+    assert resumed.step == 5
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("10")]
