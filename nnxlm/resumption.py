@@ -107,25 +107,22 @@ def set_aside_newer(workdir: str, directory: str, step: int) -> None:
         print(f"nnxlm: resuming from step {step}: moved checkpoint {newer} to {target}", file=sys.stderr)
 
 
+def _objects(node):
+    """Every JSON object within `node`, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)
+
+
 def recipe_fields(recipe_json: dict) -> dict[str, object]:
     """{"model.block.attention.num_heads": 4, ...}: every value of a recipe saved as JSON (fiddle's
     serialization, which records each leaf with its paths), read without importing anything."""
-    fields = {}
-
-    def visit(node):
-        if isinstance(node, dict):
-            if node.get("type") == "leaf":
-                for path in node.get("paths", ()):
-                    fields[path.removeprefix("<root>.")] = node.get("value")
-                return
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(recipe_json.get("objects", {}))
-    return fields
+    leaves = (node for node in _objects(recipe_json.get("objects", {})) if node.get("type") == "leaf")
+    return {path.removeprefix("<root>."): leaf.get("value") for leaf in leaves for path in leaf.get("paths", ())}
 
 
 def recipe_changes(saved: dict, current: dict) -> list[str]:
@@ -146,20 +143,8 @@ def recipe_changes(saved: dict, current: dict) -> list[str]:
 
 
 def _callables(recipe_json: dict) -> list[str]:
-    names = []
-
-    def visit(node):
-        if isinstance(node, dict):
-            if node.get("type") == "pyref":
-                names.append(f"{node.get('module')}.{node.get('name')}")
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(recipe_json.get("objects", {}))
-    return sorted(names)
+    refs = (node for node in _objects(recipe_json.get("objects", {})) if node.get("type") == "pyref")
+    return sorted(f"{ref.get('module')}.{ref.get('name')}" for ref in refs)
 
 
 def check_same_recipe(saved: dict, current: dict, where: str, allowed: bool) -> None:

@@ -91,8 +91,10 @@ def test_the_command_line_names_the_step_to_resume_from_in_one_line(tmp_path, tr
     assert main(["train", *argv]) == 2
     assert main(["decode", "--checkpoint", str(tmp_path / "run"), "--prompt", "x"]) == 2
     assert main(["train", *argv, "--resume_step", "7"]) == 2
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("nnxlm: error: ") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("nnxlm: error: ") for line in lines)
+    assert lines[3] == lines[1] and not (tmp_path / "hf").exists()
     assert "damaged (state/_METADATA is missing)" in lines[0] and "--resume_step 15" in lines[0]
     assert lines[1].endswith(f"load the newest intact one, {tmp_path / 'run' / 'checkpoints' / '15'}")
     assert "resume_step 7 is no checkpoint" in lines[2] and "5, 10, 15, 20" in lines[2]

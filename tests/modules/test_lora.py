@@ -115,7 +115,8 @@ def test_experts_and_latent_attention_take_adapters_that_merge_exactly(family):
     randomize_b(model)
     unmerged = model(IDS)
     merge_lora(model)
-    np.testing.assert_allclose(model(IDS), unmerged, atol=1e-5, rtol=1e-5)
+    # (W + BA) x and W x + B (A x) round differently: 2e-5 apart on one CPU for deepseek_v3's logits
+    np.testing.assert_allclose(model(IDS), unmerged, atol=5e-5, rtol=1e-5)
     unmerge_lora(model)
     if family == "deepseek_v3":  # cached decoding absorbs kv_b_proj with its update into the queries
         from nnxlm.generation import generate
