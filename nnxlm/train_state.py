@@ -19,10 +19,17 @@ class RngKey(nnx.Variable):
 
 
 class TrainState(nnx.Module):
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param):
+    """reference: keep a frozen copy of the model beside it (an objective's reference model, e.g.
+    DPO's when more than adapters train); the Trainer fills it with the starting parameters."""
+
+    def __init__(
+        self, model: nnx.Module, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param, reference=False
+    ):
         self.model = model
         self.optimizer = nnx.Optimizer(model, tx, wrt=trainable)
         self.rng = RngKey(jax.random.key_data(jax.random.key(seed)))
+        if reference:
+            self.reference = nnx.clone(model)
 
     def next_key(self) -> jax.Array:
         """A fresh key for this step; advances the stored key."""

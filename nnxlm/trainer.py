@@ -32,6 +32,7 @@ from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
 from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
 from nnxlm.files import write_atomically
+from nnxlm.modules.lora import lora_disabled
 from nnxlm.objectives import NextToken
 from nnxlm.optim import AdamW
 from nnxlm.preemption import StopRequests
@@ -239,6 +240,8 @@ class Trainer:
             self.state, self.step = self._fresh_state(), 0
             if self.load_parameters_path:
                 load_parameters(self, self.load_parameters_path)
+        if not resuming:
+            self._start_reference()
         self._ready = True
         return self
 
@@ -278,7 +281,32 @@ class Trainer:
             )
 
     def _create_state(self) -> TrainState:
-        return TrainState(self.model_factory(rngs=nnx.Rngs(self.seed)), self.tx, self.seed, self.trainable_filter)
+        model = self.model_factory(rngs=nnx.Rngs(self.seed))
+        return TrainState(model, self.tx, self.seed, self.trainable_filter, reference=self.reference_mode == "copy")
+
+    @property
+    def reference_mode(self) -> str | None:
+        """How the objective's reference model is kept: "adapters" (the model with its LoRA adapters
+        off: only adapters train, so that is the starting model), "copy" (a frozen copy in the train
+        state) or None (the objective has no reference)."""
+        if not getattr(self.objective, "uses_reference", False):
+            return None
+        return "adapters" if self.trainable == "lora" else "copy"
+
+    def _with_reference(self, train_state: TrainState, batch: dict) -> dict:
+        """The batch plus what the objective needs from its reference model (see reference_mode)."""
+        if self.reference_mode == "copy":
+            return {**batch, **self.objective.reference_fields(train_state.reference, batch)}
+        if self.reference_mode == "adapters":
+            with lora_disabled(train_state.model) as base:
+                return {**batch, **self.objective.reference_fields(base, batch)}
+        return batch
+
+    def _start_reference(self) -> None:
+        """A fresh run's frozen reference: a copy of the parameters it starts from."""
+        if self.reference_mode == "copy":
+            copy = jax.jit(lambda m: jax.tree.map(jnp.copy, m), out_shardings=self.state_shardings["reference"])
+            self.state["reference"] = copy(self.state["model"])
 
     def _dataset(self, source, *, shuffle: bool, repeat: bool) -> ShardedBatches:
         """This process's data shards (see data_shards), batched side by side."""
@@ -371,7 +399,7 @@ class Trainer:
 
         def accumulate(carry, inputs):
             micro, key = inputs
-            micro = {name: constrain(x, ("batch", "length")) for name, x in micro.items()}
+            micro = {name: constrain(x, ("batch", "length")[: x.ndim]) for name, x in micro.items()}
             (_, metrics), grads = grad_fn(params, rest, micro, key)
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
@@ -388,6 +416,7 @@ class Trainer:
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
         with activation_sharding(self.mesh, self.sharding_rules):
+            batch = self._with_reference(train_state, batch)
             grads, metrics = self._gradients(train_state.model, batch, dropout_key)
         train_state.optimizer.update(train_state.model, grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -398,9 +427,10 @@ class Trainer:
         return new_state, {**metrics, "lr": learning_rate, "grad_norm": grad_norm, "finite": finite}
 
     def _eval_step_fn(self, state, batch):
-        model = nnx.merge(self.graphdef, state).model
+        train_state = nnx.merge(self.graphdef, state)
         with activation_sharding(self.mesh, self.sharding_rules):
-            terms = self.objective.terms(model, batch, None)
+            batch = self._with_reference(train_state, batch)
+            terms = self.objective.terms(train_state.model, batch, None)
         return terms.sums["loss"], self.objective.units(batch)
 
     # ----------------------------------------------------------------------------------------------
@@ -452,6 +482,8 @@ class Trainer:
                     "seq_len and the objective's loss_on"
                 )
             skipped_in_a_row = 0 if record.pop("finite") else self._nonfinite(step, record, skipped_in_a_row)
+            if hasattr(self.objective, "watch"):  # an objective's own guard (DPO: a loss stuck at ln 2)
+                self.objective.watch(step, record)
             now = time.perf_counter()
             step_time, last_time = now - last_time, now
             tokens_per_s = tokens_per_step / step_time

@@ -39,22 +39,7 @@ class SFT(NextToken):
 
     def template(self, tokenizer) -> ChatTemplate:
         """The chat template examples are rendered with (see chat_template)."""
-        if self.chat_template is not None:
-            try:
-                with open(self.chat_template, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise UserError(
-                    f"chat template {self.chat_template} cannot be read ({e.strerror}): fix the path"
-                ) from None
-        elif getattr(tokenizer, "chat_template", None):
-            text = tokenizer.chat_template
-        else:
-            if repr(tokenizer) not in _TOLD:  # once a process
-                _TOLD.add(repr(tokenizer))
-                print(f"nnxlm: {tokenizer} has no chat template: using nnxlm's built-in one", file=sys.stderr)
-            text = BUILTIN_TEMPLATE
-        return ChatTemplate(text, tokenizer.special_tokens())
+        return chat_template(tokenizer, self.chat_template)
 
     def baseline(self, source, tokenizer) -> None:
         return None
@@ -71,3 +56,21 @@ class SFT(NextToken):
         """The chat template's rendering of one user turn `text` and the assistant's header."""
         rendered = self.template(tokenizer).render([{"role": "user", "content": text}], add_generation_prompt=True)
         return tokenizer.encode_with_offsets(rendered)[0]
+
+
+def chat_template(tokenizer, path: str | None = None) -> ChatTemplate:
+    """The template at `path`, else the tokenizer's own, else nnxlm's built-in one (said once)."""
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f"chat template {path} cannot be read ({e.strerror}): fix the path") from None
+    elif getattr(tokenizer, "chat_template", None):
+        text = tokenizer.chat_template
+    else:
+        if repr(tokenizer) not in _TOLD:  # once a process
+            _TOLD.add(repr(tokenizer))
+            print(f"nnxlm: {tokenizer} has no chat template: using nnxlm's built-in one", file=sys.stderr)
+        text = BUILTIN_TEMPLATE
+    return ChatTemplate(text, tokenizer.special_tokens())

@@ -4,7 +4,7 @@ import fiddle as fdl
 
 from nnxlm.data import JsonlFiles, Synthetic, TextFiles
 from nnxlm.modules.lora import LoRA
-from nnxlm.objectives import SFT
+from nnxlm.objectives import DPO, SFT
 
 
 def loop_layers(cfg: fdl.Config) -> None:
@@ -78,6 +78,27 @@ def sft(
     eval_fraction of the examples. loss_on, overlong and chat_template are SFT's (nnxlm.objectives)."""
     _files(cfg, JsonlFiles, train, eval, eval_fraction, field=None)
     cfg.objective = fdl.Config(SFT, loss_on=loss_on, overlong=overlong, chat_template=chat_template)
+
+
+def dpo(
+    cfg: fdl.Config,
+    train: str,
+    eval: str | None = None,
+    eval_fraction: float = 0.01,
+    beta: float = 0.1,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    overlong: str = "truncate",
+    chat_template: str | None = None,
+) -> None:
+    """Direct preference optimisation on the JSON Lines files matching `train`: one pair a line,
+    {"prompt", "chosen", "rejected"} as text or messages (nnxlm.data.preferences); evaluate on
+    `eval`, or on a held-out eval_fraction of the pairs. The other arguments are DPO's
+    (nnxlm.objectives.dpo); the reference is the starting model (with fiddler:lora, its base)."""
+    _files(cfg, JsonlFiles, train, eval, eval_fraction, field=None)
+    cfg.objective = fdl.Config(
+        DPO, beta=beta, loss=loss, label_smoothing=label_smoothing, overlong=overlong, chat_template=chat_template
+    )
 
 
 def lora(

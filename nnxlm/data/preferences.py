@@ -1,0 +1,132 @@
+"""Preference data: {"prompt", "chosen", "rejected"} pairs -> two rows a pair, for DPO.
+
+A record's prompt is text or a list of messages; chosen and rejected are text, or lists of
+(assistant) messages that continue the prompt's conversation. The prompt is tokenized once and
+shared by both rows, and each response is tokenized on its own: the boundary between prompt and
+response lies in token space (no token merges across it, no bos inside a response).
+
+- Text prompt: bos + prompt ids, then response ids + eos.
+- Messages: the chat template's rendering of the prompt with the assistant header (no bos: the
+  template places its special tokens), then the rest of the conversation's rendering, tokenized
+  alone.
+
+Only the response tokens (and eos) carry loss. A pair takes rows 2i (chosen) and 2i + 1 (rejected)
+of a batch, each [seq_len], padded, not packed. A response that does not fit is cut (overlong
+"truncate") or the pair left out ("drop"); a prompt that leaves no room for a response always
+drops the pair. Each batch counts its `examples`, `truncated` and `dropped` pairs [rows] (the
+trainer logs them and does not feed them to the step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from nnxlm.data.chat import ChatTemplate, check_messages
+from nnxlm.data.pipeline import ordered_documents
+from nnxlm.errors import UserError
+
+FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "example"):
+    """(prompt ids, chosen ids, rejected ids), lists of ints, of one preference record; UserError
+    naming `where` for a malformed one."""
+    if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{where}: a preference example needs 'prompt', 'chosen' and 'rejected'; it has {keys}")
+    prompt = record["prompt"]
+    responses = record["chosen"], record["rejected"]
+    if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        prompt_ids = bos + tokenizer.encode_with_offsets(prompt)[0]
+        return (prompt_ids, *(tokenizer.encode_with_offsets(r)[0] + [tokenizer.eos_id] for r in responses))
+    if isinstance(prompt, list) and all(isinstance(r, list) and r for r in responses):
+        prompt = check_messages(prompt, where)
+        head = template.render(prompt, add_generation_prompt=True)
+        ids = [tokenizer.encode_with_offsets(head)[0]]
+        for response in responses:
+            text = template.render(check_messages(prompt + response, where))
+            if not text.startswith(head):
+                raise UserError(f"{where}: the chat template renders the response's turns before its header")
+            ids.append(tokenizer.encode_with_offsets(text[len(head) :])[0])
+        return tuple(ids)
+    raise UserError(
+        f"{where}: 'prompt', 'chosen' and 'rejected' must be strings, or a list of messages and two "
+        "non-empty lists of the messages that follow"
+    )
+
+
+def _row(prompt: list[int], response: list[int], seq_len: int) -> dict[str, np.ndarray]:
+    ids = np.asarray(prompt + response, np.int32)[: seq_len + 1]
+    n = len(ids) - 1
+    row = {name: np.zeros(seq_len, np.float32 if name == "loss_mask" else np.int32) for name in FIELDS}
+    row["inputs"][:n], row["targets"][:n] = ids[:-1], ids[1:]
+    row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
+    row["loss_mask"][len(prompt) - 1 : n] = 1.0  # targets from the response's first token on
+    return row
+
+
+class PairRows(grain.transforms.Map):
+    """Preference item -> {field: [2, seq_len]} (chosen, rejected) and its counts."""
+
+    def __init__(self, source, tokenizer, template: ChatTemplate, seq_len: int, overlong: str):
+        self.source, self.tokenizer, self.template = source, tokenizer, template
+        self.seq_len, self.overlong = seq_len, overlong
+
+    def map(self, item) -> dict[str, np.ndarray]:
+        where = self.source.where(item) if hasattr(self.source, "where") else str(item)
+        prompt, *responses = pair_tokens(self.source.load(item), self.tokenizer, self.template, where)
+        too_long = max(len(prompt) + len(r) for r in responses) > self.seq_len + 1
+        dropped = len(prompt) >= self.seq_len or (too_long and self.overlong == "drop")
+        rows = [_row(prompt, r, self.seq_len) for r in responses]
+        pair = {name: np.stack([row[name] for row in rows]) for name in FIELDS}
+        if dropped:  # no token carries loss: the pair counts as dropped and adds nothing
+            pair["loss_mask"][:] = 0.0
+        pair.update(
+            examples=np.int32(not dropped), truncated=np.int32(too_long and not dropped), dropped=np.int32(dropped)
+        )
+        return pair
+
+
+class PairBatch(grain.transforms.Map):
+    """[pairs, 2, seq_len] -> [2 pairs, seq_len] rows: chosen at 2i, rejected at 2i + 1."""
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {name: batch[name].reshape(-1, batch[name].shape[-1]) for name in FIELDS}
+        for name in ("examples", "truncated", "dropped"):  # a pair counts once, on its chosen row
+            out[name] = np.stack([batch[name], np.zeros_like(batch[name])], axis=1).reshape(-1)
+        return out
+
+
+def make_preference_dataset(
+    source: Any,
+    tokenizer,
+    template: ChatTemplate,
+    *,
+    seq_len: int,
+    batch_size: int,
+    overlong: str = "truncate",
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Batches of batch_size rows (batch_size / 2 pairs) of `source`'s preference records."""
+    if tokenizer is None:
+        raise UserError("preference data is text: the run needs a tokenizer (set tokenizer_path)")
+    if batch_size % 2:
+        raise UserError(f"batch_size {batch_size} holds pairs of rows (chosen, rejected): make it even")
+    ds = ordered_documents(
+        source, seq_len=seq_len, batch_size=batch_size // 2, seed=seed, shuffle=shuffle, repeat=repeat,
+        num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+    )  # fmt: skip
+    ds = ds.map(PairRows(source, tokenizer, template, seq_len, overlong))
+    it = ds.to_iter_dataset().batch(batch_size // 2, drop_remainder=True).map(PairBatch())
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it

@@ -1,0 +1,122 @@
+"""The DPO objective: closed-form losses, ln 2 at the start, its reference kept frozen."""
+
+import json
+import math
+
+import fiddle as fdl
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nnxlm.data import JsonlFiles
+from nnxlm.modules.lora import LoRA
+from nnxlm.objectives.dpo import DPO, dpo_loss
+from nnxlm.recipes import models
+
+QUESTIONS = ["Name a list method.", "What does zip do?", "Is 7 prime?", "Say hi.", "Add 2 and 2.", "Why?"]
+GOOD = ["append", "It pairs items of iterables.", "Yes.", "hi", "4", "Because."]
+BAD = ["banana", "Nothing at all, ever.", "No.", "bye", "5", "No reason"]
+
+
+def test_closed_form_losses_on_fixed_log_probabilities():
+    # log-ratios (policy - reference) of chosen and rejected responses, and their margin z
+    chosen, rejected, beta = jnp.array([1.0, -0.5]), jnp.array([0.2, 0.5]), 0.5
+    z = chosen - rejected  # [0.8, -1.0]
+    sigmoid = [math.log(1 + math.exp(-beta * v)) for v in (0.8, -1.0)]  # -log sigmoid(beta z)
+    np.testing.assert_allclose(dpo_loss(z, beta), sigmoid, rtol=1e-6)
+    smoothed = [0.9 * s + 0.1 * math.log(1 + math.exp(beta * v)) for s, v in zip(sigmoid, (0.8, -1.0), strict=True)]
+    np.testing.assert_allclose(dpo_loss(z, beta, label_smoothing=0.1), smoothed, rtol=1e-6)
+    np.testing.assert_allclose(dpo_loss(z, beta, "ipo"), [(0.8 - 1.0) ** 2, (-1.0 - 1.0) ** 2], rtol=1e-6)
+    assert float(dpo_loss(jnp.zeros(()), 0.1)) == pytest.approx(0.693147, abs=1e-6)  # ln 2
+    assert float(jax.grad(dpo_loss)(0.0, 0.1)) == pytest.approx(-0.05, rel=1e-6)  # -beta / 2
+
+
+def test_bad_settings_are_one_clear_error():
+    from nnxlm.errors import UserError
+
+    cases = [
+        ({"loss": "hinge"}, "loss is 'hinge'"),
+        ({"beta": 0}, "beta is 0"),
+        ({"label_smoothing": 0.5}, "label_smoothing is 0.5"),
+        ({"loss": "ipo", "label_smoothing": 0.1}, "sigmoid loss only"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(UserError, match=match):
+            DPO(**bad)
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    records = [
+        {"prompt": f"Q: {q}\nA: ", "chosen": g, "rejected": b} for q, g, b in zip(QUESTIONS, GOOD, BAD, strict=True)
+    ]
+    records.append(
+        {"prompt": [{"role": "user", "content": "Say hi."}], "chosen": [{"role": "assistant", "content": "hi"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]}
+    )  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_rows_share_the_prompt_and_only_responses_carry_loss(pairs, small_tokenizer):
+    source = JsonlFiles(globs=[pairs], field=None)
+    settings = dict(seq_len=40, batch_size=14, shuffle=False, repeat=False)
+    batch = next(iter(DPO().dataset(source, small_tokenizer, **settings)))
+    assert batch["inputs"].shape == (14, 40) and batch["examples"].sum() == 7
+    tok = small_tokenizer
+    for i, (q, g, b) in enumerate(zip(QUESTIONS, GOOD, BAD, strict=True)):
+        prompt = [tok.bos_id, *tok.encode_with_offsets(f"Q: {q}\nA: ")[0]]
+        for row, response in ((2 * i, g), (2 * i + 1, b)):
+            ids = prompt + tok.encode_with_offsets(response)[0] + [tok.eos_id]
+            n = len(ids) - 1
+            np.testing.assert_array_equal(batch["inputs"][row, :n], ids[:-1])
+            np.testing.assert_array_equal(batch["targets"][row, :n], ids[1:])
+            trained = np.flatnonzero(batch["loss_mask"][row])  # the response's tokens and eos, as targets
+            np.testing.assert_array_equal(trained, np.arange(len(prompt) - 1, n))
+    # a conversation: the prompt's rendering with the assistant header is shared by both rows
+    chosen, rejected = batch["inputs"][12], batch["inputs"][13]
+    first = int(np.flatnonzero(batch["loss_mask"][12])[0])
+    np.testing.assert_array_equal(chosen[: first + 1], rejected[: first + 1])
+    assert tok.bos_id not in batch["targets"][12][batch["loss_mask"][12] > 0]
+
+
+def _dpo_recipe(workdir, pairs, small_tokenizer, **changes):
+    from tests.test_trainer import tiny
+
+    small_tokenizer.save(str(workdir / "tokenizer.model"))
+    cfg = tiny(workdir, batch_size=4, seq_len=40, eval_data=None, eval_every=0, checkpoint_every=0, **changes)
+    cfg.model = models.llama_tiny(vocab_size=1000)
+    cfg.train_data = fdl.Config(JsonlFiles, globs=[pairs], field=None)
+    cfg.objective = fdl.Config(DPO, beta=0.1)
+    cfg.optimizer.learning_rate = 1e-2
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_the_loss_starts_at_ln_2_and_the_reference_stays_bit_identical(tmp_path, pairs, small_tokenizer, kind):
+    cfg = _dpo_recipe(tmp_path, pairs, small_tokenizer, num_steps=12)
+    if kind == "lora":
+        cfg.model.lora = fdl.Config(LoRA, rank=4)
+        cfg.trainable = "lora"
+    trainer = fdl.build(cfg).setup()
+    start = jax.tree.map(np.asarray, trainer.state["model"])
+    assert ("reference" in trainer.state) == (kind == "full")  # with LoRA: the base itself, no copy
+    if kind == "full":  # a frozen copy of the starting parameters beside the policy
+        reference, model = trainer.state["reference"], trainer.state["model"]
+        for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(model), strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert a.sharding == b.sharding and a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+    history = trainer.fit()
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[0]["margin"] == pytest.approx(0.0, abs=1e-6)
+    late = history[-3:]
+    assert np.mean([r["margin"] for r in late]) > 0.05 and np.mean([r["accuracy"] for r in late]) > 0.7
+    for name in ("reward_chosen", "reward_rejected"):
+        assert all(np.isfinite(r[name]) for r in history)
+    frozen = trainer.state["reference"] if kind == "full" else trainer.state["model"]
+    flat = dict(jax.tree_util.tree_flatten_with_path(start)[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+        if kind == "full" or "adapter" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(value, flat[path])  # the reference (the base, the copy) never moved
