@@ -32,7 +32,7 @@ from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
 from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
 from nnxlm.files import write_atomically
-from nnxlm.modules.lora import lora_disabled
+from nnxlm.modules.lora import adapted, lora_delta, lora_disabled
 from nnxlm.objectives import NextToken
 from nnxlm.optim import AdamW
 from nnxlm.preemption import StopRequests
@@ -303,10 +303,22 @@ class Trainer:
         return batch
 
     def _start_reference(self) -> None:
-        """A fresh run's frozen reference: a copy of the parameters it starts from."""
+        """A fresh run's reference is the model it starts from: a frozen copy ("copy"), or ("adapters")
+        the base with the starting point's own adapters (e.g. an SFT run's) folded into its kernels
+        and the adapters started afresh (B = 0), so that switching them off gives that model."""
         if self.reference_mode == "copy":
             copy = jax.jit(lambda m: jax.tree.map(jnp.copy, m), out_shardings=self.state_shardings["reference"])
             self.state["reference"] = copy(self.state["model"])
+        elif self.reference_mode == "adapters":
+            self.state = jax.jit(self._fold_adapters, out_shardings=self.state_shardings, donate_argnums=0)(self.state)
+
+    def _fold_adapters(self, state):
+        train_state = nnx.merge(self.graphdef, state)
+        for module in adapted(train_state.model):
+            delta = lora_delta(module)
+            module.kernel[...] = (module.kernel[...].astype(jnp.float32) + delta).astype(module.kernel.dtype)
+            module.adapter.b[...] = jnp.zeros_like(module.adapter.b[...])
+        return nnx.state(train_state)
 
     def _dataset(self, source, *, shuffle: bool, repeat: bool) -> ShardedBatches:
         """This process's data shards (see data_shards), batched side by side."""

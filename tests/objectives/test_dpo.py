@@ -86,7 +86,8 @@ def _dpo_recipe(workdir, pairs, small_tokenizer, **changes):
     from tests.test_trainer import tiny
 
     small_tokenizer.save(str(workdir / "tokenizer.model"))
-    cfg = tiny(workdir, batch_size=4, seq_len=40, eval_data=None, eval_every=0, checkpoint_every=0, **changes)
+    changes = {"checkpoint_every": 0, **changes}
+    cfg = tiny(workdir, batch_size=4, seq_len=40, eval_data=None, eval_every=0, **changes)
     cfg.model = models.llama_tiny(vocab_size=1000)
     cfg.train_data = fdl.Config(JsonlFiles, globs=[pairs], field=None)
     cfg.objective = fdl.Config(DPO, beta=0.1)
@@ -120,3 +121,26 @@ def test_the_loss_starts_at_ln_2_and_the_reference_stays_bit_identical(tmp_path,
     for path, value in jax.tree_util.tree_flatten_with_path(frozen)[0]:
         if kind == "full" or "adapter" not in jax.tree_util.keystr(path):
             np.testing.assert_array_equal(value, flat[path])  # the reference (the base, the copy) never moved
+
+
+def test_from_a_lora_run_the_reference_is_that_run_and_a_resumed_run_matches(tmp_path, pairs, small_tokenizer):
+    from nnxlm.metrics import read_metrics
+
+    sft = _dpo_recipe(tmp_path / "sft", pairs, small_tokenizer, num_steps=6)  # adapters trained away from 0
+    sft.model.lora = fdl.Config(LoRA, rank=4)
+    sft.trainable = "lora"
+    fdl.build(sft).fit()
+
+    def dpo(workdir, steps):
+        cfg = _dpo_recipe(workdir, pairs, small_tokenizer, num_steps=steps, checkpoint_every=3)
+        cfg.model.lora = fdl.Config(LoRA, rank=4)
+        cfg.trainable, cfg.load_parameters_path = "lora", str(tmp_path / "sft")
+        cfg.optimizer.decay_steps = 8  # the schedule of the whole run, also for its first part
+        return cfg
+
+    whole = fdl.build(dpo(tmp_path / "a", 8)).fit()
+    assert whole[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference = the SFT model
+    fdl.build(dpo(tmp_path / "b", 5)).fit()
+    later = fdl.build(dpo(tmp_path / "b", 8)).fit()  # resumes at step 5, the end of the first part
+    assert [r["step"] for r in later] == [6, 7, 8]
+    assert [r["loss"] for r in read_metrics(str(tmp_path / "b"))] == [r["loss"] for r in whole]
