@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train sft test lint format bench clean
+.PHONY: setup train sft dpo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ train: $(VENV)/.installed
 sft: $(VENV)/.installed
 	$(MAKE) train
 	$(BIN)/nnxlm train --recipe recipes/sft.py
+
+# The preference demo: DPO on the fine-tuning demo's model (make sft first, which resumes or is done).
+dpo: $(VENV)/.installed
+	$(MAKE) sft
+	$(BIN)/nnxlm train --recipe recipes/dpo.py
 
 test: lint
 	$(BIN)/pytest -q

@@ -74,3 +74,26 @@ class PythonDocstrings:
         source, summary = _functions(item[0], self.max_source, self.max_answer)[item[1]]
         question = f"{QUESTION}```python\n{source}\n```"
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": summary}]}
+
+
+@dataclasses.dataclass(frozen=True)
+class PythonDocstringPairs(PythonDocstrings):
+    """Preference pairs from the same functions: the prompt is PythonDocstrings' question, the
+    chosen answer the function's own summary, the rejected one the summary of another function of
+    the split (chosen by a fixed stride through the sorted functions, so the same every run)."""
+
+    def load(self, item: tuple[str, int]) -> dict:
+        messages = super().load(item)["messages"]
+        docs = _documents(self.split, self.eval_fraction, self.max_source, self.max_answer)
+        other = docs[(docs.index(item) + len(docs) // 2 + 1) % len(docs)]  # far away: another file
+        wrong = _functions(other[0], self.max_source, self.max_answer)[other[1]][1]
+        return {
+            "prompt": messages[:1],
+            "chosen": messages[1:],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+
+
+@functools.cache
+def _documents(split: str, eval_fraction: float, max_source: int, max_answer: int) -> list[tuple[str, int]]:
+    return PythonDocstrings(split, eval_fraction, max_source, max_answer).documents()
