@@ -1,10 +1,10 @@
 """The preference demo: DPO on the fine-tuning demo's model (`make sft`) to prefer a function's
-own docstring over another function's.
+own docstring over the same words shuffled.
 
     make dpo          # or: nnxlm train --recipe recipes/dpo.py (after make sft)
 Each pair (nnxlm.data.docstrings.PythonDocstringPairs) asks for the docstring of a standard-library
-function; the chosen answer is its own first paragraph, the rejected one that of a function from
-elsewhere in the library. The starting point is runs/sft: its LoRA adapters are folded into the
+function; the chosen answer is its own first paragraph, the rejected one the same words in a
+shuffled order. The starting point is runs/sft: its LoRA adapters are folded into the
 frozen base, which is also the reference (adapters off), and fresh rank-16 adapters train.
 """
 
@@ -26,7 +26,7 @@ def dpo():
     cfg.objective = fdl.Config(DPO, beta=0.1)
     fiddlers.lora(cfg, rank=16, alpha=32)  # the same adapters as runs/sft, which are folded first
     # 200 steps of 4 pairs (8 rows of 256 tokens, one response each): 800 pairs, ~12 % of the split
-    cfg.optimizer.learning_rate = 5e-4
+    cfg.optimizer.learning_rate = 2e-3  # as the SFT demo's
     cfg.optimizer.warmup_steps = 20
     cfg.optimizer.weight_decay = 0.0
     cfg.eval_every = 50

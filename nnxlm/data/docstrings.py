@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import functools
 import inspect
+import random
+import zlib
 
 from nnxlm.data.sources import PythonStdlib, read_text_file
 from nnxlm.errors import UserError
@@ -79,21 +81,18 @@ class PythonDocstrings:
 @dataclasses.dataclass(frozen=True)
 class PythonDocstringPairs(PythonDocstrings):
     """Preference pairs from the same functions: the prompt is PythonDocstrings' question, the
-    chosen answer the function's own summary, the rejected one the summary of another function of
-    the split (chosen by a fixed stride through the sorted functions, so the same every run)."""
+    chosen answer the function's own summary, the rejected one the same words shuffled (the same
+    shuffle every run, never the original order)."""
 
     def load(self, item: tuple[str, int]) -> dict:
         messages = super().load(item)["messages"]
-        docs = _documents(self.split, self.eval_fraction, self.max_source, self.max_answer)
-        other = docs[(docs.index(item) + len(docs) // 2 + 1) % len(docs)]  # far away: another file
-        wrong = _functions(other[0], self.max_source, self.max_answer)[other[1]][1]
+        words = messages[1]["content"].split()
+        shuffled = list(words)
+        random.Random(zlib.crc32(self.where(item).encode())).shuffle(shuffled)
+        if shuffled == words:  # one word, or the shuffle left it as it was: reverse it
+            shuffled = words[::-1] if len(set(words)) > 1 else [*words, *words]
         return {
             "prompt": messages[:1],
             "chosen": messages[1:],
-            "rejected": [{"role": "assistant", "content": wrong}],
+            "rejected": [{"role": "assistant", "content": " ".join(shuffled)}],
         }
-
-
-@functools.cache
-def _documents(split: str, eval_fraction: float, max_source: int, max_answer: int) -> list[tuple[str, int]]:
-    return PythonDocstrings(split, eval_fraction, max_source, max_answer).documents()
