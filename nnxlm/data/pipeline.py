@@ -86,12 +86,12 @@ def ordered_documents(
     *,
     seq_len: int,
     batch_size: int,
-    seed: int,
-    shuffle: bool,
-    repeat: bool,
-    num_workers: int,
-    shard_index: int,
-    shard_count: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    num_workers: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> grain.MapDataset:
     """The items of ``source``'s documents in training order: shuffled (a new order every epoch),
     repeated, and this data shard's share; UserError for settings no pipeline can use."""

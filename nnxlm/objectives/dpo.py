@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from nnxlm.data.preferences import make_preference_dataset
 from nnxlm.errors import UserError
 from nnxlm.objectives.base import TOKEN_FIELDS, Terms
-from nnxlm.objectives.sft import chat_template
+from nnxlm.objectives.sft import SFT, chat_template, user_turn_ids
 
 LOSSES = ("sigmoid", "ipo")
 # A DPO loss within this of ln 2 for STUCK_STEPS steps in a row means the policy is not moving.
@@ -127,14 +127,10 @@ class DPO:
     def baseline(self, source, tokenizer) -> str:
         return "DPO loss at the start (policy = reference): ln 2 = 0.693"
 
-    def sample_text(self, prompt: str, completion: str) -> str:
-        return f"{prompt}\n>>> {completion}"
+    sample_text = SFT.sample_text  # sample prompts are user turns, as in SFT
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
-        """The chat template's rendering of one user turn `text` and the assistant's header."""
-        template = chat_template(tokenizer, self.chat_template)
-        rendered = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
-        return tokenizer.encode_with_offsets(rendered)[0]
+        return user_turn_ids(tokenizer, text, self.chat_template)
 
 
 def _pairs_kept(batch) -> jax.Array:

@@ -54,8 +54,7 @@ class SFT(NextToken):
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         """The chat template's rendering of one user turn `text` and the assistant's header."""
-        rendered = self.template(tokenizer).render([{"role": "user", "content": text}], add_generation_prompt=True)
-        return tokenizer.encode_with_offsets(rendered)[0]
+        return user_turn_ids(tokenizer, text, self.chat_template)
 
 
 def chat_template(tokenizer, path: str | None = None) -> ChatTemplate:
@@ -74,3 +73,11 @@ def chat_template(tokenizer, path: str | None = None) -> ChatTemplate:
             print(f"nnxlm: {tokenizer} has no chat template: using nnxlm's built-in one", file=sys.stderr)
         text = BUILTIN_TEMPLATE
     return ChatTemplate(text, tokenizer.special_tokens())
+
+
+def user_turn_ids(tokenizer, text: str, template_path: str | None = None) -> list[int]:
+    """The ids of one user turn `text` and the assistant's header, in chat_template(tokenizer, path)."""
+    template = chat_template(tokenizer, template_path)
+    return tokenizer.encode_with_offsets(
+        template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+    )[0]
