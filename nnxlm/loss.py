@@ -18,6 +18,14 @@ def cross_entropy(logits_btv, targets_bt, loss_mask_bt, z_loss_weight: float = 0
     return nll + z_loss_weight * z_loss, nll, jnp.sum(mask)
 
 
+def token_logps(model, batch) -> jax.Array:
+    """[rows, seq_len] log p(target) of every position of a batch (masked or not), in float32:
+    what preference and policy objectives score responses with."""
+    logits_btv = model(batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
+    target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
+    return target_logit_bt - jax.nn.logsumexp(logits_btv, axis=-1)
+
+
 def multi_token_prediction_loss(mtp_logits_dbtv, targets_bt, loss_mask_bt, segment_ids_bt):
     """Mean over depths k = 1..D of the cross-entropy of depth k's predictions (Transformer.mtp_logits:
     at position i, of the token at i + k + 1, which is targets[:, i + k]).

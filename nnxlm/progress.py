@@ -23,8 +23,9 @@ class Progress:
 
     def update(self, step: int, record: dict, log: bool) -> None:
         info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  MFU {record['mfu']:.1%}"
-        if "eval_loss" in record:
-            info += f"  eval {record['eval_loss']:.3f}"
+        for name in ("eval_loss", "eval_reward"):
+            if name in record:
+                info += f"  {name.replace('_', ' ')} {record[name]:.3f}"
         self.bar.update(self.task, completed=step, info=info)
         if log and self.enabled:  # above the bar on a terminal, a plain line in a log file
             self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)

@@ -173,7 +173,7 @@ class Trainer:
         self.mesh = make_mesh(self.mesh_axes)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
         self._check_batch_divides()
-        self.tx, self.schedule = self.optimizer.build(self.num_steps)
+        self.tx, self.schedule = self.optimizer.build(self.num_steps * self.updates_per_step)
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
         abstract_model = nnx.merge(self.graphdef, abstract_state).model
         trainable_count(abstract_model, self.trainable, self.freeze)
@@ -292,6 +292,16 @@ class Trainer:
         if not getattr(self.objective, "uses_reference", False):
             return None
         return "adapters" if self.trainable == "lora" else "copy"
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates a step makes on its batch (GRPO's iterations; 1 for the others)."""
+        return getattr(self.objective, "iterations", 1)
+
+    @property
+    def eval_name(self) -> str:
+        """The logged name of evaluate()'s result: eval_loss, or the objective's (GRPO: eval_reward)."""
+        return getattr(self.objective, "eval_name", "eval_loss")
 
     def _with_reference(self, train_state: TrainState, batch: dict) -> dict:
         """The batch plus what the objective needs from its reference model (see reference_mode)."""
@@ -427,16 +437,24 @@ class Trainer:
         train_state = nnx.merge(self.graphdef, state)
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
+        updates = self.updates_per_step
         with activation_sharding(self.mesh, self.sharding_rules):
             batch = self._with_reference(train_state, batch)
-            grads, metrics = self._gradients(train_state.model, batch, dropout_key)
-        train_state.optimizer.update(train_state.model, grads)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            if hasattr(self.objective, "policy_fields"):  # the sampling policy's view (GRPO's pi_old)
+                batch = {**batch, **self.objective.policy_fields(train_state.model, batch)}
+            metrics, finite = {}, jnp.ones((), bool)
+            for update in range(updates):  # metrics: their means over the updates
+                key = dropout_key if updates == 1 else jax.random.fold_in(dropout_key, update)
+                grads, update_metrics = self._gradients(train_state.model, batch, key)
+                train_state.optimizer.update(train_state.model, grads)
+                grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+                finite &= jnp.isfinite(update_metrics["loss"]) & jnp.isfinite(grad_norm)
+                update_metrics = {**update_metrics, "grad_norm": grad_norm}
+                metrics = {k: metrics.get(k, 0.0) + v / updates for k, v in update_metrics.items()}
         new_state = nnx.state(train_state)
         if self.on_nonfinite == "skip":  # the state before the step, key and optimizer counter included
             new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, before)
-        return new_state, {**metrics, "lr": learning_rate, "grad_norm": grad_norm, "finite": finite}
+        return new_state, {**metrics, "lr": learning_rate, "finite": finite}
 
     def _eval_step_fn(self, state, batch):
         train_state = nnx.merge(self.graphdef, state)
@@ -449,12 +467,15 @@ class Trainer:
     # The loops.
 
     def evaluate(self) -> float:
-        """Mean loss per unit over the first eval_batches batches of eval_data (the same each time)."""
+        """Mean loss per unit over the first eval_batches batches of eval_data (the same each time);
+        an objective that samples its batches gives its own measure (GRPO: the mean reward)."""
         self.setup()
         if self.eval_data is None:
             raise UserError("this recipe has no eval_data: set eval_data to a data source to evaluate")
         total, count = 0.0, 0.0
         iterator = iter(self._dataset(self.eval_data, shuffle=False, repeat=True))
+        if hasattr(self.objective, "evaluate"):  # an objective that samples (GRPO: mean reward)
+            return self.objective.evaluate(self, iterator, self.eval_batches)
         for _ in range(self.eval_batches):
             batch_total, batch_count = self._eval_step(self.state, self._to_device(next(iterator)))
             total, count = total + float(batch_total), count + float(batch_count)
@@ -494,8 +515,6 @@ class Trainer:
                     "seq_len and the objective's loss_on"
                 )
             skipped_in_a_row = 0 if record.pop("finite") else self._nonfinite(step, record, skipped_in_a_row)
-            if hasattr(self.objective, "watch"):  # an objective's own guard (DPO: a loss stuck at ln 2)
-                self.objective.watch(step, record)
             now = time.perf_counter()
             step_time, last_time = now - last_time, now
             tokens_per_s = tokens_per_step / step_time
@@ -508,19 +527,24 @@ class Trainer:
             )
             if self.on_nonfinite == "skip":
                 record["skipped"] = float(skipped_in_a_row > 0)
+            if hasattr(self.objective, "watch"):  # an objective's own guard (DPO: a loss stuck at ln 2)
+                self.objective.watch(step, record)
             if self._evaluates_at(step):
-                record["eval_loss"] = self.evaluate()
+                record[self.eval_name] = self.evaluate()
                 last_time = time.perf_counter()  # evaluation time is not step time
             if writer:
                 writer.write(step, record)
             history.append({"step": step, **record})
-            progress.update(step, record, log=step % self.log_every == 0 or "eval_loss" in record)
+            progress.update(step, record, log=step % self.log_every == 0 or self.eval_name in record)
 
         try:
             with StopRequests() as stop:
                 while self.step < self.num_steps:
-                    host_batch = next(self.train_iterator)
+                    host_batch, sampled = next(self.train_iterator), {}
+                    if hasattr(self.objective, "rollout"):  # completions sampled by the current weights
+                        host_batch, sampled = self.objective.rollout(self, host_batch, self.step)
                     counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in self.objective.batch_fields}
+                    counts.update(sampled)
                     self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
                     self.step += 1
                     if pending:  # fetch the previous step's metrics while this one runs
@@ -577,12 +601,12 @@ class Trainer:
 
     def _report_start(self, writer, history: list, progress: Progress) -> None:
         """The eval loss and sample completions of the model before any step (step 0)."""
-        record = {"eval_loss": self.evaluate()}
+        record = {self.eval_name: self.evaluate()}
         if writer:
             writer.write(0, record)
         history.append({"step": 0, **record})
         if progress.enabled:
-            progress.bar.console.print(f"step      0  eval {record['eval_loss']:.3f} (before training)")
+            progress.bar.console.print(f"step      0  eval {record[self.eval_name]:.3f} (before training)")
         self._print_samples("before training: ")
 
     def _print_samples(self, heading: str = "") -> None:

@@ -26,9 +26,9 @@ import numpy as np
 
 from nnxlm.data.chat import ChatTemplate, check_messages
 from nnxlm.data.pipeline import ordered_documents
+from nnxlm.data.prompts import ROW_FIELDS as FIELDS
+from nnxlm.data.prompts import prompt_tokens, response_row
 from nnxlm.errors import UserError
-
-FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "example"):
@@ -40,13 +40,12 @@ def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "ex
     prompt = record["prompt"]
     responses = record["chosen"], record["rejected"]
     if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
-        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        prompt_ids = bos + tokenizer.encode_with_offsets(prompt)[0]
+        prompt_ids, _ = prompt_tokens(prompt, tokenizer, template, where)
         return (prompt_ids, *(tokenizer.encode_with_offsets(r)[0] + [tokenizer.eos_id] for r in responses))
     if isinstance(prompt, list) and all(isinstance(r, list) and r for r in responses):
         prompt = check_messages(prompt, where)
-        head = template.render(prompt, add_generation_prompt=True)
-        ids = [tokenizer.encode_with_offsets(head)[0]]
+        prompt_ids, head = prompt_tokens(prompt, tokenizer, template, where)
+        ids = [prompt_ids]
         for response in responses:
             text = template.render(check_messages(prompt + response, where))
             if not text.startswith(head):
@@ -57,16 +56,6 @@ def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "ex
         f"{where}: 'prompt', 'chosen' and 'rejected' must be strings, or a list of messages and two "
         "non-empty lists of the messages that follow"
     )
-
-
-def _row(prompt: list[int], response: list[int], seq_len: int) -> dict[str, np.ndarray]:
-    ids = np.asarray(prompt + response, np.int32)[: seq_len + 1]
-    n = len(ids) - 1
-    row = {name: np.zeros(seq_len, np.float32 if name == "loss_mask" else np.int32) for name in FIELDS}
-    row["inputs"][:n], row["targets"][:n] = ids[:-1], ids[1:]
-    row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
-    row["loss_mask"][len(prompt) - 1 : n] = 1.0  # targets from the response's first token on
-    return row
 
 
 class PairRows(grain.transforms.Map):
@@ -81,7 +70,7 @@ class PairRows(grain.transforms.Map):
         prompt, *responses = pair_tokens(self.source.load(item), self.tokenizer, self.template, where)
         too_long = max(len(prompt) + len(r) for r in responses) > self.seq_len + 1
         dropped = len(prompt) >= self.seq_len or (too_long and self.overlong == "drop")
-        rows = [_row(prompt, r, self.seq_len) for r in responses]
+        rows = [response_row(prompt, r, self.seq_len) for r in responses]
         pair = {name: np.stack([row[name] for row in rows]) for name in FIELDS}
         if dropped:  # no token carries loss: the pair counts as dropped and adds nothing
             pair["loss_mask"][:] = 0.0

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from nnxlm.data.preferences import make_preference_dataset
 from nnxlm.errors import UserError
+from nnxlm.loss import token_logps
 from nnxlm.objectives.base import TOKEN_FIELDS, Terms
 from nnxlm.objectives.sft import SFT, chat_template, user_turn_ids
 
@@ -43,10 +44,7 @@ def dpo_loss(margin, beta: float, loss: str = "sigmoid", label_smoothing: float 
 
 def sequence_logps(model, batch) -> jax.Array:
     """[rows] sum of log p(target) over each row's tokens that carry loss (the response)."""
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    logps = target_logits - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.sum(logps * batch["loss_mask"], axis=-1)
+    return jnp.sum(token_logps(model, batch) * batch["loss_mask"], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
