@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train sft dpo test lint format bench clean
+.PHONY: setup train sft dpo grpo test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ sft: $(VENV)/.installed
 dpo: $(VENV)/.installed
 	$(MAKE) sft
 	$(BIN)/nnxlm train --recipe recipes/dpo.py
+
+# The reinforcement demo: a small model pretrained briefly on sums, then GRPO with exact-match rewards.
+grpo: $(VENV)/.installed
+	$(BIN)/nnxlm train --recipe recipes/grpo.py:sums
+	$(BIN)/nnxlm train --recipe recipes/grpo.py
 
 test: lint
 	$(BIN)/pytest -q

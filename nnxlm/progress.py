@@ -23,6 +23,8 @@ class Progress:
 
     def update(self, step: int, record: dict, log: bool) -> None:
         info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  MFU {record['mfu']:.1%}"
+        if "reward" in record:  # an objective that samples (GRPO)
+            info += f"  reward {record['reward']:.3f}"
         for name in ("eval_loss", "eval_reward"):
             if name in record:
                 info += f"  {name.replace('_', ' ')} {record[name]:.3f}"

@@ -242,6 +242,8 @@ class Trainer:
                 load_parameters(self, self.load_parameters_path)
         if not resuming:
             self._start_reference()
+        if hasattr(self.objective, "prepare"):  # e.g. DPO's cached reference log-probabilities
+            self.objective.prepare(self)
         self._ready = True
         return self
 
@@ -477,7 +479,10 @@ class Trainer:
         if hasattr(self.objective, "evaluate"):  # an objective that samples (GRPO: mean reward)
             return self.objective.evaluate(self, iterator, self.eval_batches)
         for _ in range(self.eval_batches):
-            batch_total, batch_count = self._eval_step(self.state, self._to_device(next(iterator)))
+            batch = next(iterator)
+            if hasattr(self.objective, "prepare_batch"):
+                batch, _ = self.objective.prepare_batch(self, batch, self.step)
+            batch_total, batch_count = self._eval_step(self.state, self._to_device(batch))
             total, count = total + float(batch_total), count + float(batch_count)
         if count == 0:
             raise UserError("no eval token carries loss: check eval_data, seq_len and the objective's loss_on")
@@ -541,8 +546,8 @@ class Trainer:
             with StopRequests() as stop:
                 while self.step < self.num_steps:
                     host_batch, sampled = next(self.train_iterator), {}
-                    if hasattr(self.objective, "rollout"):  # completions sampled by the current weights
-                        host_batch, sampled = self.objective.rollout(self, host_batch, self.step)
+                    if hasattr(self.objective, "prepare_batch"):  # GRPO samples completions here
+                        host_batch, sampled = self.objective.prepare_batch(self, host_batch, self.step)
                     counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in self.objective.batch_fields}
                     counts.update(sampled)
                     self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))

@@ -1,6 +1,10 @@
 """Interrupts one `nnxlm train` run again and again and restarts it each time (run as a script).
 
-    python tests/interruptions.py WORKDIR POINTS...     prints a JSON report on its last line
+    python tests/interruptions.py WORKDIR [--recipe R]... POINTS...
+                                                prints a JSON report on its last line
+
+The run is `nnxlm train` of the tiny recipe for 150 steps, checkpointing every 6, or of the
+--recipe arguments given (a recipe and its set: overrides, as nnxlm train takes them).
 
 Each POINT says when the running training process is interrupted and how:
   kill@S      SIGKILL once metrics.jsonl reaches step S or later
@@ -31,15 +35,14 @@ from nnxlm.cli import main
 from nnxlm.metrics import read_metrics
 from nnxlm.resumption import checkpoint_damage, checkpoint_steps
 
-NUM_STEPS, CHECKPOINT_EVERY = 150, 6
+RECIPE = [
+    "--recipe", "tiny", "--recipe", "set:num_steps=150", "--recipe", "set:checkpoint_every=6",
+    "--recipe", "set:eval_every=0", "--recipe", "set:log_every=1000",
+]  # fmt: skip
 
 
 def command(workdir: str) -> list[str]:
-    return [
-        "train", "--recipe", "tiny", "--recipe", f"set:num_steps={NUM_STEPS}",
-        "--recipe", f"set:checkpoint_every={CHECKPOINT_EVERY}", "--recipe", "set:eval_every=0",
-        "--recipe", "set:log_every=1000", "--workdir", workdir,
-    ]  # fmt: skip
+    return ["train", *RECIPE, "--workdir", workdir]
 
 
 def _train(workdir: str) -> None:
@@ -119,12 +122,20 @@ def run(workdir: str, points: list[str]) -> dict:
     final.join()
     report["seconds"] = time.time() - began
     report["final_exitcode"] = final.exitcode
-    expected = {r["step"]: r["loss"] for r in read_metrics(reference)}
-    got = {r["step"]: r["loss"] for r in read_metrics(interrupted)}
+    # the loss, and what a step sampled (GRPO's rewards and completion lengths), when it did
+    compared = lambda r: (r["loss"], r.get("reward"), r.get("completion_length"))  # noqa: E731
+    expected = {r["step"]: compared(r) for r in read_metrics(reference)}
+    got = {r["step"]: compared(r) for r in read_metrics(interrupted)}
     report["steps"] = len(expected)
     report["differing_steps"] = sorted(s for s in expected if got.get(s) != expected[s])
     return report
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1], sys.argv[2:])))
+    workdir, arguments = sys.argv[1], sys.argv[2:]
+    if "--recipe" in arguments:
+        RECIPE = []
+        while arguments and arguments[0] == "--recipe":
+            RECIPE += arguments[:2]
+            arguments = arguments[2:]
+    print(json.dumps(run(workdir, arguments)))

@@ -4,6 +4,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # When the interruptions of tests/interruptions.py strike, spread over a 150-step run that saves
@@ -63,3 +65,61 @@ def test_outside_fit_the_signal_handlers_are_the_ones_before():
     with StopRequests():
         assert signal.getsignal(signal.SIGTERM) != before[0]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+RECIPE_FILE = """
+import fiddle as fdl
+
+import nnxlm.recipes
+from nnxlm import rewards
+from nnxlm.data import JsonlFiles
+from nnxlm.objectives import DPO, GRPO
+from nnxlm.recipes import models
+
+
+def run():
+    cfg = nnxlm.recipes.tiny()
+    cfg.model = models.llama_tiny(vocab_size=1000)
+    cfg.tokenizer_path = {tokenizer!r}
+    cfg.train_data = fdl.Config(JsonlFiles, globs=[{data!r}], field=None)
+    cfg.eval_data = None
+    cfg.objective = {objective}
+    cfg.seq_len, cfg.batch_size, cfg.num_steps = 32, 8, 12
+    cfg.checkpoint_every, cfg.eval_every, cfg.log_every = 2, 0, 1000
+    cfg.optimizer.learning_rate = 1e-2
+    return cfg
+"""
+OBJECTIVES = {  # DPO with its reference log-probabilities cached in the run directory
+    "dpo": "fdl.Config(DPO, cache_reference=True)",
+    "grpo": "fdl.Config(GRPO, rewards=[fdl.Partial(rewards.length, target=12)], group_size=4, max_new_tokens=8)",
+}
+
+
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_killed_dpo_and_grpo_runs_resume_bit_identical(tmp_path, small_tokenizer, objective):
+    words = ["def", "class", "return", "import", "yield", "lambda", "while", "assert"]
+    if objective == "dpo":
+        records = [{"prompt": f"say {w}:", "chosen": w, "rejected": w[::-1]} for w in words]
+    else:
+        records = [{"prompt": f"say {w}:"} for w in words]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    small_tokenizer.save(str(tmp_path / "tokenizer.model"))
+    recipe = tmp_path / "recipe.py"
+    text = RECIPE_FILE.format(
+        tokenizer=str(tmp_path / "tokenizer.model"), data=str(data), objective=OBJECTIVES[objective]
+    )
+    recipe.write_text(text, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "interruptions.py"), str(tmp_path / "runs"),
+         "--recipe", f"{recipe}:run", "kill@3", "kill@saved", "kill@8"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for interruption in report["interruptions"]:
+        assert interruption["reached"] and interruption["exitcode"] == -signal.SIGKILL, interruption
+    assert report["final_exitcode"] == 0
+    assert report["steps"] == 12 and report["differing_steps"] == []
+    if objective == "dpo":  # the cache was built once and reused by every restart
+        assert len(os.listdir(tmp_path / "runs" / "interrupted" / "reference_logps")) == 1

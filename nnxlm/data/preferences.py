@@ -98,17 +98,19 @@ def make_preference_dataset(
     seq_len: int,
     batch_size: int,
     overlong: str = "truncate",
+    drop_remainder: bool = True,
     **settings,
 ) -> grain.IterDataset:
-    """Batches of batch_size rows (batch_size / 2 pairs) of `source`'s preference records; settings
-    (seed, shuffle, repeat, num_workers, shard_index, shard_count) are ordered_documents'."""
+    """Batches of batch_size rows (batch_size / 2 pairs) of `source`'s preference records (without
+    drop_remainder, the last may be smaller); settings (seed, shuffle, repeat, num_workers,
+    shard_index, shard_count) are ordered_documents'."""
     if tokenizer is None:
         raise UserError("preference data is text: the run needs a tokenizer (set tokenizer_path)")
     if batch_size % 2:
         raise UserError(f"batch_size {batch_size} holds pairs of rows (chosen, rejected): make it even")
     ds = ordered_documents(source, seq_len=seq_len, batch_size=batch_size // 2, **settings)
     ds = ds.map(PairRows(source, tokenizer, template, seq_len, overlong))
-    it = ds.to_iter_dataset().batch(batch_size // 2, drop_remainder=True).map(PairBatch())
+    it = ds.to_iter_dataset().batch(batch_size // 2, drop_remainder=drop_remainder).map(PairBatch())
     if settings.get("num_workers", 0) > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings["num_workers"]))
     return it

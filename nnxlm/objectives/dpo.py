@@ -14,7 +14,9 @@ chosen response, reward_rejected, margin (their difference) and accuracy (chosen
 The reference is served by the Trainer (`uses_reference`): the model with its LoRA adapters
 switched off when only adapters train (no copy), else a frozen copy of the starting parameters
 kept in the train state and sharded like the policy. Its log-probabilities enter the batch as
-`reference_logps` [rows] before the step differentiates the policy.
+`reference_logps` [rows] before the step differentiates the policy. With cache_reference they are
+computed once for every row of the data, kept in the run directory (nnxlm.reference_cache) and
+looked up for each batch: the step then runs the policy alone.
 """
 
 import dataclasses
@@ -23,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from nnxlm import reference_cache
 from nnxlm.data.preferences import make_preference_dataset
 from nnxlm.errors import UserError
 from nnxlm.loss import token_logps
@@ -59,6 +62,9 @@ class DPO:
       overlong: a response that does not fit seq_len with its prompt is cut ("truncate") or the
         pair left out ("drop").
       chat_template: as SFT's, for prompts given as messages.
+      cache_reference: compute the reference's log-probabilities of all training and eval rows once,
+        before the first step, keep them in <workdir>/reference_logps/ and reuse them (TRL's
+        precompute_ref_log_probs); single-process runs.
     """
 
     beta: float = 0.1
@@ -66,10 +72,15 @@ class DPO:
     label_smoothing: float = 0.0
     overlong: str = "truncate"
     chat_template: str | None = None
+    cache_reference: bool = False
     _stuck: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     uses_reference = True
-    batch_fields = TOKEN_FIELDS
+
+    @property
+    def batch_fields(self) -> dict:
+        return {**TOKEN_FIELDS, reference_cache.FIELD: jnp.float32} if self.cache_reference else TOKEN_FIELDS
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -85,12 +96,26 @@ class DPO:
         template = chat_template(tokenizer, self.chat_template)
         return make_preference_dataset(source, tokenizer, template, overlong=self.overlong, **settings)
 
+    def prepare(self, trainer) -> None:
+        """Before the first step: the cached reference log-probabilities (cache_reference)."""
+        if self.cache_reference:
+            self._cache["cache"] = reference_cache.load_or_build(trainer, [trainer.train_data, trainer.eval_data])
+
+    def prepare_batch(self, trainer, batch: dict, step: int) -> tuple[dict, dict]:
+        """A batch with its rows' cached reference log-probabilities (cache_reference)."""
+        if self.cache_reference:
+            batch = {**batch, reference_cache.FIELD: self._cache["cache"].field(batch)}
+        return batch, {}
+
     def units(self, batch) -> jax.Array:
         """Pairs with a response that carries loss."""
         return jnp.sum(_pairs_kept(batch))
 
     def reference_fields(self, reference, batch) -> dict[str, jax.Array]:
-        """What the step needs from the frozen reference: its log-probabilities of each row."""
+        """What the step needs from the frozen reference: its log-probabilities of each row (looked
+        up when cached, without running the reference)."""
+        if reference_cache.FIELD in batch:
+            return {"reference_logps": batch[reference_cache.FIELD][:, 0]}
         return {"reference_logps": jax.lax.stop_gradient(sequence_logps(reference, batch))}
 
     def terms(self, model, batch, dropout_key) -> Terms:

@@ -167,6 +167,8 @@ class GRPO:
             )
         return batch, metrics
 
+    prepare_batch = rollout  # the Trainer's hook: a host batch -> the batch the step takes
+
     def score(self, prompt_records: list[dict], completions: list[str], step: int) -> np.ndarray:
         """[completions, reward functions] rewards; each record's fields go to the functions."""
         repeated = [record for record in prompt_records for _ in range(self.group_size)]

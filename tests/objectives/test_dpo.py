@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import fiddle as fdl
 import jax
@@ -144,3 +145,51 @@ def test_from_a_lora_run_the_reference_is_that_run_and_a_resumed_run_matches(tmp
     later = fdl.build(dpo(tmp_path / "b", 8)).fit()  # resumes at step 5, the end of the first part
     assert [r["step"] for r in later] == [6, 7, 8]
     assert [r["loss"] for r in read_metrics(str(tmp_path / "b"))] == [r["loss"] for r in whole]
+
+
+@pytest.mark.parametrize("kind", ["lora"])  # "full" passes too; its cache is tested below and after SIGKILLs
+def test_cached_reference_log_probabilities_give_the_uncached_losses_bit_for_bit(
+    tmp_path, pairs, small_tokenizer, kind, capfd
+):
+    from nnxlm.metrics import read_metrics
+
+    def run(workdir, steps, cache):
+        workdir.mkdir(exist_ok=True)
+        cfg = _dpo_recipe(workdir, pairs, small_tokenizer, num_steps=steps, checkpoint_every=3)
+        cfg.objective.cache_reference = cache
+        cfg.optimizer.decay_steps = 6
+        if kind == "lora":
+            cfg.model.lora = fdl.Config(LoRA, rank=4)
+            cfg.trainable = "lora"
+        return fdl.build(cfg).fit()
+
+    uncached = run(tmp_path / "a", 6, False)
+    run(tmp_path / "b", 3, True)  # an epoch is 2 steps: later epochs look the rows up again
+    assert "reference log-probabilities of 14 rows computed" in capfd.readouterr().err
+    cached = run(tmp_path / "b", 6, True)  # a restart reuses the file
+    assert "reference log-probabilities of 14 rows reused" in capfd.readouterr().err
+    assert [r["step"] for r in cached] == [4, 5, 6]
+    for field in ("loss", "margin", "reward_chosen", "grad_norm"):
+        assert [r[field] for r in read_metrics(str(tmp_path / "b"))] == [r[field] for r in uncached], field
+    (files,) = [os.listdir(tmp_path / "b" / "reference_logps")]
+    assert len(files) == 1
+
+
+def test_changed_data_or_reference_makes_another_cache(tmp_path, pairs, small_tokenizer, capfd):
+    def setup(pairs_path, seed=0):
+        cfg = _dpo_recipe(tmp_path, pairs_path, small_tokenizer, num_steps=1, seed=seed)
+        cfg.objective.cache_reference = True
+        fdl.build(cfg).setup()
+        return os.listdir(tmp_path / "reference_logps"), capfd.readouterr().err
+
+    first, err = setup(pairs)
+    assert "computed" in err
+    again, err = setup(pairs)
+    assert again == first and "reused" in err
+    changed = tmp_path / "changed.jsonl"
+    lines = open(pairs, encoding="utf-8").read().splitlines()
+    changed.write_text("\n".join([lines[1], lines[0], *lines[2:]]).replace("banana", "cherry") + "\n", encoding="utf-8")
+    second, err = setup(str(changed))
+    assert "computed" in err and second != first and len(second) == 1  # the stale file is gone
+    third, err = setup(str(changed), seed=1)  # another initialisation: another reference
+    assert "computed" in err and third != second

@@ -187,24 +187,6 @@ def test_a_run_samples_with_the_live_weights_and_keeps_its_reference_frozen(
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(tmp_path, prompts, small_tokenizer):
-    from nnxlm.metrics import read_metrics
-
-    def run(workdir, steps):
-        (workdir).mkdir(exist_ok=True)
-        cfg = _grpo_recipe(workdir, prompts, small_tokenizer)
-        cfg.num_steps, cfg.checkpoint_every = steps, 2
-        cfg.optimizer.decay_steps = 5
-        return fdl.build(cfg).fit()
-
-    whole = run(tmp_path / "a", 5)
-    run(tmp_path / "b", 3)
-    later = run(tmp_path / "b", 5)
-    assert [r["step"] for r in later] == [4, 5]
-    for field in ("loss", "reward", "completion_length"):
-        assert [r[field] for r in read_metrics(str(tmp_path / "b"))] == [r[field] for r in whole], field
-
-
 @pytest.mark.parametrize(
     ("reward", "match"),
     [
