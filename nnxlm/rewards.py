@@ -47,6 +47,9 @@ def length(prompts: list[str], completions: list[str], target: int = 100, **fiel
     return [max(0.0, 1.0 - abs(len(c) - target) / target) for c in completions]
 
 
+BUILTIN = {"exact_match": exact_match, "regex_match": regex_match, "length": length}
+
+
 def reward_name(fn: Callable) -> str:
     """How logs and messages name a reward function (a partial by the function it wraps)."""
     while isinstance(fn, functools.partial):

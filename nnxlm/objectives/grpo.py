@@ -133,6 +133,7 @@ class GRPO:
         prompt_ids = [row[:n].tolist() for row, n in zip(prompts["prompt_ids"], prompts["prompt_length"], strict=True)]
         ids = [p for p in prompt_ids for _ in range(group)]
         seed = (trainer.seed * 1_000_003 + step) % 2**31 if seed is None else seed
+        jax.block_until_ready(trainer.state)  # the previous step's update: not sampling time
         start = time.perf_counter()
         new = generate(
             trainer.model, ids, self.max_new_tokens, self.temperature, self.top_k, self.top_p, seed,

@@ -3,8 +3,9 @@
 import fiddle as fdl
 
 from nnxlm.data import JsonlFiles, Synthetic, TextFiles
+from nnxlm.errors import UserError
 from nnxlm.modules.lora import LoRA
-from nnxlm.objectives import DPO, SFT
+from nnxlm.objectives import DPO, GRPO, SFT
 
 
 def loop_layers(cfg: fdl.Config) -> None:
@@ -90,6 +91,7 @@ def dpo(
     label_smoothing: float = 0.0,
     overlong: str = "truncate",
     chat_template: str | None = None,
+    cache_reference: bool = False,
 ) -> None:
     """Direct preference optimisation on the JSON Lines files matching `train`: one pair a line,
     {"prompt", "chosen", "rejected"} as text or messages (nnxlm.data.preferences); evaluate on
@@ -97,8 +99,33 @@ def dpo(
     (nnxlm.objectives.dpo); the reference is the starting model (with fiddler:lora, its base)."""
     _files(cfg, JsonlFiles, train, eval, eval_fraction, field=None)
     cfg.objective = fdl.Config(
-        DPO, beta=beta, loss=loss, label_smoothing=label_smoothing, overlong=overlong, chat_template=chat_template
-    )
+        DPO, beta=beta, loss=loss, label_smoothing=label_smoothing, overlong=overlong, chat_template=chat_template,
+        cache_reference=cache_reference,
+    )  # fmt: skip
+
+
+def grpo(
+    cfg: fdl.Config,
+    train: str,
+    eval: str | None = None,
+    eval_fraction: float = 0.01,
+    rewards: tuple[str, ...] = ("exact_match",),
+    **settings,
+) -> None:
+    """GRPO on the prompts of the JSON Lines files matching `train`: one a line, {"prompt": text or
+    messages, ...fields the rewards read, e.g. "answer"}; evaluate (mean reward) on `eval`, or on a
+    held-out eval_fraction. `rewards` names built-in reward functions of nnxlm.rewards (a recipe
+    file can set objective.rewards to its own functions); settings are GRPO's (group_size, beta, ...)."""
+    from nnxlm import rewards as builtin
+
+    unknown = [name for name in rewards if name not in builtin.BUILTIN]
+    if unknown:
+        raise UserError(
+            f"fiddler:grpo: unknown reward {', '.join(map(repr, unknown))}: use {', '.join(builtin.BUILTIN)}, or "
+            "your own functions in a recipe file (objective.rewards)"
+        )
+    _files(cfg, JsonlFiles, train, eval, eval_fraction, field=None)
+    cfg.objective = fdl.Config(GRPO, rewards=[builtin.BUILTIN[name] for name in rewards], **settings)
 
 
 def lora(

@@ -215,3 +215,14 @@ def test_a_batch_that_does_not_hold_whole_groups_is_one_clear_error(tmp_path, pr
     cfg = _grpo_recipe(tmp_path, prompts, small_tokenizer, group_size=3)
     with pytest.raises(UserError, match="batch_size 8 .* must divide by GRPO group_size 3"):
         fdl.build(cfg).fit()
+
+
+def test_the_grpo_fiddler_names_built_in_rewards(prompts):
+    from nnxlm.recipes.directives import resolve
+
+    cfg = resolve(["tiny", f"fiddler:grpo({prompts!r}, rewards=('exact_match', 'length'), group_size=4)"])
+    objective = fdl.build(cfg.objective)
+    assert objective.rewards == [rewards.exact_match, rewards.length] and objective.group_size == 4
+    assert list(cfg.train_data.globs) == [prompts]
+    with pytest.raises(UserError, match="unknown reward 'exact'"):
+        resolve(["tiny", f"fiddler:grpo({prompts!r}, rewards=('exact',))"])
