@@ -1,6 +1,7 @@
 """What bench/ relies on: the benchmark recipes, the FLOP count they are measured against, the
 results table, and the huge-page restart of `nnxlm train`. (The speeds themselves live in bench/.)"""
 
+import math
 import subprocess
 import sys
 
@@ -92,3 +93,28 @@ def test_the_metrics_writer_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     modules = done.stdout.split()
     assert "tensorboardX" in modules and "torch" not in modules
+
+
+def test_dpo_bench_steps_both_references_and_lora_keeps_less_state_beside_the_model():
+    from bench import dpo
+
+    # a 1-layer tiny model, one block of one step: both step processes, their reports and the table
+    out = dpo.bench(["tiny", "set:model.num_layers=1"], rank=4, rounds=1, steps=1, log=lambda _: None)
+    table = dpo.table(out)
+    assert all(label in table for label in dpo.LABELS.values()) and "LoRA / full, same run" in table
+    full, lora = out["results"]["dpo-full"], out["results"]["dpo-lora"]
+    assert (full["reference_mode"], lora["reference_mode"]) == ("copy", "adapters")
+    assert full["reference_bytes"] == full["model_bytes"] and lora["reference_bytes"] == 0
+    assert lora["beyond_model_bytes"] < full["beyond_model_bytes"] and lora["trainable"] < full["trainable"]
+    for result in (full, lora):  # the policy starts as its reference: the DPO loss is ln 2
+        assert result["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert len(result["blocks"]) == 1 and result["step_s"] > 0 and result["step_peak_bytes"] > 0
+
+
+def test_grpo_bench_measures_sampling_inside_training_and_alone():
+    from bench import grpo
+
+    result = grpo.bench(steps=3, max_new_tokens=4, rounds=1)
+    assert result["in_training_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
+    assert result["rows"] == 128 and 0 < result["mean_completion_length"] <= 4
+    assert "ratio, same run" in grpo.table(result)
