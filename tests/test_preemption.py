@@ -77,6 +77,10 @@ from nnxlm.objectives import DPO, GRPO
 from nnxlm.recipes import models
 
 
+def close_to_twelve(prompts, completions, **fields):  # a reward function of the recipe's own
+    return [1.0 - min(abs(len(c) - 12), 12) / 12 for c in completions]
+
+
 def run():
     cfg = nnxlm.recipes.tiny()
     cfg.model = models.llama_tiny(vocab_size=1000)
@@ -91,7 +95,7 @@ def run():
 """
 OBJECTIVES = {  # DPO with its reference log-probabilities cached in the run directory
     "dpo": "fdl.Config(DPO, cache_reference=True)",
-    "grpo": "fdl.Config(GRPO, rewards=[fdl.Partial(rewards.length, target=12)], group_size=4, max_new_tokens=8)",
+    "grpo": "fdl.Config(GRPO, rewards=[close_to_twelve, rewards.exact_match], group_size=4, max_new_tokens=8)",
 }
 
 
@@ -101,7 +105,7 @@ def test_killed_dpo_and_grpo_runs_resume_bit_identical(tmp_path, small_tokenizer
     if objective == "dpo":
         records = [{"prompt": f"say {w}:", "chosen": w, "rejected": w[::-1]} for w in words]
     else:
-        records = [{"prompt": f"say {w}:"} for w in words]
+        records = [{"prompt": f"say {w}:", "answer": w} for w in words]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     small_tokenizer.save(str(tmp_path / "tokenizer.model"))
