@@ -136,6 +136,10 @@ class Checkpointer:
             todelete_subdir=DELETED,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # orbax removes a killed save's temporary directories in a thread: wait for it, so that a run
+        # that fails right after (a bad setting) does not exit under it with a traceback after its
+        # one-line error (seen: "cannot schedule new futures after interpreter shutdown")
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._writing = None  # the step being written in the background, if any
         self._purge_deleted()
 

@@ -107,3 +107,12 @@ def test_a_converted_model_needs_data_and_its_own_tokenizer(capsys, in_tmp):
     code, _, err = run_cli(capsys, "train", *args, "--workdir", in_tmp / "run")
     assert code == 2 and "has no tokenizer" in err and "tokenizer.json or tokenizer.model" in err, err
     assert not (in_tmp / "run" / "tokenizer.model").exists()  # no new vocabulary was made for it
+
+
+def test_data_show_of_grpo_prompts_shows_each_prompt_and_its_record(capsys, sft_base):
+    write_jsonl(sft_base / "prompts.jsonl", [{"prompt": f"{a} + 1 =", "answer": str(a + 1)} for a in range(8)])
+    grpo = "fiddler:grpo('prompts.jsonl', group_size=2, max_new_tokens=8)"
+    code, out, err = run_cli(capsys, "data", "show", "--recipe", "chat.py", "--recipe", grpo, "--n", "2")
+    assert code == 0, err
+    assert "GRPO data, seq_len 64" in out and out.count("--- prompt") == 2
+    assert '"answer": "' in out and " + 1 =" in out and "examples" in out

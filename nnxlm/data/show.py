@@ -76,9 +76,21 @@ def show(trainer, count: int = 3) -> str:
     while shown < count and seen_batches < 100:
         batch = next(batches)
         seen_batches += 1
-        counts = {k: int(np.sum(v)) for k, v in batch.items() if k not in trainer.objective.batch_fields}
+        counts = {
+            k: int(np.sum(v))
+            for k, v in batch.items()
+            if k not in trainer.objective.batch_fields and np.issubdtype(v.dtype, np.number) and v.ndim == 1
+        }
         if counts:
             lines.append("batch: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
+        if "prompt_ids" in batch:  # prompts the objective samples completions of (GRPO)
+            for ids, length, record in zip(batch["prompt_ids"], batch["prompt_length"], batch["record"], strict=True):
+                if shown == count:
+                    break
+                shown += 1
+                lines.append(f"--- prompt {shown}: {length} tokens; its record: {record}")
+                lines.append(render(trainer.tokenizer, ids[:length], np.zeros(length, bool), color))
+            continue
         for ids, loss in segments(batch):
             if shown == count:
                 break

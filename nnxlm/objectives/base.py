@@ -25,7 +25,19 @@ Objectives that need more than the model (a frozen reference model, completions 
 current weights) get them from Trainer hooks, not from a trainer of their own: the reference is
 the model with its adapters switched off (nnxlm.modules.lora.lora_disabled) or a frozen copy the
 Trainer keeps beside the train state, and generation runs nnxlm's inference engine on the live
-weights between steps.
+weights between steps. The optional hooks, each used where the objective defines it:
+
+    uses_reference      True: the Trainer keeps a reference model; reference_fields(reference,
+                        batch) adds what the step needs from it (DPO, GRPO)
+    policy_fields(model, batch)
+                        what the step needs from the policy before it updates (GRPO's pi_old)
+    iterations          optimizer updates a step makes on its batch (GRPO)
+    prepare(trainer)    once, when the run is set up (DPO's cached reference log-probabilities)
+    prepare_batch(trainer, batch, step) -> (batch, metrics)
+                        on the host before each step: GRPO samples and scores completions here
+    watch(step, record) after each step, may stop the run with a UserError (stuck losses)
+    evaluate(trainer, iterator, batches), eval_name
+                        an evaluation of the objective's own (GRPO: eval_reward)
 """
 
 from typing import Any, NamedTuple

@@ -106,6 +106,8 @@ class GRPO:
     # Data and sampling, on the host.
 
     def dataset(self, source, tokenizer, *, seq_len: int, batch_size: int, **settings):
+        if jax.process_count() > 1:
+            raise UserError("GRPO samples on one process's devices: run it single-process (any number of devices)")
         if batch_size % self.group_size:
             raise UserError(
                 f"batch_size {batch_size} (per data shard) must divide by GRPO group_size {self.group_size}: "
