@@ -26,6 +26,7 @@ from nnxlm.data.pipeline import ordered_documents
 from nnxlm.errors import UserError
 
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+PROMPT_FIELDS = ("prompt_ids", "prompt_length", "record")  # a prompt batch's; the rest are counts
 
 
 def prompt_tokens(prompt: Any, tokenizer, template: ChatTemplate, where: str = "example") -> tuple[list[int], str]:

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from nnxlm.data.prompts import PROMPT_FIELDS
+
 LOSS_OPEN, LOSS_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧
 
 
@@ -79,7 +81,7 @@ def show(trainer, count: int = 3) -> str:
         counts = {
             k: int(np.sum(v))
             for k, v in batch.items()
-            if k not in trainer.objective.batch_fields and np.issubdtype(v.dtype, np.number) and v.ndim == 1
+            if k not in trainer.objective.batch_fields and k not in PROMPT_FIELDS
         }
         if counts:
             lines.append("batch: " + ", ".join(f"{value} {name}" for name, value in counts.items()))
