@@ -355,13 +355,14 @@ def _abstract_model(directory: str, step: int) -> nnx.Module:
     return nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
 
 
-def load_model(path: str) -> nnx.Module:
-    """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it."""
+def load_model(path: str, mesh=None) -> nnx.Module:
+    """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it: on
+    one device, or sharded over `mesh` by the sharding rules (e.g. tensor parallel for serving)."""
     from nnxlm.sharding import make_mesh, state_shardings
 
     directory, step = find_checkpoint(path)
     graphdef, abstract_state = nnx.split(_abstract_model(directory, step))
-    mesh = make_mesh({"data": -1}, devices=jax.devices()[:1])
+    mesh = make_mesh({"data": -1}, devices=jax.devices()[:1]) if mesh is None else mesh
     target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
     nnx.replace_by_pure_dict(abstract_state, restore_model(directory, step, target))
     return nnx.merge(graphdef, abstract_state)

@@ -1,4 +1,4 @@
-"""The `nnxlm` command line: train, inspect, data show, tokenizer train, decode, convert.
+"""The `nnxlm` command line: train, inspect, data show, tokenizer train, decode, serve, chat, convert.
 
 Recipes are chosen and edited with repeated --recipe directives (see nnxlm.recipes.directives).
 Any mistake in the user's input prints one line and exits with code 2.
@@ -33,6 +33,18 @@ def _recipe_argument(parser):
         required=True,
         help="NAME | path/to/file.py[:fn], then any number of fiddler:NAME(args) and set:a.b=VALUE, in order",
     )
+
+
+def _serving_arguments(parser):
+    _trust_argument(parser)
+    parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    parser.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    parser.add_argument(
+        "--max_length", type=int, help="tokens of prompt and completion (default: the recipe's seq_len)"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="decode steps on the device per host round trip")
+    parser.add_argument("--tensor_parallel", type=int, default=1, help="devices of this host to shard the model over")
+    parser.add_argument("--chat_template", help="a Jinja chat template file (default: the tokenizer's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--top_k", type=int, help="sample among the k most likely tokens")
     decode.add_argument("--top_p", type=float, help="sample among the most likely tokens holding this mass")
     decode.add_argument("--seed", type=int, default=0)
+
+    serve = commands.add_parser("serve", help="serve a trained model over an OpenAI-compatible HTTP API")
+    _serving_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model_name", help="the model's name in the API (default: the run directory's name)")
+    serve.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot before 429s")
+
+    chat = commands.add_parser("chat", help="chat with a trained model in the terminal (its chat template)")
+    _serving_arguments(chat)
+    chat.add_argument("--system", help="a system message opening the conversation")
+    chat.add_argument("--max_tokens", type=int, help="most tokens of a reply (default: the rest of the context)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    chat.add_argument("--top_p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int)
 
     convert = commands.add_parser("convert", help="Hugging Face checkpoints in and out")
     directions = convert.add_subparsers(dest="direction", required=True, parser_class=_Parser)
@@ -262,6 +289,98 @@ def _interactive_prompts():
         yield line
 
 
+def _engine(args, max_queue: int = 64):
+    from nnxlm.serving import Engine
+    from nnxlm.serving.load import load
+
+    for name in ("slots", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} is not positive: give a positive number")
+    served = load(args.checkpoint, args.tensor_parallel, args.max_length, args.chat_template)
+    engine = Engine(
+        served.model,
+        served.tokenizer,
+        slots=args.slots,
+        max_length=served.max_length,
+        steps=args.steps,
+        max_queue=max_queue,
+        end_ids=served.end_ids,
+        mesh=served.mesh,
+    )
+    del served.model  # the engine holds what it needs
+    engine.warm_up()
+    return engine, served
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from nnxlm.serving.api import create_app
+
+    if not 0 <= args.port < 65536 or args.max_queue < 0:
+        raise UserError("--port must be 0 to 65535 and --max_queue at least 0")
+    engine, served = _engine(args, args.max_queue)
+    name = args.model_name or served.name
+    app = create_app(engine, name, served.template)
+    print(
+        f"nnxlm: serving {name} at http://{args.host}:{args.port}/v1 "
+        f"({engine.num_slots} slots of {engine.max_length} tokens); Ctrl-C or SIGTERM drains and stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    with engine:  # uvicorn drains open requests on SIGTERM / Ctrl-C, then the engine finishes its own
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    return 0
+
+
+def chat(args) -> int:
+    from nnxlm.serving import Settings
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max_tokens {args.max_tokens} is not positive")
+    if not 0.0 <= args.temperature or not 0.0 < args.top_p <= 1.0:
+        raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
+    engine, served = _engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("nnxlm chat: type a message; Ctrl-D ends the conversation.", file=sys.stderr)
+    with engine:
+        for line in _chat_lines():
+            messages.append({"role": "user", "content": line})
+            text = served.template.render(messages, add_generation_prompt=True)
+            ids = served.tokenizer.encode_with_offsets(text)[0]
+            room = engine.max_length - len(ids)
+            if room < 1:
+                print(f"nnxlm: the conversation fills the model's {engine.max_length}-token context", file=sys.stderr)
+                return 0
+            settings = Settings(
+                max_tokens=min(args.max_tokens or room, room),
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
+            reply = []
+            for update in engine.submit(ids, settings).updates():
+                reply.append(update.text)
+                sys.stdout.write(update.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _chat_lines():
+    """Lines typed at a `> ` prompt, until end of input (blank lines are skipped)."""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            if sys.stdin.isatty():
+                print()
+            return
+        if line.strip():
+            yield line
+
+
 def convert(args) -> int:
     from nnxlm.convert import from_hf, to_hf
 
@@ -279,5 +398,7 @@ COMMANDS = {
     "data": data,
     "tokenizer": tokenizer,
     "decode": decode,
+    "serve": serve,
+    "chat": chat,
     "convert": convert,
 }

@@ -34,6 +34,23 @@ def _special_tokens(directory: str) -> dict[str, object]:
     return found
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character of each byte -> the byte: printable Latin-1
+    bytes stand for themselves, the others for code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class HFTokenizer:
     def __init__(self, path: str):
         try:
@@ -95,6 +112,17 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in self._skip]
         return self._tokenizer.decode(keep, skip_special_tokens=False)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token i stands for (part of a character, for some byte-level tokens)."""
+        token = self._tokenizer.id_to_token(int(i))
+        if token is None:
+            return b""
+        if int(i) in self._skip:
+            return token.encode("utf-8")  # special tokens are shown by name
+        if type(self._tokenizer.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in token):
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        return self._tokenizer.decode([int(i)], skip_special_tokens=False).encode("utf-8")
 
     def save(self, path: str) -> None:
         """Writes tokenizer.json atomically (a crash leaves any old file intact)."""

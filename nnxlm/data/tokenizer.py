@@ -147,6 +147,15 @@ class SentencePieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token i stands for (one byte of a character, for a byte token)."""
+        piece = self._sp.id_to_piece(int(i))
+        if self._sp.is_byte(int(i)):  # "<0xF0>"
+            return bytes([int(piece[3:5], 16)])
+        if int(i) in self._skip or self._sp.is_control(int(i)):
+            return piece.encode("utf-8")  # "</s>": special tokens are shown by name
+        return piece.replace(_SPACE_MARK, " ").encode("utf-8")
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Writes the ``.model`` file (atomically: a crash leaves any old file intact)."""

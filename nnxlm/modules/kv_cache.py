@@ -14,7 +14,9 @@ Layout (logical axis names, see nnxlm.sharding.rules):
                (nnxlm.modules.mla) keeps its latent in k and its rope key in v, as one kv head.
   segment_ids  [batch, length] int32: the segment of the token in each slot; 0 marks a slot not
                yet written or holding left padding, which no real token attends to
-  index        [] int32: the next slot to write
+  index        [] int32: the next slot to write, the same for every row (generate: left-padded
+               rows); or [batch] int32, each row's own (the serving engine: rows at different
+               lengths, each starting at slot 0). Writes and masks follow either form.
 
 Inside a layer the same type holds that layer's k and v without the layers axis.
 """
@@ -52,29 +54,48 @@ class KVCache:
                 return tuple(KV_AXES for _ in kv)
             return ("layers", *KV_AXES) if kv.ndim == len(KV_AXES) + 1 else KV_AXES
 
-        return KVCache(k=axes(self.k), v=axes(self.v), segment_ids=SEGMENT_AXES, index=())
+        index = ("batch",) if jnp.ndim(self.index) == 1 else ()
+        return KVCache(k=axes(self.k), v=axes(self.v), segment_ids=SEGMENT_AXES, index=index)
 
 
 def empty_layer_kv(batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype) -> jax.Array:
     return jnp.zeros((batch, num_kv_heads, max_length, head_dim), dtype)
 
 
+def write_slots(cache_bx, update_bx, index, axis: int) -> jax.Array:
+    """cache_bx with update_bx written from slot `index` along `axis` (batch is axis 0): index []
+    writes every row at the same slot, index [batch] each row at its own."""
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 0:
+        start = [0] * cache_bx.ndim
+        start[axis] = index
+        return jax.lax.dynamic_update_slice(cache_bx, update_bx.astype(cache_bx.dtype), start)
+
+    def row(row_x, update_x, i):
+        start = [0] * row_x.ndim
+        start[axis - 1] = i
+        return jax.lax.dynamic_update_slice(row_x, update_x, start)
+
+    return jax.vmap(row)(cache_bx, update_bx.astype(cache_bx.dtype), index)
+
+
 def cached_attention_mask(
     segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array, index: jax.Array, sliding_window: int | None = None
 ) -> jax.Array:
-    """[batch, 1, length, max_length] bool for queries written at slots index.. of the cache:
+    """[batch, 1, length, max_length] bool for queries written at slots index.. of the cache
+    (index [] or [batch], see KVCache):
     causal over slots and within the same segment (so never to an empty or padding slot). With a
     sliding window, only slots less than sliding_window before the query's: a row's tokens fill
     contiguous slots, so slot distance is position distance (left padding has segment 0 and is
     masked by the segment test)."""
     length, max_length = segment_ids_bt.shape[1], key_segment_ids_bs.shape[1]
-    query_slot_t = index + jnp.arange(length)
-    offset_ts = query_slot_t[:, None] - jnp.arange(max_length)[None, :]
-    causal_ts = offset_ts >= 0
+    query_slot_bt = jnp.reshape(index, (-1, 1)) + jnp.arange(length)  # [1 or batch, length]
+    offset_bts = query_slot_bt[:, :, None] - jnp.arange(max_length)
+    causal_bts = offset_bts >= 0
     if sliding_window is not None:
-        causal_ts &= offset_ts < sliding_window
+        causal_bts &= offset_bts < sliding_window
     same_segment_bts = key_segment_ids_bs[:, None, :] == segment_ids_bt[:, :, None]
-    return (causal_ts[None] & same_segment_bts)[:, None]
+    return (causal_bts & same_segment_bts)[:, None]
 
 
 def cached_attention(q_btnh, cache: KVCache, mask_b1ts, scale: float, softcap: float | None = None) -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from nnxlm.modules.dense import Dense
 from nnxlm.modules.embed import Embedder
-from nnxlm.modules.kv_cache import KVCache
+from nnxlm.modules.kv_cache import KVCache, write_slots
 from nnxlm.modules.lora import LoRA
 from nnxlm.modules.mtp import MultiTokenPrediction, shifted_ids
 from nnxlm.modules.norms import RMSNorm
@@ -179,7 +179,7 @@ class Transformer(nnx.Module):
         """positions (default 0..length-1, after cache.index with a cache) and segment ids (default
         one document a row)."""
         if positions_bt is None:
-            first = 0 if cache is None else cache.index
+            first = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))  # [] or [batch] (per row)
             positions_bt = jnp.broadcast_to(first + jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(ids_bt, dtype=jnp.int32)
@@ -214,9 +214,7 @@ class Transformer(nnx.Module):
         if cache is None:
             x_btd = self._apply_layers(x_btd, positions_bt, segment_ids_bt, keys)
             return self.final_norm(x_btd)
-        key_segments_bs = jax.lax.dynamic_update_slice(
-            cache.segment_ids, segment_ids_bt.astype(cache.segment_ids.dtype), (0, cache.index)
-        )
+        key_segments_bs = write_slots(cache.segment_ids, segment_ids_bt, cache.index, axis=1)
         cache = dataclasses.replace(cache, segment_ids=key_segments_bs)
         x_btd, cache = self._apply_layers_cached(x_btd, positions_bt, segment_ids_bt, keys, cache)
         return self.final_norm(x_btd), dataclasses.replace(cache, index=cache.index + ids_bt.shape[1])

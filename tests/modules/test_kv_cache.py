@@ -201,3 +201,30 @@ def test_a_layer_pattern_changes_the_numbers_and_scanned_equals_unrolled():
     np.testing.assert_allclose(scanned(ids), unrolled(ids), atol=1e-5, rtol=1e-5)
     scanned._layer_pattern = None  # every layer global with the attention's own RoPE
     assert np.max(np.abs(scanned(ids) - unrolled(ids))) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sliding_window", "mla"])
+def test_rows_at_their_own_cache_index_decode_as_each_row_alone(kind):
+    """The serving engine's layout: index [batch], every row from slot 0 at its own length."""
+    from tests.modules.helpers import tiny_deepseek
+
+    model = option_model(False, sliding_window=3) if kind == "sliding_window" else tiny_deepseek(False)
+    vocab = model.vocab_size
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, vocab)
+    graphdef, state = nnx.split(model)
+    call = jax.jit(lambda state, cache, *rows: nnx.merge(graphdef, state)(*rows, cache=cache))
+    cache = model.init_cache(2, 12, stacked=False)
+    cache = KVCache(cache.k, cache.v, cache.segment_ids, jnp.array([0, 0], jnp.int32))
+    lengths = (3, 6)  # row 0 prefills 3 tokens, row 1 six (right-padded: segment 0 after)
+    prefill = jnp.stack([jnp.where(jnp.arange(6) < n, ids[r, :6], 0) for r, n in enumerate(lengths)])
+    segments = jnp.array([[1] * 3 + [0] * 3, [1] * 6])
+    _, cache = call(state, cache, prefill, jnp.broadcast_to(jnp.arange(6), (2, 6)), segments)
+    cache = KVCache(cache.k, cache.v, cache.segment_ids, jnp.array(lengths, jnp.int32))
+    steps = []
+    for t in range(3):  # one token a row at its own position: row 0 at 3, 4, 5; row 1 at 6, 7, 8
+        step_ids = jnp.stack([ids[0, 3 + t], ids[1, 6 + t]])[:, None]
+        logits, cache = call(state, cache, step_ids, cache.index[:, None], jnp.ones((2, 1), jnp.int32))
+        steps.append(logits[:, 0])
+    np.testing.assert_array_equal(cache.index, [6, 9])
+    np.testing.assert_allclose(jnp.stack(steps, 1)[0], model(ids[:1, :6])[0, 3:], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jnp.stack(steps, 1)[1], model(ids[1:, :9])[0, 6:], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,230 @@
+"""The OpenAI-compatible HTTP API over an Engine (FastAPI; `nnxlm serve` runs it under uvicorn).
+
+FastAPI and uvicorn are what the OpenAI-compatible servers people already run are built on, both
+well kept; the JAX work never runs on the event loop (the engine has its own thread). Requests are
+read as plain JSON and checked here rather than by pydantic models, so that every mistake is a 400
+with OpenAI's error body naming the field (pydantic's would be 422s) and unknown fields pass.
+
+POST /v1/completions, POST /v1/chat/completions (streaming as server-sent events), GET /v1/models,
+GET /health, GET /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from nnxlm.serving import requests as parse
+from nnxlm.serving.engine import Engine, QueueFull, ShuttingDown, Update
+from nnxlm.serving.metrics import CONTENT_TYPE
+from nnxlm.serving.requests import APIError
+
+
+def create_app(engine: Engine, model_name: str, template=None) -> FastAPI:
+    """The app serving `engine` as model `model_name`; template: the ChatTemplate of chat requests."""
+    app = FastAPI(title="nnxlm", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    tokenizer = engine.tokenizer
+
+    @app.exception_handler(APIError)
+    async def api_error(_, error: APIError):
+        return error.response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, error: Exception):  # one request's failure; the server goes on
+        return APIError(500, f"{type(error).__name__}: {error}", type="internal_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "nnxlm"}
+        return {"object": "list", "data": [{**card, "max_model_len": engine.max_length}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.text(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(http: Request):
+        body = await parse.json_body(http)
+        parse.check_model(body, model_name)
+        prompts = parse.completion_prompts(body, tokenizer)
+        return await _serve(http, engine, body, prompts, chat=False, model_name=model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        body = await parse.json_body(http)
+        parse.check_model(body, model_name)
+        prompts = [parse.chat_prompt(body, tokenizer, template)]
+        return await _serve(http, engine, body, prompts, chat=True, model_name=model_name)
+
+    return app
+
+
+async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[int]], chat: bool, model_name: str):
+    settings = [parse.settings(body, len(p), engine, chat) for p in prompts]
+    stream, include_usage = parse.stream_options(body)
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    notify = lambda: loop.call_soon_threadsafe(wake.set)  # noqa: E731
+    submitted = []
+    try:
+        for prompt, s in zip(prompts, settings, strict=True):
+            submitted.append(engine.submit(prompt, s, notify))
+    except QueueFull as e:
+        for request in submitted:
+            request.cancel()
+        raise APIError(
+            429, f"the server is busy: {e}; retry later", type="rate_limit_error", headers={"Retry-After": "1"}
+        ) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="unavailable") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    n = settings[0].n
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    render = _Render(
+        engine.tokenizer, chat, response_id, model_name, settings[0].top_logprobs, parse.wants_logprobs(body, chat)
+    )
+    updates = _updates(submitted, n, wake, http)
+    if stream:
+        return StreamingResponse(
+            _events(render, updates, submitted, n, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    choices: dict[int, list[Update]] = {}
+    try:
+        async for index, update in updates:
+            choices.setdefault(index, []).append(update)
+    finally:
+        for request in submitted:
+            request.cancel()  # (a no-op for finished requests) the client left, or a request failed
+    return JSONResponse(render.response(choices, _usage(submitted)))
+
+
+async def _updates(requests, n: int, wake: asyncio.Event, http: Request):
+    """(choice index across prompts, update) as they arrive, until every choice has finished;
+    an APIError if one failed. Watches for a client that went away while waiting."""
+    open_choices = len(requests) * n
+    while open_choices:
+        wake.clear()
+        arrived = [(i * n + u.choice, u, r) for i, r in enumerate(requests) for u in r.poll()]
+        if not arrived:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    return
+            continue
+        for index, update, request in arrived:
+            if update.finish_reason == "error":
+                raise APIError(500, f"generation failed: {request.error}", type="internal_error")
+            if update.finish_reason == "cancelled":
+                return
+            open_choices -= update.finish_reason is not None
+            yield index, update
+
+
+async def _events(render, updates, requests, n: int, include_usage: bool):
+    """Server-sent events: a chunk per update, the usage chunk when asked, then [DONE]."""
+    try:
+        if render.chat:
+            for index in range(len(requests) * n):
+                yield _sse(render.chunk(index, None, first=True, usage_field=include_usage))
+        try:
+            async for index, update in updates:
+                yield _sse(render.chunk(index, update, usage_field=include_usage))
+        except APIError as e:  # the stream has started: the error is its last event
+            yield _sse(e.body())
+            return
+        if include_usage:
+            yield _sse({**render.chunk(0, None, usage_field=True), "choices": [], "usage": _usage(requests)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for request in requests:
+            request.cancel()  # a client that disconnected mid-stream frees its slots
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(requests) -> dict:
+    prompt = sum(len(r.prompt_ids) for r in requests)
+    completion = sum(c.generated for r in requests for c in r.choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Render:
+    """Response bodies and stream chunks in OpenAI's schema."""
+
+    def __init__(self, tokenizer, chat: bool, response_id: str, model: str, top: int, logprobs: bool):
+        self.tokenizer, self.chat, self.id, self.model = tokenizer, chat, response_id, model
+        self.top, self.logprobs, self.created = top, logprobs, int(time.time())
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.tokenizer.token_bytes(token_id) if hasattr(self.tokenizer, "token_bytes") else b""
+        return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+    def _logprobs(self, tokens, offset: int = 0):
+        if not self.logprobs:
+            return None
+        if self.chat:
+            content = []
+            for t in tokens:
+                text, raw = self._token(t.id)
+                top = [dict(zip(("token", "bytes"), self._token(i), strict=True), logprob=lp) for i, lp in t.top]
+                content.append({"token": text, "logprob": t.logprob, "bytes": raw, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        strings = [self._token(t.id)[0] for t in tokens]
+        return {
+            "tokens": strings,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{self._token(i)[0]: lp for i, lp in t.top} for t in tokens] if self.top else None,
+            "text_offset": [offset + t.start for t in tokens],
+        }
+
+    def response(self, choices: dict[int, list[Update]], usage: dict) -> dict:
+        out = []
+        for index in sorted(choices):
+            updates = choices[index]
+            text = "".join(u.text for u in updates)
+            tokens = [t for u in updates for t in u.tokens]
+            finish = updates[-1].finish_reason
+            if self.chat:
+                message = {"role": "assistant", "content": text, "refusal": None}
+                out.append(
+                    {"index": index, "message": message, "logprobs": self._logprobs(tokens), "finish_reason": finish}
+                )
+            else:
+                out.append({"index": index, "text": text, "logprobs": self._logprobs(tokens), "finish_reason": finish})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(kind), "choices": out, "usage": usage}
+
+    def chunk(self, index: int, update: Update | None, first: bool = False, usage_field: bool = False) -> dict:
+        finish = None if update is None else update.finish_reason
+        tokens = [] if update is None else update.tokens
+        text = "" if update is None else update.text
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": self._logprobs(tokens) if tokens else None}
+            body = {**self._head("chat.completion.chunk"), "choices": [{**choice, "finish_reason": finish}]}
+        else:
+            logprobs = self._logprobs(tokens) if tokens else None
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            body = {**self._head("text_completion"), "choices": [choice]}
+        if usage_field:
+            body["usage"] = None
+        return body

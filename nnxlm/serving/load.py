@@ -1,0 +1,57 @@
+"""A run directory made ready to serve: model (on one device or tensor parallel), tokenizer, chat
+template and end tokens, shared by `nnxlm serve` and `nnxlm chat`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from nnxlm.errors import UserError
+
+# end-of-turn tokens of common chat templates: generation also stops at these when the vocabulary has them
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|eom_id|>")
+
+
+@dataclasses.dataclass
+class Served:
+    model: object
+    tokenizer: object
+    template: object
+    end_ids: tuple[int, ...]
+    name: str
+    max_length: int
+    mesh: object
+
+
+def load(checkpoint: str, tensor_parallel: int = 1, max_length: int | None = None, chat_template: str | None = None):
+    """Loads what serving a run directory (or checkpoint) needs; UserError on bad input."""
+    import jax
+
+    from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe
+    from nnxlm.data import find_tokenizer, load_tokenizer
+    from nnxlm.objectives.sft import chat_template as find_chat_template
+    from nnxlm.sharding import make_mesh
+
+    if tensor_parallel < 1 or tensor_parallel > len(jax.local_devices()):
+        raise UserError(
+            f"--tensor_parallel {tensor_parallel}: this host has {len(jax.local_devices())} devices; "
+            "give 1 to that many"
+        )
+    if max_length is not None and max_length < 2:
+        raise UserError(f"--max_length {max_length}: give at least 2 tokens (prompt and completion)")
+    directory, _ = find_checkpoint(checkpoint)
+    recipe = load_recipe(checkpoint)
+    run_dir = os.path.dirname(directory)
+    tokenizer_path = find_tokenizer(run_dir, recipe.tokenizer_path)
+    if not os.path.exists(tokenizer_path):
+        raise UserError(f"no tokenizer at {tokenizer_path}: serving needs the run's tokenizer.model or tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path)
+    mesh = None
+    if tensor_parallel > 1:
+        mesh = make_mesh({"tensor": tensor_parallel}, devices=jax.local_devices()[:tensor_parallel])
+    model = load_model(checkpoint, mesh=mesh)
+    vocab_ids = getattr(tokenizer, "_to_id", None)
+    end_ids = tuple(i for i in (vocab_ids(t) for t in END_OF_TURN) if i is not None) if vocab_ids else ()
+    name = os.path.basename(os.path.abspath(run_dir).rstrip("/"))
+    length = max_length or getattr(recipe, "seq_len", None) or 2048
+    return Served(model, tokenizer, find_chat_template(tokenizer, chat_template), end_ids, name, length, mesh)
