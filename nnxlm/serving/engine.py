@@ -255,6 +255,10 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return
+        with self._wake:  # stopped: start() may run it again
+            self._closing, self._thread = False, None
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -352,7 +356,7 @@ class Engine:
         if slot.prefilled == len(prompt):
             token, logprob, top_ids, top_logprob = (np.asarray(x)[0] for x in first)
             self._active[s], self._generated[s] = True, 1
-            self._take(slot, [int(token)], [float(logprob)], [top_ids], [top_logprob])
+            self._take(s, slot, [int(token)], [float(logprob)], [top_ids], [top_logprob])
 
     def _decode_all(self) -> set[Request]:
         want_top = any(slot is not None and slot.request.settings.top_logprobs > 0 for slot in self._slots)
@@ -377,15 +381,22 @@ class Engine:
             n = int(out.count[s])
             self._generated[s] += n
             self._take(
-                slot, out.ids[s, :n].tolist(), out.logprob[s, :n].tolist(), out.top_ids[s, :n], out.top_logprob[s, :n]
+                s,
+                slot,
+                out.ids[s, :n].tolist(),
+                out.logprob[s, :n].tolist(),
+                out.top_ids[s, :n],
+                out.top_logprob[s, :n],
             )
             touched.add(slot.request)
         return touched
 
-    def _take(self, slot: _Slot, ids, logprobs, top_ids, top_logprobs) -> None:
+    def _take(self, s: int, slot: _Slot, ids, logprobs, top_ids, top_logprobs) -> None:
         """Feeds a slot's new tokens to its choice and hands the request what may be shown."""
         request, choice = slot.request, slot.choice
         completion = request.choices[choice]
+        if completion.finish_reason is not None or request.cancelled:
+            return
         try:
             k = request.settings.top_logprobs
             for token, logprob, tops, top_lps in zip(ids, logprobs, top_ids, top_logprobs, strict=True):
@@ -410,6 +421,7 @@ class Engine:
         if text or tokens or completion.finish_reason:
             request._put(Update(choice, text, tokens, completion.finish_reason))
         if completion.finish_reason is not None:
+            self._active[s] = False  # decodes no more, from this turn on
             self._end(request, choice, "ok")
 
     def _end(self, request: Request, choice: int, outcome: str) -> None:
