@@ -328,8 +328,15 @@ def serve(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    with engine:  # uvicorn drains open requests on SIGTERM / Ctrl-C, then the engine finishes its own
+    # uvicorn stops on SIGTERM / Ctrl-C once its open requests are answered, then hands the signal
+    # to the handlers it found: these note it, so the engine drains and the command exits 0
+    stops = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _: stops.append(number))
+    with engine:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    if stops:
+        print(f"nnxlm: stopped by {signal.Signals(stops[0]).name} after answering every open request", file=sys.stderr)
     return 0
 
 

@@ -38,3 +38,22 @@ def small_tokenizer(stdlib_files):
 
     texts = [Path(p).read_text(encoding="utf-8") for p in stdlib_files[::10]]
     return SentencePieceTokenizer.train(texts, 1000, max_chars=300_000)
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """A few steps of a tiny model on Python source with its own 512-token tokenizer."""
+    import fiddle as fdl
+
+    import nnxlm
+    from nnxlm.data import PythonStdlib
+    from nnxlm.recipes import models
+
+    cfg = nnxlm.recipes.tiny()
+    cfg.model = models.llama_tiny(vocab_size=512)
+    cfg.train_data, cfg.eval_data = fdl.Config(PythonStdlib), None
+    cfg.tokenizer_train_chars = 300_000
+    cfg.num_steps, cfg.checkpoint_every = 3, 0
+    cfg.workdir = str(tmp_path_factory.mktemp("decode") / "run")
+    fdl.build(cfg).fit()
+    return cfg.workdir

@@ -89,25 +89,6 @@ def test_tokenizer_train_writes_a_model_from_text_files(capsys, in_tmp):
     assert tokenizer.decode(tokenizer.encode("def add(a, b):")) == "def add(a, b):"
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    """A few steps of a tiny model on Python source with its own 512-token tokenizer."""
-    import fiddle as fdl
-
-    import nnxlm
-    from nnxlm.data import PythonStdlib
-    from nnxlm.recipes import models
-
-    cfg = nnxlm.recipes.tiny()
-    cfg.model = models.llama_tiny(vocab_size=512)
-    cfg.train_data, cfg.eval_data = fdl.Config(PythonStdlib), None
-    cfg.tokenizer_train_chars = 300_000
-    cfg.num_steps, cfg.checkpoint_every = 3, 0
-    cfg.workdir = str(tmp_path_factory.mktemp("decode") / "run")
-    fdl.build(cfg).fit()
-    return cfg.workdir
-
-
 def test_decode_streams_the_completion_of_each_prompt(capsys, text_run):
     import nnxlm
     from nnxlm.data import SentencePieceTokenizer
