@@ -57,7 +57,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	touch $@
 
-# Every benchmark of bench/ (about 6 minutes on 2 cores): writes bench/results.md.
+# Every benchmark of bench/ (about 10 minutes on 2 cores): writes bench/results.md.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench
 

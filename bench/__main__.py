@@ -1,13 +1,14 @@
 """`python -m bench` (what `make bench` runs): every benchmark of bench/, then bench/results.md.
 
-    python -m bench [--launches 3] [--rounds 5] [--no_hf] [--only train data checkpoint decode]
+    python -m bench [--launches 3] [--rounds 5] [--no_hf] [--only train data checkpoint decode serve]
 
 In order: the fp32 matmul peak; training (bench.train: fresh launches and alternating blocks of
 steps of nnxlm and, with the bench extra installed, transformers) and where nnxlm's launch time
 goes; the data pipeline (bench.data); checkpointing (bench.checkpoint); decoding (bench.decode);
-the peak again. Every benchmark runs in a process of its own. The MFU of both frameworks divides
-by the same peak: the best of the two measurements, so a busy machine at one of them does not
-inflate it. --output (default bench/results.md) is where the table goes.
+serving to 1, 4 and 16 streaming clients (bench.serve); the peak again. Every benchmark runs in a
+process of its own. The MFU of both frameworks divides by the same peak: the best of the two
+measurements, so a busy machine at one of them does not inflate it. --output (default
+bench/results.md) is where the table goes.
 """
 
 import argparse
@@ -21,7 +22,7 @@ import time
 from bench import train
 from bench.common import REPO, Row, cpu_model, median, results_markdown, run_worker, versions
 
-PARTS = ("train", "data", "checkpoint", "decode")
+PARTS = ("train", "data", "checkpoint", "decode", "serve")
 
 
 def main(argv=None) -> int:
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
     if "decode" in args.only:
         results["decode"] = run_worker(["bench.decode", "--runs", "3", "--json"] + ([] if with_hf else ["--no_hf"]))
         log(f"decode {results['decode']['batches']}")
+    if "serve" in args.only:
+        from bench import serve
+
+        results["serve"] = run_worker(["bench.serve", "--json"] + ([] if with_hf else ["--no_hf"]), timeout=1200)
+        log("serve\n" + serve.table(results["serve"]))
     torch_peak = run_worker(["bench.common", "peak", "torch"])["flops"] if with_hf else None
     peaks.append(run_worker(["bench.common", "peak", "jax"])["flops"])
     peak = max(peaks)
@@ -113,6 +119,41 @@ def table_rows(results: dict, peak: float, notes: list[str]) -> list[Row]:
             rows.append(Row(what, "new tokens/s", *rate, repeats=runs))
             ttft = (figures["ttft_s"] * 1e3, figures.get("hf_ttft_s", 0) * 1e3 or None)
             rows.append(Row(what, "time to first token ms", *ttft, fmt="{:.1f}", higher_is_better=False, repeats=runs))
+    if "serve" in results:
+        rows += serve_rows(results["serve"])
+        notes.append(
+            "serve: nnxlm's OpenAI-compatible server (Engine with 16 slots) streaming to 1, 4 and 16 concurrent "
+            "clients; its peer, on the 1-client rows only, is transformers' `generate` in a loop, one request at "
+            "a time, on the same weights; ITL: inter-token latency (gap between chunks / tokens in the chunk)."
+        )
+    return rows
+
+
+def serve_rows(result: dict) -> list[Row]:
+    rows = []
+    for figures in result["recipes"].values():
+        hf = figures.get("hf")
+        for clients, f in figures["clients"].items():
+            what = f"serve {figures['parameters'] / 1e6:.1f} M, {clients} streaming client{'s' * (int(clients) > 1)}"
+            peer = hf if int(clients) == 1 else None
+            repeats = figures["rounds"]
+            speedup = f"{f['speedup']:.2f}× one client" if int(clients) > 1 and "speedup" in f else ""
+            rows.append(
+                Row(what, "tokens/s", f["tokens_per_s"], peer and peer["tokens_per_s"], repeats=repeats, note=speedup)
+            )
+            for metric, key in (("time to first token p50 ms", "ttft_ms"), ("inter-token latency p50 ms", "itl_ms")):
+                rows.append(
+                    Row(
+                        what,
+                        metric,
+                        f[key]["p50"],
+                        peer and peer[key]["p50"],
+                        fmt="{:.1f}",
+                        higher_is_better=False,
+                        repeats=repeats,
+                        note=f"p99 {f[key]['p99']:.1f}" + (f", peer's {peer[key]['p99']:.1f}" if peer else ""),
+                    )
+                )
     return rows
 
 

@@ -118,3 +118,25 @@ def test_grpo_bench_measures_sampling_inside_training_and_alone():
     assert result["in_training_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
     assert result["rows"] == 128 and 0 < result["mean_completion_length"] <= 4
     assert "ratio, same run" in grpo.table(result)
+
+
+def test_serve_bench_streams_to_concurrent_clients_and_times_the_transformers_loop():
+    import importlib.util
+
+    from bench import serve
+
+    with_hf = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+    # the tiny recipe, 4 requests of 8 tokens to 1 and then 2 streaming clients: server, clients, peer, table
+    result = serve.bench(
+        ["tiny"], clients=(1, 2), requests=4, max_tokens=8, rounds=1, hf_requests=2, with_hf=with_hf, log=lambda _: None
+    )
+    tiny = result["recipes"]["tiny"]
+    assert list(tiny["clients"]) == [1, 2] and (tiny["requests"], tiny["rounds"]) == (4, 1)
+    for figures in tiny["clients"].values():
+        assert figures["tokens_per_s"] > 0 and 0 < figures["ttft_ms"]["p50"] <= figures["ttft_ms"]["p99"]
+        assert figures["itl_ms"]["p50"] >= 0 and figures["tokens_per_chunk"] >= 1
+    assert tiny["clients"][1]["speedup"] == 1.0
+    if with_hf:
+        assert tiny["hf"]["tokens_per_s"] > 0 and tiny["hf"]["same_tokens"].endswith("/16")
+    table = serve.table(result)
+    assert "| 0.2 M | 1 (one at a time) | 4 |" in table and ("transformers `generate`" in table) == with_hf

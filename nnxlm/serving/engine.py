@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nnxlm.generation import _jit_for_decoding
 from nnxlm.serving import steps as device
 from nnxlm.serving.metrics import Metrics
 from nnxlm.serving.text import Completion, TokenInfo
@@ -162,7 +163,7 @@ class Engine:
         max_length: int = 1024,
         steps: int = 8,
         chunk: int = 64,
-        prefill_chunks: int = 4,
+        prefill_chunks: int = 16,
         max_queue: int = 64,
         end_ids: tuple[int, ...] = (),
         mesh=None,
@@ -184,10 +185,13 @@ class Engine:
             model.unstack_layers()  # per-layer arrays (a copy of the layers): decoding slices none
         self.graphdef, self.state = nnx.split(model)
         self._cache_template = model.init_cache
-        self._prefill = jax.jit(functools.partial(device.prefill_chunk, self.graphdef), donate_argnums=(1, 2))
-        self._decode = jax.jit(
-            functools.partial(device.decode_steps, self.graphdef), donate_argnums=(1, 2), static_argnames=("steps",)
-        )
+        prefill = functools.partial(device.prefill_chunk, self.graphdef)
+        self._prefill = _jit_for_decoding(donate_argnums=(1, 2))(prefill)
+        decode = functools.partial(device.decode_steps, self.graphdef)
+        self._decode = _jit_for_decoding(donate_argnums=(1, 2), static_argnames=("steps", "rows"))(decode)
+        # decode programs for the first 1, 2, 4, ... slots: requests take the lowest free slot, so
+        # at light load a call computes few rows (one compilation each, at warm_up)
+        self.row_counts = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
         self._reset_device_state()
 
         self._slots: list[_Slot | None] = [None] * slots
@@ -232,7 +236,8 @@ class Engine:
         if any(self._slots):
             raise RuntimeError("warm_up runs before any request")
         self._prefill_chunk(0, _Slot(Request(self, [0], Settings(1), None), 0))
-        self._decode_all()
+        for rows in self.row_counts:
+            self._decode_all(rows)
         self._reset_device_state()
         self.metrics = Metrics(self.num_slots)  # counts requests only
 
@@ -280,14 +285,17 @@ class Engine:
     def _turn(self) -> None:
         self._free_finished()
         self._admit()
-        touched = self._prefill_some()
+        self._notify(self._prefill_some())  # first tokens go out before the decode call
         if self._active.any():
-            touched |= self._decode_all()
+            self._notify(self._decode_all())
         self._free_finished()
-        for request in touched:
+        self.metrics.slots_busy.set(self.num_slots - self.free_slots())
+
+    @staticmethod
+    def _notify(requests) -> None:
+        for request in requests:
             if request.notify is not None:
                 request.notify()
-        self.metrics.slots_busy.set(self.num_slots - self.free_slots())
 
     def _free_finished(self) -> None:
         with self._wake:
@@ -358,7 +366,10 @@ class Engine:
             self._active[s], self._generated[s] = True, 1
             self._take(s, slot, [int(token)], [float(logprob)], [top_ids], [top_logprob])
 
-    def _decode_all(self) -> set[Request]:
+    def _decode_all(self, rows: int | None = None) -> set[Request]:
+        if rows is None:  # the fewest rows holding every active slot
+            last = int(np.flatnonzero(self._active)[-1]) + 1
+            rows = next(n for n in self.row_counts if n >= last)
         want_top = any(slot is not None and slot.request.settings.top_logprobs > 0 for slot in self._slots)
         slots = device.Slots(
             active=self._active.copy(),
@@ -368,14 +379,21 @@ class Engine:
         )
         try:
             self._cache, self._token, out = self._decode(
-                self.state, self._cache, self._token, slots, self._end_ids, np.bool_(want_top), steps=self.steps
+                self.state,
+                self._cache,
+                self._token,
+                slots,
+                self._end_ids,
+                np.bool_(want_top),
+                steps=self.steps,
+                rows=rows,
             )
             out = jax.tree.map(np.asarray, out)
         except Exception as e:  # noqa: BLE001 - the engine goes on with a new cache
             self._device_failed(e)
             return set()
         touched = set()
-        for s, slot in enumerate(self._slots):
+        for s, slot in enumerate(self._slots[:rows]):
             if slot is None or not self._active[s] or out.count[s] == 0:
                 continue
             n = int(out.count[s])

@@ -151,11 +151,30 @@ def prefill_chunk(graphdef, state, cache: KVCache, token_s, slot, ids_c, start, 
     return cache, token_s, (token_1, *_logprobs(logits_1v, token_1, want_top))
 
 
-def decode_steps(graphdef, state, cache: KVCache, token_s, slots: Slots, end_ids_e, want_top, steps: int):
-    """Up to `steps` decode steps of every active slot (stopping early once none is left): each
-    feeds the slot's last token at its own position and samples the next. Returns (cache, token_s,
-    Tokens)."""
+def decode_steps(graphdef, state, cache: KVCache, token_s, slots: Slots, end_ids_e, want_top, steps: int, rows: int):
+    """Up to `steps` decode steps of the first `rows` slots (those holding every active one; the
+    engine compiles a few row counts so that a lightly loaded server does not compute its empty
+    slots), stopping early once none is left. Each step feeds a slot's last token at its own
+    position and samples the next. Returns (cache, token_s, Tokens of the first `rows` slots)."""
     TRACES["serve_decode"] += 1
+    if rows == token_s.shape[0]:
+        return _decode_rows(graphdef, state, cache, token_s, slots, end_ids_e, want_top, steps)
+    first = lambda x: x[:rows]  # noqa: E731
+    part = KVCache(tuple(map(first, cache.k)), tuple(map(first, cache.v)), first(cache.segment_ids), first(cache.index))
+    part, part_token_s, out = _decode_rows(
+        graphdef, state, part, first(token_s), jax.tree.map(first, slots), end_ids_e, want_top, steps
+    )
+    put = lambda x, rows_x: jax.lax.dynamic_update_slice_in_dim(x, rows_x, 0, axis=0)  # noqa: E731
+    cache = KVCache(
+        tuple(map(put, cache.k, part.k)),
+        tuple(map(put, cache.v, part.v)),
+        put(cache.segment_ids, part.segment_ids),
+        put(cache.index, part.index),
+    )
+    return cache, put(token_s, part_token_s), out
+
+
+def _decode_rows(graphdef, state, cache: KVCache, token_s, slots: Slots, end_ids_e, want_top, steps: int):
     num_slots = token_s.shape[0]
     empty = Tokens(
         ids=jnp.zeros((num_slots, steps), jnp.int32),
