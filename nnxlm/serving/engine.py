@@ -41,6 +41,13 @@ from nnxlm.serving.text import Completion, TokenInfo
 END_IDS = 8  # end tokens the device checks (the tokenizer's eos and the model's other end-of-turn tokens)
 
 
+# compiled once a process for each model structure (graphdef) and shape: engines of the same model share them
+_PREFILL = _jit_for_decoding(static_argnums=(0,), donate_argnums=(2, 3))(device.prefill_chunk)
+_DECODE = _jit_for_decoding(static_argnums=(0,), donate_argnums=(2, 3), static_argnames=("steps", "rows"))(
+    device.decode_steps
+)
+
+
 class QueueFull(Exception):
     """Every slot is busy and the queue of waiting requests is full: try again later."""
 
@@ -185,10 +192,8 @@ class Engine:
             model.unstack_layers()  # per-layer arrays (a copy of the layers): decoding slices none
         self.graphdef, self.state = nnx.split(model)
         self._cache_template = model.init_cache
-        prefill = functools.partial(device.prefill_chunk, self.graphdef)
-        self._prefill = _jit_for_decoding(donate_argnums=(1, 2))(prefill)
-        decode = functools.partial(device.decode_steps, self.graphdef)
-        self._decode = _jit_for_decoding(donate_argnums=(1, 2), static_argnames=("steps", "rows"))(decode)
+        self._prefill = functools.partial(_PREFILL, self.graphdef)
+        self._decode = functools.partial(_DECODE, self.graphdef)
         # decode programs for the first 1, 2, 4, ... slots: requests take the lowest free slot, so
         # at light load a call computes few rows (one compilation each, at warm_up)
         self.row_counts = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
