@@ -6,6 +6,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the measured CPU peak (for MFU) is cached per machine: here, per test session, not in ~/.cache
 os.environ.setdefault("NNXLM_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="nnxlm-cache-"))
+# XLA programs are cached on disk for the session, every program however quick to compile: the many
+# trainers, engines and subprocesses (restarted runs, fake-device meshes) that build the same
+# programs load them instead of compiling again. Tracing is unchanged, so trace counts still count.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="nnxlm-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -128,8 +128,9 @@ def test_serve_bench_streams_to_concurrent_clients_and_times_the_transformers_lo
     with_hf = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
     # the tiny recipe, 4 requests of 8 tokens to 1 and then 2 streaming clients: server, clients, peer, table
     result = serve.bench(
-        ["tiny"], clients=(1, 2), requests=4, max_tokens=8, rounds=1, hf_requests=2, with_hf=with_hf, log=lambda _: None
-    )
+        ["tiny"], clients=(1, 2), requests=4, max_tokens=8, rounds=1, hf_requests=2, with_hf=with_hf, slots=2,
+        log=lambda _: None,
+    )  # fmt: skip
     tiny = result["recipes"]["tiny"]
     assert list(tiny["clients"]) == [1, 2] and (tiny["requests"], tiny["rounds"]) == (4, 1)
     for figures in tiny["clients"].values():
