@@ -319,6 +319,7 @@ def serve(args) -> int:
 
     if not 0 <= args.port < 65536 or args.max_queue < 0:
         raise UserError("--port must be 0 to 65535 and --max_queue at least 0")
+    _check_address(args.host, args.port)
     engine, served = _engine(args, args.max_queue)
     name = args.model_name or served.name
     app = create_app(engine, name, served.template)
@@ -338,6 +339,17 @@ def serve(args) -> int:
     if stops:
         print(f"nnxlm: stopped by {signal.Signals(stops[0]).name} after answering every open request", file=sys.stderr)
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """UserError when the server could not listen there (before minutes of loading a model)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
 
 
 def chat(args) -> int:

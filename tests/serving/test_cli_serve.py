@@ -102,6 +102,13 @@ def test_bad_serve_arguments_are_one_line(capsys, text_run, args, message):
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_a_port_in_use_is_one_line(capsys, text_run):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", "--checkpoint", text_run, "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1, err
+
+
 def test_serve_of_a_missing_run_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "serve", "--checkpoint", str(tmp_path / "nope"))
     assert code == 2 and err.startswith("nnxlm: error:") and err.count("\n") == 1, err
