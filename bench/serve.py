@@ -32,14 +32,12 @@ tokens/s are medians over rounds; latency percentiles pool every round's samples
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -85,28 +83,6 @@ def percentiles(values, qs=(50, 99)) -> dict:
 # The server process: python -m bench.serve server --recipe NAME [--hf_dir DIR]
 
 
-@contextlib.contextmanager
-def _uvicorn(app):
-    """uvicorn serving `app` on 127.0.0.1 at a free port, in a thread: yields its base URL."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    running = uvicorn.Server(config)
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not running.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    port = running.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        running.should_exit = True
-        thread.join(30)
-
-
 def server_worker(recipe: str, hf_dir: str | None, slots: int, max_length: int, steps: int, chunk: int) -> None:
     """Builds the recipe's model with random weights, warms an Engine up and serves it; prints
     {"url", ...} when ready and stops at "quit" (or the end of stdin), printing its peak RSS."""
@@ -116,7 +92,7 @@ def server_worker(recipe: str, hf_dir: str | None, slots: int, max_length: int, 
     import nnxlm
     from nnxlm.metrics import parameter_count
     from nnxlm.serving import Engine
-    from nnxlm.serving.api import create_app
+    from nnxlm.serving.api import create_app, serve_in_thread
 
     start = time.perf_counter()
     model = fdl.build(nnxlm.recipes.RECIPES[recipe]().model)(rngs=nnx.Rngs(0))
@@ -130,7 +106,7 @@ def server_worker(recipe: str, hf_dir: str | None, slots: int, max_length: int, 
     built = time.perf_counter()
     engine.warm_up()
     warm = time.perf_counter()
-    with engine, _uvicorn(create_app(engine, MODEL_NAME)) as url:
+    with engine, serve_in_thread(create_app(engine, MODEL_NAME)) as url:
         ready = {"url": url, "parameters": parameter_count(model), "vocab_size": model.vocab_size}
         print(json.dumps({**ready, "build_s": built - start, "warm_up_s": warm - built}), flush=True)
         for line in sys.stdin:

@@ -275,8 +275,9 @@ def decode(args) -> int:
     return 0
 
 
-def _interactive_prompts():
-    """Lines typed at a `> ` prompt, until a blank line or end of input."""
+def _interactive_prompts(blank_ends: bool = True):
+    """Lines typed at a `> ` prompt, until end of input, or a blank line when blank_ends (else
+    blank lines are skipped)."""
     while True:
         try:
             line = input("> ")
@@ -284,9 +285,10 @@ def _interactive_prompts():
             if sys.stdin.isatty():
                 print()
             return
-        if not line.strip():
+        if line.strip():
+            yield line
+        elif blank_ends:
             return
-        yield line
 
 
 def _engine(args, max_queue: int = 64):
@@ -363,7 +365,7 @@ def chat(args) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("nnxlm chat: type a message; Ctrl-D ends the conversation.", file=sys.stderr)
     with engine:
-        for line in _chat_lines():
+        for line in _interactive_prompts(blank_ends=False):
             messages.append({"role": "user", "content": line})
             text = served.template.render(messages, add_generation_prompt=True)
             ids = served.tokenizer.encode_with_offsets(text)[0]
@@ -385,19 +387,6 @@ def chat(args) -> int:
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
-
-
-def _chat_lines():
-    """Lines typed at a `> ` prompt, until end of input (blank lines are skipped)."""
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            if sys.stdin.isatty():
-                print()
-            return
-        if line.strip():
-            yield line
 
 
 def convert(args) -> int:

@@ -1,9 +1,6 @@
 """Test doubles and a real server for the serving tests."""
 
-import contextlib
 import dataclasses
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,22 +34,8 @@ class Scripted(nnx.Module):
         return self.logits(x), cache
 
 
-@contextlib.contextmanager
 def server(app):
     """A real uvicorn server of `app` on 127.0.0.1 at a free port, in a thread: yields its base URL."""
-    import uvicorn
+    from nnxlm.serving.api import serve_in_thread
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    running = uvicorn.Server(config)
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not running.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = running.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        running.should_exit = True
-        thread.join(30)
+    return serve_in_thread(app)
