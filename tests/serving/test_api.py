@@ -89,16 +89,9 @@ def test_completions_and_chat_with_logprobs_usage_and_n(tiny, small_tokenizer):
         prompt_tokens + 12,
     )
 
-    chat = client.chat.completions.create(
-        model=NAME,
-        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-        max_completion_tokens=6,
-        temperature=0.9,
-        seed=4,
-        n=3,
-        logprobs=True,
-        top_logprobs=2,
-    )
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    sampled = dict(model=NAME, messages=messages, max_completion_tokens=6, temperature=0.9, seed=4, n=3)
+    chat = client.chat.completions.create(**sampled, logprobs=True, top_logprobs=2)
     assert [c.index for c in chat.choices] == [0, 1, 2] and chat.object == "chat.completion"
     assert len({c.message.content for c in chat.choices}) > 1  # the choices sample with seeds 4, 5, 6
     for c in chat.choices:
@@ -106,21 +99,14 @@ def test_completions_and_chat_with_logprobs_usage_and_n(tiny, small_tokenizer):
         entry = c.logprobs.content[0]
         assert len(entry.top_logprobs) == 2 and bytes(entry.bytes).decode("utf-8", "backslashreplace") == entry.token
     rendered = ChatTemplate(BUILTIN_TEMPLATE, small_tokenizer.special_tokens()).render(
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], add_generation_prompt=True
+        messages, add_generation_prompt=True
     )
     ids = small_tokenizer.encode_with_offsets(rendered)[0]
     assert chat.usage.prompt_tokens == len(ids) and ids.count(small_tokenizer.bos_id) <= 1  # no doubled bos
     lengths = [c.finish_reason == "length" for c in chat.choices]
     assert chat.usage.completion_tokens >= 6 * sum(lengths) + (3 - sum(lengths))  # every choice makes a token
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
-    again = client.chat.completions.create(
-        model=NAME,
-        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-        max_completion_tokens=6,
-        temperature=0.9,
-        seed=4,
-        n=3,
-    )
+    again = client.chat.completions.create(**sampled)
     assert [c.message.content for c in again.choices] == [c.message.content for c in chat.choices]
     models_list = client.models.list()
     assert [m.id for m in models_list.data] == [NAME]
