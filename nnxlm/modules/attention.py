@@ -26,7 +26,6 @@ which replace sliding_window and rope_theta / rope_scaling: layers that differ o
 (Gemma 2 / 3 local and global layers) then share one stacked module (see Transformer.layer_pattern).
 """
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.dense import Dense, fold_key
-from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv, write_slots
+from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.rope import apply_rope
 
 
@@ -153,9 +152,7 @@ class Attention(nnx.Module):
                 own = KVCache(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3), segment_ids_bt, 0)
                 out_btnh = cached_attention(q_btnh, own, mask, self.scale, self.softcap)
             return self.o_proj(out_btnh, fold_key(dropout_key, 3))
-        k = write_slots(cache.k, k_btkh.transpose(0, 2, 1, 3), cache.index, axis=2)
-        v = write_slots(cache.v, v_btkh.transpose(0, 2, 1, 3), cache.index, axis=2)
-        cache = dataclasses.replace(cache, k=k, v=v)
+        cache = cache.write(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3))
         mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, window)
         out_btnh = cached_attention(q_btnh, cache, mask, self.scale, self.softcap)
         return self.o_proj(out_btnh, fold_key(dropout_key, 3)), cache

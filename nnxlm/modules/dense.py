@@ -3,8 +3,8 @@
 `Dense` maps x [..., *in] to [..., *out] through its one parameter, `kernel` [*in, *out];
 `ExpertDense` holds one such kernel per expert [experts, in, out] for mixture-of-experts layers.
 Being modules, they are what LoRA (nnxlm.modules.lora: an `adapter` beside the kernel) and
-quantization extend or replace, while the base weight keeps its path, checkpoint entry and
-Hugging Face name.
+quantization (nnxlm.modules.quantization: an int8 kernel and a `scale` beside it) extend, while the
+base weight keeps its path, checkpoint entry and Hugging Face name.
 
 Every projection is computed as one 2-D matmul: the input's leading axes are flattened into rows
 and the contracted axes into columns. On CPU, XLA runs the backward pass of an einsum that
@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from nnxlm.modules.quantization import BLOCK_AXIS, dequantize_kernel, int8_project, quantize_weights
 
 
 def dense_init(rngs: nnx.Rngs, shape, fan_in: int, dtype) -> jax.Array:
@@ -45,6 +47,27 @@ def fold_key(key: jax.Array | None, index: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, index)
 
 
+def _quantize(self, settings) -> None:
+    """Replaces the float kernel by int8 values and a scale (nnxlm.modules.quantization), in place."""
+    kernel = self.kernel
+    axes = kernel.get_metadata().get("logical_axes") or (None,) * kernel.ndim
+    lead = kernel.ndim - self.in_ndim - self.out_ndim  # layers, experts
+    q, scale = quantize_weights(self, kernel[...], settings)
+    self.kernel = nnx.Param(q, logical_axes=tuple(axes))
+    self.scale = nnx.Param(scale, logical_axes=(*axes[:lead], BLOCK_AXIS, *axes[lead + self.in_ndim :]))
+    self.activations = settings.activations
+
+
+def _float_kernel(self, dtype=None) -> jax.Array:
+    """The kernel in float (dequantized if quantized), in `dtype` (default: the stored one, or
+    float32 for a quantized kernel)."""
+    if self.scale is None:
+        kernel = self.kernel[...]
+        return kernel if dtype is None else kernel.astype(dtype)
+    lead = self.kernel.ndim - self.in_ndim - self.out_ndim
+    return dequantize_kernel(self.kernel[...], self.scale[...], lead, self.in_ndim, dtype or jnp.float32)
+
+
 class Dense(nnx.Module):
     """x [..., *in_shape] -> [..., *out_shape] (computed in x's dtype).
 
@@ -60,25 +83,35 @@ class Dense(nnx.Module):
         kernel = dense_init(rngs, (*in_shape, *out_shape), fan_in or math.prod(in_shape), param_dtype)
         self.kernel = nnx.Param(kernel, logical_axes=tuple(logical_axes))
         self.adapter = nnx.data(None)  # a LoRAAdapter (nnxlm.modules.lora) once one is added
+        self.scale = nnx.data(None)  # the int8 kernel's scale once quantized
+        self.activations = None  # how a quantized kernel multiplies (Quantization.activations)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        y = project(x, self.kernel[...], self.in_ndim)
+        if self.scale is None:
+            y = project(x, self.kernel[...], self.in_ndim)
+        else:
+            y = int8_project(x, self.kernel[...], self.scale[...], self.in_ndim, self.activations)
         if self.adapter is not None and self.adapter.active:
             low = project(self.adapter.inputs(x, dropout_key), self.adapter.a[...], self.in_ndim)
             y = y + project(low * jnp.asarray(self.adapter.scale, low.dtype), self.adapter.b[...])  # scale rank-wide
         return y
 
     def weight(self) -> jax.Array:
-        """The kernel this projection applies: with an active adapter, kernel + its update."""
+        """The kernel this projection applies: with an active adapter, kernel + its update (a
+        quantized kernel: dequantized, in float32)."""
+        kernel = self.float_kernel()
         if self.adapter is not None and self.adapter.active:
             from nnxlm.modules.lora import lora_delta
 
-            return (self.kernel[...].astype(jnp.float32) + lora_delta(self)).astype(self.kernel.dtype)
-        return self.kernel[...]
+            return (kernel.astype(jnp.float32) + lora_delta(self)).astype(kernel.dtype)
+        return kernel
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.kernel.shape
+
+    quantize = _quantize
+    float_kernel = _float_kernel
 
 
 class ExpertDense(nnx.Module):
@@ -96,10 +129,15 @@ class ExpertDense(nnx.Module):
         kernel = dense_init(rngs, (num_experts, in_dim, out_dim), in_dim, param_dtype)
         self.kernel = nnx.Param(kernel, logical_axes=tuple(logical_axes))
         self.adapter = nnx.data(None)
+        self.scale = nnx.data(None)  # once quantized (computed from the dequantized kernel)
+        self.activations = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.kernel.shape
+
+    quantize = _quantize
+    float_kernel = _float_kernel
 
     def _lora(self):
         adapter = self.adapter
@@ -107,7 +145,7 @@ class ExpertDense(nnx.Module):
 
     def all(self, x_nd: jax.Array, dropout_key=None) -> jax.Array:
         """Every expert on every token: [n, in] -> [n, experts, out]."""
-        y_nef = jnp.einsum("nd,edf->nef", x_nd, self.kernel[...].astype(x_nd.dtype))
+        y_nef = jnp.einsum("nd,edf->nef", x_nd, self.float_kernel(x_nd.dtype))
         if (adapter := self._lora()) is not None:
             x = adapter.inputs(x_nd, dropout_key)
             low_ner = jnp.einsum("nd,edr->ner", x, adapter.a[...].astype(x.dtype)) * adapter.scale
@@ -117,7 +155,7 @@ class ExpertDense(nnx.Module):
     def combine(self, h_nef: jax.Array, dropout_key=None) -> jax.Array:
         """Sum over experts of each expert's projection of its own input: [n, experts, in] -> [n, out],
         as one matmul contracting experts and features together: [n, E*F] x [E*F, out]."""
-        y_nd = project(h_nef, self.kernel[...], contract=2)
+        y_nd = project(h_nef, self.float_kernel(h_nef.dtype), contract=2)
         if (adapter := self._lora()) is not None:
             h = adapter.inputs(h_nef, dropout_key)
             low_ner = jnp.einsum("nef,efr->ner", h, adapter.a[...].astype(h.dtype)) * adapter.scale
@@ -126,7 +164,7 @@ class ExpertDense(nnx.Module):
 
     def grouped(self, x_sd: jax.Array, group_sizes: jax.Array, dropout_key=None) -> jax.Array:
         """Rows sorted by expert, group_sizes [experts] rows each: [s, in] -> [s, out]."""
-        y_sf = jax.lax.ragged_dot(x_sd, self.kernel[...].astype(x_sd.dtype), group_sizes)
+        y_sf = jax.lax.ragged_dot(x_sd, self.float_kernel(x_sd.dtype), group_sizes)
         if (adapter := self._lora()) is not None:
             x = adapter.inputs(x_sd, dropout_key)
             low_sr = jax.lax.ragged_dot(x, adapter.a[...].astype(x.dtype), group_sizes) * adapter.scale

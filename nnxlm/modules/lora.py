@@ -155,6 +155,8 @@ def adapted(model: nnx.Module) -> list:
 def merge_lora(model: nnx.Module) -> None:
     """Folds every adapter's update into its kernel (W += scale A B), in place; the model computes
     the same (within rounding) without running the adapters. unmerge_lora undoes it."""
+    if any(module.scale is not None for module in adapted(model)):
+        raise UserError("adapters cannot merge into int8 weights: merge them over the float base, or keep them apart")
     for module in adapted(model):
         if not module.adapter.merged:
             kernel = module.kernel[...]

@@ -41,7 +41,6 @@ rope_scaling (None, or DeepSeek-V3's {"type": "yarn", ...}; "rope_type" is accep
 as transformers' _compute_yarn_parameters and DeepseekV3Attention compute them.
 """
 
-import dataclasses
 import math
 
 import jax
@@ -50,7 +49,7 @@ from flax import nnx
 
 from nnxlm.modules.attention import attention_mask
 from nnxlm.modules.dense import Dense, fold_key
-from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv, write_slots
+from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.norms import RMSNorm
 
 YARN_KEYS = frozenset(
@@ -283,9 +282,8 @@ class MLA(nnx.Module):
             out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
             return self.o_proj(out_btnv, fold_key(dropout_key, 5))
         kv_btc, k_rope_btr = self._latents(x, positions_bt)
-        k = write_slots(cache.k, kv_btc[:, None], cache.index, axis=2)
-        v = write_slots(cache.v, k_rope_btr[:, None], cache.index, axis=2)
-        cache = dataclasses.replace(cache, k=k, v=v)
+        cache = cache.write(kv_btc[:, None], k_rope_btr[:, None])
         mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
-        out_btnv = self._attend_latents(q_btnh, cache.k[:, 0], cache.v[:, 0], mask)
+        latents, k_rope = cache.keys(self.dtype)[:, 0], cache.values(self.dtype)[:, 0]
+        out_btnv = self._attend_latents(q_btnh, latents, k_rope, mask)
         return self.o_proj(out_btnv), cache

@@ -25,6 +25,7 @@ from nnxlm.modules.kv_cache import KVCache, write_slots
 from nnxlm.modules.lora import LoRA
 from nnxlm.modules.mtp import MultiTokenPrediction, shifted_ids
 from nnxlm.modules.norms import RMSNorm
+from nnxlm.modules.quantization import Quantization
 from nnxlm.modules.rope import inverse_frequencies
 from nnxlm.modules.stack import stacked, unstacked
 from nnxlm.sharding.rules import constrain
@@ -32,6 +33,7 @@ from nnxlm.sharding.rules import constrain
 # The window of a global layer in a layer_pattern: larger than any position distance.
 GLOBAL_WINDOW = jnp.iinfo(jnp.int32).max
 PATTERN_FIELDS = ("sliding_window", "rope_theta", "rope_scaling")
+KV_FIELDS = ("k", "v", "k_scale", "v_scale")  # a KVCache's per-layer arrays
 
 # What the backward pass may keep instead of recomputing: "none" keeps everything (no remat),
 # "full" keeps only each block's input, "dots" keeps matmul outputs without a batch dimension.
@@ -66,6 +68,8 @@ class Transformer(nnx.Module):
         `block` (see nnxlm.modules.mtp and mtp_logits); 0: none.
       lora: LoRA adapters added to the projections once the model is built (nnxlm.modules.lora);
         None: none.
+      quantization: int8 weights and / or KV cache (nnxlm.modules.quantization), applied once the
+        model is built (after the adapters, which stay in float: QLoRA); None: float.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class Transformer(nnx.Module):
         num_first_layers: int = 0,
         mtp_depth: int = 0,
         lora: LoRA | None = None,
+        quantization: Quantization | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -126,6 +131,9 @@ class Transformer(nnx.Module):
         self.lora = lora
         if lora is not None:
             lora.apply(self, rngs)
+        self.quantization = None
+        if quantization is not None:
+            quantization.apply(self)
 
     def _stack(self, make_block, count: int, rngs: nnx.Rngs) -> nnx.Module:
         if self.scan_layers:
@@ -232,15 +240,29 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, max_length: int, stacked: bool | None = None) -> KVCache:
         """An empty KVCache with max_length slots a row (see nnxlm.modules.kv_cache): k and v with a
-        leading layers axis when stacked (default: scan_layers), else a tuple of one a layer."""
+        leading layers axis when stacked (default: scan_layers), else a tuple of one a layer; int8
+        with scales when the model's quantization says kv="int8"."""
         stacked = self.scan_layers if stacked is None else stacked
         k, v = self._attention().init_cache(batch, max_length)
-        if stacked:
-            k, v = (jnp.zeros((self.num_layers, *x.shape), x.dtype) for x in (k, v))
-        else:
-            k, v = (tuple(jnp.zeros_like(x) for _ in range(self.num_layers)) for x in (k, v))
+        int8 = self.quantization is not None and self.quantization.kv == "int8"
+        if int8:
+            k, v = k.astype(jnp.int8), v.astype(jnp.int8)
+        scale = jnp.zeros(k.shape[:-1], jnp.float32) if int8 else None
+
+        def layers(x):
+            if x is None:
+                return None
+            return jnp.zeros((self.num_layers, *x.shape), x.dtype) if stacked else (x,) * self.num_layers
+
         segment_ids = jnp.zeros((batch, max_length), jnp.int32)
-        return KVCache(k=k, v=v, segment_ids=segment_ids, index=jnp.zeros((), jnp.int32))
+        return KVCache(
+            k=layers(k),
+            v=layers(v),
+            segment_ids=segment_ids,
+            index=jnp.zeros((), jnp.int32),
+            k_scale=layers(scale),
+            v_scale=layers(scale),
+        )
 
     def unstack_layers(self) -> None:
         """Turns stacked layers into a list of blocks in place (the same numbers; scan_layers becomes
@@ -291,44 +313,45 @@ class Transformer(nnx.Module):
 
         values = self._layer_values()
 
-        def apply_block(block, x, positions, segment_ids, key, k, v, key_segments, index, layer=None):
-            layer_cache = KVCache(k=k, v=v, segment_ids=key_segments, index=index)
+        def apply_block(block, x, positions, segment_ids, key, kv, key_segments, index, layer=None):
+            k, v, k_scale, v_scale = kv
+            layer_cache = KVCache(k, v, key_segments, index, k_scale, v_scale)
             if layer is None:
                 x, layer_cache = block(x, positions, segment_ids, key, cache=layer_cache)
             else:
                 x, layer_cache = block(x, positions, segment_ids, key, cache=layer_cache, layer=layer)
-            return x, (layer_cache.k, layer_cache.v)
+            return x, (layer_cache.k, layer_cache.v, layer_cache.k_scale, layer_cache.v_scale)
 
         shared = (cache.segment_ids, cache.index)
+        per_layer = (cache.k, cache.v, cache.k_scale, cache.v_scale)
         if self.scan_layers and not isinstance(cache.k, tuple):
             key_axis = None if keys is None else 0
             value_axis = None if values is None else 0
-            in_axes = (0, nnx.Carry, None, None, key_axis, 0, 0, None, None, value_axis)
+            in_axes = (0, nnx.Carry, None, None, key_axis, 0, None, None, value_axis)
             scan = nnx.scan(apply_block, in_axes=in_axes, out_axes=(nnx.Carry, 0))
-            ks, vs = [], []
+            parts = []
             for layers, part in self._stacks():
-                x_btd, (k, v) = scan(
-                    layers, x_btd, positions_bt, segment_ids_bt, _part(keys, part), cache.k[part], cache.v[part],
-                    *shared, _part(values, part),
+                x_btd, kv = scan(
+                    layers, x_btd, positions_bt, segment_ids_bt, _part(keys, part),
+                    jax.tree.map(lambda x, part=part: x[part], per_layer), *shared, _part(values, part),
                 )  # fmt: skip
-                ks.append(k)
-                vs.append(v)
-            k, v = (parts[0] if len(parts) == 1 else jnp.concatenate(parts) for parts in (ks, vs))
-            return x_btd, dataclasses.replace(cache, k=k, v=v)
+                parts.append(kv)
+            kv = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+            return x_btd, dataclasses.replace(cache, **dict(zip(KV_FIELDS, kv, strict=True)))
         blocks = []
         for layers, part in self._stacks():  # stacked parameters sliced layer by layer (see unstack_layers)
             blocks += unstacked(layers, part.stop - part.start) if self.scan_layers else list(layers)
-        ks, vs = [], []
+        written = []
         for i, block in enumerate(blocks):
             key = None if keys is None else keys[i]
-            x_btd, (k, v) = apply_block(
-                block, x_btd, positions_bt, segment_ids_bt, key, cache.k[i], cache.v[i], *shared, _layer(values, i)
+            layer_kv = tuple(None if x is None else x[i] for x in per_layer)
+            x_btd, kv = apply_block(
+                block, x_btd, positions_bt, segment_ids_bt, key, layer_kv, *shared, _layer(values, i)
             )
-            ks.append(k)
-            vs.append(v)
-        if isinstance(cache.k, tuple):
-            return x_btd, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
-        return x_btd, dataclasses.replace(cache, k=jnp.stack(ks), v=jnp.stack(vs))
+            written.append(kv)
+        gather = tuple if isinstance(cache.k, tuple) else jnp.stack
+        kv = [None if per_layer[f] is None else gather([w[f] for w in written]) for f in range(len(KV_FIELDS))]
+        return x_btd, dataclasses.replace(cache, **dict(zip(KV_FIELDS, kv, strict=True)))
 
 
 def _layer(values: dict | None, i: int) -> dict | None:

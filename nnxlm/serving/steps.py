@@ -18,6 +18,7 @@ those of the model's own distribution (before temperature, top_k and top_p); the
 computed only in calls where a slot asks for them.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -125,12 +126,7 @@ def prefill_chunk(graphdef, state, cache: KVCache, token_s, slot, ids_c, start, 
     def row(x):
         return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
 
-    row_cache = KVCache(
-        k=tuple(row(k) for k in cache.k),
-        v=tuple(row(v) for v in cache.v),
-        segment_ids=row(cache.segment_ids),
-        index=start,
-    )
+    row_cache = dataclasses.replace(jax.tree.map(row, cache.without_index()), index=start)
     real_c = jnp.arange(chunk) < length
     positions_1c = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
     x_1cd, row_cache = model.features(ids_c[None], positions_1c, real_c[None].astype(jnp.int32), cache=row_cache)
@@ -138,10 +134,8 @@ def prefill_chunk(graphdef, state, cache: KVCache, token_s, slot, ids_c, start, 
     def put(x, row_x):
         return jax.lax.dynamic_update_slice_in_dim(x, row_x.astype(x.dtype), slot, axis=0)
 
-    cache = KVCache(
-        k=tuple(put(k, rk) for k, rk in zip(cache.k, row_cache.k, strict=True)),
-        v=tuple(put(v, rv) for v, rv in zip(cache.v, row_cache.v, strict=True)),
-        segment_ids=put(cache.segment_ids, row_cache.segment_ids),
+    cache = dataclasses.replace(
+        jax.tree.map(put, cache.without_index(), row_cache.without_index()),
         index=cache.index.at[slot].set(start + length),
     )
     logits_1v = model.logits(jax.lax.dynamic_slice_in_dim(x_1cd[0], length - 1, 1, axis=0))
@@ -160,16 +154,13 @@ def decode_steps(graphdef, state, cache: KVCache, token_s, slots: Slots, end_ids
     if rows == token_s.shape[0]:
         return _decode_rows(graphdef, state, cache, token_s, slots, end_ids_e, want_top, steps)
     first = lambda x: x[:rows]  # noqa: E731
-    part = KVCache(tuple(map(first, cache.k)), tuple(map(first, cache.v)), first(cache.segment_ids), first(cache.index))
+    part = dataclasses.replace(jax.tree.map(first, cache.without_index()), index=first(cache.index))
     part, part_token_s, out = _decode_rows(
         graphdef, state, part, first(token_s), jax.tree.map(first, slots), end_ids_e, want_top, steps
     )
     put = lambda x, rows_x: jax.lax.dynamic_update_slice_in_dim(x, rows_x, 0, axis=0)  # noqa: E731
-    cache = KVCache(
-        tuple(map(put, cache.k, part.k)),
-        tuple(map(put, cache.v, part.v)),
-        put(cache.segment_ids, part.segment_ids),
-        put(cache.index, part.index),
+    cache = dataclasses.replace(
+        jax.tree.map(put, cache.without_index(), part.without_index()), index=put(cache.index, part.index)
     )
     return cache, put(token_s, part_token_s), out
 

@@ -32,6 +32,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "layers": None,
     "lora_rank": None,  # LoRA's rank axis is never split (nnxlm.modules.lora)
+    "quant_blocks": None,  # a quantized kernel's scale blocks (nnxlm.modules.quantization)
 }
 
 
