@@ -355,9 +355,14 @@ def _abstract_model(directory: str, step: int) -> nnx.Module:
     return nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
 
 
-def load_model(path: str, mesh=None) -> nnx.Module:
+def load_model(path: str, mesh=None, quantize=None) -> nnx.Module:
     """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it: on
-    one device, or sharded over `mesh` by the sharding rules (e.g. tensor parallel for serving)."""
+    one device, or sharded over `mesh` by the sharding rules (e.g. tensor parallel for serving).
+
+    quantize: int8 weights and / or KV cache made as the model loads: "int8" (int8 weights with
+    the default settings), a dict of nnxlm.modules.quantization.Quantization fields
+    ({"weights": None, "kv": "int8"}) or a Quantization. A run written by `nnxlm quantize` is
+    quantized already and loads as it is."""
     from nnxlm.sharding import make_mesh, state_shardings
 
     directory, step = find_checkpoint(path)
@@ -365,7 +370,16 @@ def load_model(path: str, mesh=None) -> nnx.Module:
     mesh = make_mesh({"data": -1}, devices=jax.devices()[:1]) if mesh is None else mesh
     target = abstract_with_shardings(abstract_state, state_shardings(abstract_state, mesh))
     nnx.replace_by_pure_dict(abstract_state, restore_model(directory, step, target))
-    return nnx.merge(graphdef, abstract_state)
+    model = nnx.merge(graphdef, abstract_state)
+    if quantize is not None:
+        from nnxlm.quantize import as_quantization
+
+        as_quantization(quantize).apply(model)
+        graphdef, state = nnx.split(model)  # int8 kernels and scales placed by the sharding rules
+        is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        place = lambda v, s: v.replace(jax.device_put(v[...], s))  # noqa: E731
+        model = nnx.merge(graphdef, jax.tree.map(place, state, state_shardings(state, mesh), is_leaf=is_variable))
+    return model
 
 
 class ModelReader:

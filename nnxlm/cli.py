@@ -1,4 +1,5 @@
-"""The `nnxlm` command line: train, inspect, data show, tokenizer train, decode, serve, chat, convert.
+"""The `nnxlm` command line: train, inspect, data show, tokenizer train, decode, serve, chat, quantize,
+convert.
 
 Recipes are chosen and edited with repeated --recipe directives (see nnxlm.recipes.directives).
 Any mistake in the user's input prints one line and exits with code 2.
@@ -116,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     chat.add_argument("--top_p", type=float, default=1.0)
     chat.add_argument("--seed", type=int)
+
+    quantize = commands.add_parser("quantize", help="a run directory -> a new one with int8 weights / KV cache")
+    _trust_argument(quantize)
+    quantize.add_argument("source", help="run directory or checkpoint directory (float)")
+    quantize.add_argument("destination", help="new run directory")
+    quantize.add_argument("--weights", choices=("int8", "none"), default="int8", help="weight form (default int8)")
+    quantize.add_argument(
+        "--activations",
+        choices=("int8", "none"),
+        default="int8",
+        help="int8: int8 x int8 matmuls with inputs quantized on the fly (default); none: weight-only",
+    )
+    quantize.add_argument("--block_size", type=int, help="inputs per weight scale (default: one a channel)")
+    quantize.add_argument("--kv", choices=("int8", "none"), default="none", help="KV cache form (default: float)")
+    quantize.add_argument("--embed", action="store_true", help="also quantize the embedding table")
+    quantize.add_argument("--head", action="store_true", help="also quantize the output head")
 
     convert = commands.add_parser("convert", help="Hugging Face checkpoints in and out")
     directions = convert.add_subparsers(dest="direction", required=True, parser_class=_Parser)
@@ -389,6 +406,26 @@ def chat(args) -> int:
     return 0
 
 
+def quantize(args) -> int:
+    from nnxlm.modules.quantization import Quantization
+    from nnxlm.quantize import quantize_run
+
+    def form(value):
+        return None if value == "none" else value
+
+    settings = Quantization(
+        weights=form(args.weights),
+        activations=form(args.activations),
+        block_size=args.block_size,
+        embed=args.embed,
+        head=args.head,
+        kv=form(args.kv),
+    )
+    quantize_run(args.source, args.destination, settings)
+    print(f"wrote {args.destination}")
+    return 0
+
+
 def convert(args) -> int:
     from nnxlm.convert import from_hf, to_hf
 
@@ -408,5 +445,6 @@ COMMANDS = {
     "decode": decode,
     "serve": serve,
     "chat": chat,
+    "quantize": quantize,
     "convert": convert,
 }

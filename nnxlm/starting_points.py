@@ -32,6 +32,7 @@ from nnxlm.data import SentencePieceTokenizer, Synthetic, find_tokenizer, load_t
 from nnxlm.data.tokenizer import COMPANION_FILES
 from nnxlm.errors import UserError
 from nnxlm.files import copy_atomically
+from nnxlm.modules.quantization import float_layout, is_quantized_node, quantize_pure_dict, quantized
 
 
 def is_hf_directory(path: str) -> bool:
@@ -43,15 +44,40 @@ def load_parameters(trainer, path: str) -> None:
     model_state = trainer.state["model"]
     target = trainer.abstract_state["model"]
     if is_hf_directory(path):
-        params = _hf_parameters(trainer, path, target)
+        float_source = True
+        source_target = float_layout(target) if quantized(trainer.model) else target
+        params = _hf_parameters(trainer, path, source_target)
     else:
         directory, step = find_checkpoint(path)
         saved = saved_paths(directory, step)
         if not any("adapter" in p for p in saved):  # a base model: the adapters keep their init
             target = _without_adapters(target)
-        params = restore_model(directory, step, target)
+        float_source = not set(_scale_paths(target, "model")) & set(saved)
+        quantize = quantized(trainer.model) and float_source
+        params = restore_model(directory, step, float_layout(target) if quantize else target)
+    if quantized(trainer.model) and float_source:  # QLoRA from a float model: its weights, quantized
+        params = quantize_pure_dict(trainer.model, params)
+        params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, _matching(target, params))
     nnx.replace_by_pure_dict(model_state, params)
     print(f"nnxlm: starting from the parameters in {path}", file=sys.stderr)
+
+
+def _scale_paths(tree, prefix: str):
+    """Checkpoint paths of the scales of a model pure dict's quantized modules (stored layout:
+    layer lists appear once, stacked)."""
+    if is_quantized_node(tree):
+        yield f"{prefix}/scale"
+    elif isinstance(tree, dict):
+        items = [(0, tree[0])] if 0 in tree else tree.items()  # a layer list: stored stacked
+        for key, value in items:
+            yield from _scale_paths(value, prefix if isinstance(key, int) else f"{prefix}/{key}")
+
+
+def _matching(tree, like):
+    """The subtree of `tree` with the keys of `like`."""
+    if not isinstance(like, dict):
+        return tree
+    return {key: _matching(tree[key], value) for key, value in like.items()}
 
 
 def _without_adapters(tree):

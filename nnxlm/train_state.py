@@ -8,6 +8,7 @@ alone, and the step differentiates those alone; the others stay as they are, bit
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -67,7 +68,13 @@ def trainable_filter(trainable: str = "all", freeze: str | None = None):
 
 def trainable_count(model: nnx.Module, trainable: str = "all", freeze: str | None = None) -> int:
     """How many parameters of model the filter trains; UserError when none."""
-    count = sum(p.size for p in jax.tree.leaves(nnx.state(model, trainable_filter(trainable, freeze))))
+    trained = jax.tree.leaves(nnx.state(model, trainable_filter(trainable, freeze)))
+    if any(not jnp.issubdtype(p.dtype, jnp.floating) for p in trained):
+        raise UserError(
+            f"the recipe trains int8 weights (trainable={trainable!r}): train LoRA adapters over them "
+            "(fiddler:lora, QLoRA), or train in float and quantize afterwards (nnxlm quantize)"
+        )
+    count = sum(p.size for p in trained)
     if count == 0:
         raise UserError(
             f"the recipe trains no parameter (trainable={trainable!r}, freeze={freeze!r}): choose "

@@ -20,6 +20,7 @@ from nnxlm.data.tokenizer import TOKENIZER_FILES
 from nnxlm.errors import UserError
 from nnxlm.files import copy_atomically, write_atomically
 from nnxlm.modules.moe import RoutingBias
+from nnxlm.modules.quantization import quantized
 from nnxlm.recipes.serialization import as_config, to_json
 from nnxlm.recipes.validation import check_recipe
 
@@ -221,6 +222,11 @@ def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, a
     """config.json and the safetensors of `model` (or its peft adapter), whose parameters come from
     `reader` where given (model is then abstract and layer stacks are read stacked, as checkpoints
     hold them)."""
+    if quantized(model) and not adapter:
+        raise UserError(
+            "the model's weights are int8: export its float run (nnxlm quantize left it as it was), "
+            "or only its LoRA adapters (--adapter)"
+        )
     family = family_of_model(model)
     config = family.hf_config(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, RoutingBias)))

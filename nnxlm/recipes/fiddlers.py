@@ -5,6 +5,7 @@ import fiddle as fdl
 from nnxlm.data import JsonlFiles, Synthetic, TextFiles
 from nnxlm.errors import UserError
 from nnxlm.modules.lora import LoRA
+from nnxlm.modules.quantization import Quantization
 from nnxlm.objectives import DPO, GRPO, SFT
 
 
@@ -140,3 +141,20 @@ def lora(
     q, k, v, o, gate, up, down, q_a, q_b, kv_a, kv_b, head; scale alpha / rank."""
     cfg.model.lora = fdl.Config(LoRA, rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout, rslora=rslora)
     cfg.trainable = "lora"
+
+
+def quantize(
+    cfg: fdl.Config,
+    weights: str | None = "int8",
+    activations: str | None = "int8",
+    block_size: int | None = None,
+    embed: bool = False,
+    head: bool = False,
+    kv: str | None = None,
+) -> None:
+    """int8 weights and / or KV cache (nnxlm.modules.quantization) for the model as it is built:
+    with fiddler:lora, LoRA trains over the int8 base (QLoRA); `nnxlm quantize` does the same to a
+    trained run directory."""
+    cfg.model.quantization = fdl.Config(
+        Quantization, weights=weights, activations=activations, block_size=block_size, embed=embed, head=head, kv=kv
+    )
