@@ -1,6 +1,8 @@
 """What `nnxlm inspect` prints: the resolved recipe, parameter count, FLOPs and a memory estimate,
 all from the abstract model (nnx.eval_shape): nothing is allocated."""
 
+import copy
+
 import fiddle as fdl
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,8 @@ from nnxlm.modules.attention import Attention
 from nnxlm.modules.mla import MLA
 from nnxlm.modules.mlp import GatedMLP
 from nnxlm.modules.moe import MoE
-from nnxlm.sharding.memory import per_device_lines
+from nnxlm.modules.quantization import Quantization
+from nnxlm.sharding.memory import per_device_lines, size
 from nnxlm.train_state import trainable_count, trainable_filter
 
 
@@ -89,8 +92,34 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
         f"  activations {activations / gib:.2f} GiB (remat {model.remat_policy!r}) + logits {logits / gib:.2f} GiB",
         f"  total {total / gib:.2f} GiB",
     ]
+    lines += inference_lines(cfg, trainer.seq_len)
     lines += per_device_lines(trainer, compile_step)
     return "\n".join(lines)
+
+
+def inference_lines(cfg: fdl.Config, seq_len: int) -> list[str]:
+    """Bytes of the weights and of one row's KV cache at seq_len: in float, with int8 weights and
+    cache (what `nnxlm quantize RUN OUT --kv int8` makes) and, if it is neither, in the recipe's own
+    form; all from abstract models."""
+    from nnxlm.quantize import cache_bytes_per_token, weight_bytes
+
+    own = cfg.model.__arguments__.get("quantization")
+    own = None if own is None else fdl.build(own)
+    forms = {
+        "float weights and cache": None,
+        "int8 weights (float embedding and head) and cache": Quantization(kv="int8"),
+    }
+    if own is not None and own not in forms.values():
+        forms[f"this recipe's {own}"] = own
+    lines = [f"inference: weights + the KV cache of one row of {seq_len} tokens"]
+    for label, quantization in forms.items():
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.quantization = None if quantization is None else fdl.Config(Quantization, **vars(quantization))
+        model = nnx.eval_shape(lambda model_cfg=model_cfg: fdl.build(model_cfg)(rngs=nnx.Rngs(0)))
+        mine = " (this recipe)" if quantization == own else ""
+        cache = seq_len * cache_bytes_per_token(model)
+        lines.append(f"  {label}: {size(weight_bytes(model))} + {size(cache)}{mine}")
+    return lines
 
 
 def _trainable_line(trainer, trained: int, count: int, frozen_bytes: int) -> str:

@@ -188,3 +188,32 @@ def test_full_training_of_int8_weights_is_refused(trained_run, tmp_path):
     cfg.model.quantization = fdl.Config(Quantization)
     with pytest.raises(nnxlm.errors.UserError, match="trains int8 weights.*fiddler:lora"):
         fdl.build(cfg).setup()
+
+
+def test_inspect_reports_the_bytes_of_each_form(capsys):
+    import copy
+
+    from nnxlm.recipes.directives import resolve
+    from nnxlm.sharding.memory import size
+
+    directives = ["tiny", "set:model.vocab_size=512", "fiddler:lora", "fiddler:quantize(block_size=16)"]
+    recipe = resolve(directives)
+
+    def abstract(**quantization):
+        cfg = copy.deepcopy(recipe.model)
+        cfg.quantization = fdl.Config(Quantization, **quantization) if quantization else None
+        return nnx.eval_shape(lambda: fdl.build(cfg)(rngs=nnx.Rngs(0)))
+
+    assert main(["inspect", *(arg for d in directives for arg in ("--recipe", d))]) == 0
+    out = capsys.readouterr().out
+    cache_tokens = f"KV cache of one row of {recipe.seq_len} tokens"
+    assert cache_tokens in out
+    for form, label in [
+        ({}, "float weights and cache"),
+        ({"kv": "int8"}, "int8 weights (float embedding and head) and cache"),
+    ]:
+        model = abstract(**form)
+        assert f"{label}: {size(weight_bytes(model))} + {size(recipe.seq_len * cache_bytes_per_token(model))}\n" in out
+    ours = abstract(block_size=16)
+    assert f"block_size=16, embed=False, head=False, kv=None): {size(weight_bytes(ours))} + " in out
+    assert weight_bytes(ours) < weight_bytes(abstract())

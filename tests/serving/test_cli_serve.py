@@ -114,7 +114,7 @@ def test_serve_of_a_missing_run_is_one_line(capsys, tmp_path):
     assert code == 2 and err.startswith("nnxlm: error:") and err.count("\n") == 1, err
 
 
-def test_a_tensor_parallel_engine_gives_the_unsharded_greedy_tokens():
+def test_a_tensor_parallel_engine_gives_the_unsharded_greedy_tokens_in_float_and_int8():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run(
         [sys.executable, "-m", "tests.serving.tensor_parallel"],
@@ -126,4 +126,6 @@ def test_a_tensor_parallel_engine_gives_the_unsharded_greedy_tokens():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT ")[-1])
-    assert out["equal"] and "tensor" in out["cache_spec"] and out["kernel_devices"] == 2
+    for form in ("float", "int8"):
+        assert out[form]["equal"] and "tensor" in out[form]["cache_spec"] and out[form]["kernel_devices"] == 2, out
+    assert out["int8"]["kernel_dtype"] == out["int8"]["cache_dtype"] == "int8"
