@@ -1,14 +1,15 @@
 """`python -m bench` (what `make bench` runs): every benchmark of bench/, then bench/results.md.
 
-    python -m bench [--launches 3] [--rounds 5] [--no_hf] [--only train data checkpoint decode serve]
+    python -m bench [--launches 3] [--rounds 5] [--no_hf] [--only train data checkpoint decode serve quantize]
 
 In order: the fp32 matmul peak; training (bench.train: fresh launches and alternating blocks of
 steps of nnxlm and, with the bench extra installed, transformers) and where nnxlm's launch time
 goes; the data pipeline (bench.data); checkpointing (bench.checkpoint); decoding (bench.decode);
-serving to 1, 4 and 16 streaming clients (bench.serve); the peak again. Every benchmark runs in a
-process of its own. The MFU of both frameworks divides by the same peak: the best of the two
-measurements, so a busy machine at one of them does not inflate it. --output (default
-bench/results.md) is where the table goes.
+serving to 1, 4 and 16 streaming clients (bench.serve); int8 quantization against float32
+(bench.quantize: quality, decode speed, memory; a section of its own after the table); the peak again.
+Every benchmark runs in a process of its own. The MFU of both frameworks divides by the same peak:
+the best of the two measurements, so a busy machine at one of them does not inflate it. --output
+(default bench/results.md) is where the table goes.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import time
 from bench import train
 from bench.common import REPO, Row, cpu_model, median, results_markdown, run_worker, versions
 
-PARTS = ("train", "data", "checkpoint", "decode", "serve")
+PARTS = ("train", "data", "checkpoint", "decode", "serve", "quantize")
 
 
 def main(argv=None) -> int:
@@ -65,6 +66,11 @@ def main(argv=None) -> int:
 
         results["serve"] = run_worker(["bench.serve", "--json"] + ([] if with_hf else ["--no_hf"]), timeout=1200)
         log("serve\n" + serve.table(results["serve"]))
+    if "quantize" in args.only:  # its tables compare int8 with float32, not with a peer: a section of its own
+        from bench import quantize
+
+        results["quantize"] = run_worker(["bench.quantize", "--json"], timeout=2400)
+        log("quantize\n" + quantize.section(results["quantize"]))
     torch_peak = run_worker(["bench.common", "peak", "torch"])["flops"] if with_hf else None
     peaks.append(run_worker(["bench.common", "peak", "jax"])["flops"])
     peak = max(peaks)
@@ -83,6 +89,8 @@ def main(argv=None) -> int:
     ]
     notes.insert(0, "How each figure is taken: bench/README.md.")
     markdown = results_markdown("nnxlm benchmarks", machine, rows, notes)
+    if "quantize" in results:
+        markdown += "\n" + quantize.section(results["quantize"])
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(markdown)
     print(markdown)

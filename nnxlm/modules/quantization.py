@@ -17,9 +17,10 @@ model. Its settings:
                  memory, the same arithmetic). Measured on a 2-core CPU (XLA:CPU, fp32 input,
                  [512 x 1536]): int8 x int8 takes 42 us a row-pair against 83 us for fp32 at batch 1
                  and 90 against 85 us at 8 rows, 418 against 599 us at 64; weight-only takes
-                 2-10x longer than fp32 (XLA converts the whole weight every call). So int8 x int8
-                 is the default; see bench/quantize.py for whole-model figures.
-    block_size   None (per channel) or a number of contracted inputs per scale (e.g. 128)
+                 longer than fp32 (XLA converts the whole weight every call). So int8 x int8 is the
+                 default: whole models decode 1.2-1.5x faster than in float32 (bench/results.md).
+    block_size   None (per channel) or a number of contracted inputs per scale (e.g. 128): less
+                 error, but on XLA:CPU the blocked int8 product runs ~10x slower (see _blocked_dot)
     embed, head  also quantize the embedding table (per vocabulary row) and the output head
                  (default: both kept in float, where quantization costs the most quality)
     kv           "int8": the KV cache holds int8 keys and values with a float32 scale per token and
@@ -98,11 +99,20 @@ def int8_project(x: jax.Array, q: jax.Array, scale: jax.Array, contract: int, ac
     q_kbo = q.reshape(blocks, fan_in // blocks, out)
     scale_ko = scale.reshape(blocks, out).astype(jnp.float32)
     if activations is None:
-        y_nko = jnp.einsum("nkb,kbo->nko", rows_nkb, q_kbo.astype(x.dtype), preferred_element_type=jnp.float32)
-        y_no = _rescale(y_nko, scale_ko).astype(x.dtype)
+        y_no = _rescale(_blocked_dot(rows_nkb, q_kbo.astype(x.dtype), jnp.float32), scale_ko).astype(x.dtype)
     else:
         y_no = _int8_matmul(rows_nkb, q_kbo, scale_ko)
     return y_no.reshape(*lead, *out_shape)
+
+
+def _blocked_dot(a_nkb: jax.Array, b_kbo: jax.Array, accumulate) -> jax.Array:
+    """Each block's partial product [n, blocks, out]. One block (per-channel scales) is a plain 2-D
+    matmul: XLA:CPU runs an int8 dot batched over blocks 3-10x slower than the 2-D one (measured:
+    [2 x 1024] x [1024 x 3072] in 175 us 2-D, 2.1 ms as 8 blocks), so sub-channel blocks cost speed
+    on CPU."""
+    if a_nkb.shape[1] == 1:
+        return jnp.dot(a_nkb[:, 0], b_kbo[0], preferred_element_type=accumulate)[:, None]
+    return jnp.einsum("nkb,kbo->nko", a_nkb, b_kbo, preferred_element_type=accumulate)
 
 
 def _rescale(y_nko: jax.Array, scale_ko: jax.Array) -> jax.Array:
@@ -117,7 +127,7 @@ def _int8_matmul(rows_nkb: jax.Array, q_kbo: jax.Array, scale_ko: jax.Array) -> 
     single = rows_nkb.shape[0] == 1 and jax.default_backend() == "cpu"
     padded = jnp.concatenate([rows_nkb, rows_nkb]) if single else rows_nkb
     xq_nkb, x_scale_nk1 = quantize_int8(padded, axis=2)
-    acc_nko = jnp.einsum("nkb,kbo->nko", xq_nkb, q_kbo, preferred_element_type=jnp.int32)
+    acc_nko = _blocked_dot(xq_nkb, q_kbo, jnp.int32)
     y_no = _rescale(acc_nko.astype(jnp.float32) * x_scale_nk1, scale_ko)
     return (y_no[:1] if single else y_no).astype(rows_nkb.dtype)
 
