@@ -38,7 +38,7 @@ def trained_run(text_run, tmp_path_factory):
     cfg.model.scan_layers = False
     cfg.train_data, cfg.eval_data = fdl.Config(PythonStdlib), None
     cfg.tokenizer_path = os.path.join(text_run, "tokenizer.model")
-    cfg.seq_len, cfg.batch_size, cfg.num_steps, cfg.checkpoint_every = 128, 8, 120, 0
+    cfg.seq_len, cfg.batch_size, cfg.num_steps, cfg.checkpoint_every = 128, 8, 80, 0
     cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps = 3e-3, 20
     cfg.workdir = str(tmp_path_factory.mktemp("quantize") / "float")
     fdl.build(cfg).fit()
@@ -61,7 +61,7 @@ def test_quantized_predictions_pass_the_quality_gates(trained_run, held_out, for
     reference = nnxlm.load_model(trained_run)
     model = nnxlm.load_model(trained_run, quantize=FORMS[form])
     result = agreement(reference, model, held_out)
-    assert result["reference_perplexity"] < 60  # trained: far below the 512-token vocabulary's
+    assert result["reference_perplexity"] < 100  # trained: far below the 512-token vocabulary's
     assert result["perplexity_ratio"] < 1.01, result
     assert result["kl"] < 0.01, result
     assert result["top1"] > 0.95, result
@@ -122,7 +122,7 @@ def test_bad_quantize_settings_are_one_line(trained_run, tmp_path, capsys):
 def qlora_recipe(base: str, workdir: str, activations=None):
     cfg = nnxlm.checkpointing.load_recipe(base)
     cfg.load_parameters_path, cfg.workdir = base, workdir
-    cfg.num_steps, cfg.log_every, cfg.checkpoint_every = 3, 1, 3
+    cfg.num_steps, cfg.log_every, cfg.checkpoint_every = 2, 1, 2
     cfg.optimizer.warmup_steps = 0
     nnxlm.recipes.fiddlers.lora(cfg, rank=4, alpha=8)
     if "quantization" in cfg.model.__arguments__:
