@@ -78,6 +78,11 @@ CASES = [
     (["train", *TINY, *_set("model.num_layers=0")], "model.num_layers is 0"),
     (["train", *TINY, *_set("model.vocab_size=-1")], "model.vocab_size is -1"),
     (["train", *TINY, *_set("model.remat_policy='some'")], "model.remat_policy is 'some': use one of"),
+    (
+        ["train", *TINY, *_set("model.block.attention.implementation='flash'")],
+        "model.block.attention.implementation is 'flash': use one of 'auto', 'dense', 'blockwise'",
+    ),
+    (["train", *TINY, *_set("model.block.attention.block_size=0")], "model.block.attention.block_size is 0"),
     (["train", *TINY, *_set("model.dtype='fp8'")], "model.dtype is 'fp8'"),
     (["train", *TINY, *_set("model.param_dtype='int32'")], "model.param_dtype is 'int32'"),
     (["train", *TINY, *_set("model.final_logit_softcap=-1.0")], "model.final_logit_softcap is -1.0"),

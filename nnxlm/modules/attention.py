@@ -19,6 +19,9 @@ Options (off by default; each adds what the Hugging Face families need):
                  (Gemma 2 attn_logit_softcapping).
   query_pre_attn_scalar  scores are scaled by query_pre_attn_scalar ** -0.5 instead of
                  head_dim ** -0.5 (Gemma 2 / 3).
+  implementation "auto" (default), "dense" or "blockwise": how attention without a cache is
+                 computed (nnxlm.modules.blockwise; "auto": blockwise past 1024 tokens), with
+                 block_size-token blocks of queries and of keys.
 
 A call may also take a layer's own `window` (an int32 scalar, possibly traced: keys fewer than
 `window` positions back; a huge value is global attention) and RoPE `inv_freq` ([head_dim // 2]),
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.blockwise import blockwise_attention, check_implementation, use_blockwise
 from nnxlm.modules.dense import Dense, fold_key
 from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.rope import apply_rope
@@ -65,6 +69,8 @@ class Attention(nnx.Module):
         sliding_window: int | None = None,
         softcap: float | None = None,
         query_pre_attn_scalar: float | None = None,
+        implementation: str = "auto",
+        block_size: int = 512,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -80,6 +86,8 @@ class Attention(nnx.Module):
         self.qkv_bias, self.sliding_window = qkv_bias, sliding_window
         self.softcap, self.query_pre_attn_scalar = softcap, query_pre_attn_scalar
         self.scale = (query_pre_attn_scalar or head_dim) ** -0.5
+        check_implementation(implementation, block_size)
+        self.implementation, self.block_size = implementation, block_size
         self.dtype = jnp.dtype(dtype)
 
         def dense(shape_in, shape_out, axes):
@@ -144,6 +152,12 @@ class Attention(nnx.Module):
         x = x_btd.astype(self.dtype)
         q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt, inv_freq, dropout_key)
         window = self.sliding_window if window is None else window
+        if cache is None and use_blockwise(self.implementation, x.shape[1]):
+            out_btnh = blockwise_attention(
+                q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt, scale=self.scale, window=window,
+                softcap=self.softcap, block_q=self.block_size, block_k=self.block_size,
+            )  # fmt: skip
+            return self.o_proj(out_btnh, fold_key(dropout_key, 3))
         if cache is None:
             mask = attention_mask(segment_ids_bt, positions_bt, window)
             if self.softcap is None:

@@ -24,6 +24,24 @@ import math
 import jax
 import jax.numpy as jnp
 
+# How attention without a cache is computed (Attention and MLA take `implementation`): "dense"
+# builds the score matrix, "blockwise" never does, "auto" goes blockwise past BLOCKWISE_FROM tokens,
+# where the dense scores and their gradient grow to hundreds of MiB a layer; below it the dense
+# path is a few fused matmuls and no slower.
+IMPLEMENTATIONS = ("auto", "dense", "blockwise")
+BLOCKWISE_FROM = 1024
+
+
+def check_implementation(implementation: str, block_size: int) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"attention block_size {block_size!r}: use a positive number of tokens (e.g. 512)")
+
+
+def use_blockwise(implementation: str, length: int) -> bool:
+    return implementation == "blockwise" or (implementation == "auto" and length > BLOCKWISE_FROM)
+
 
 def blockwise_attention(
     q_btnh: jax.Array,

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.attention import attention_mask
+from nnxlm.modules.blockwise import blockwise_attention, check_implementation, use_blockwise
 from nnxlm.modules.dense import Dense, fold_key
 from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.norms import RMSNorm
@@ -169,11 +170,15 @@ class MLA(nnx.Module):
         rope_scaling: dict | None = None,
         rope_interleave: bool = True,
         norm_eps: float = 1e-6,
+        implementation: str = "auto",
+        block_size: int = 512,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
     ):
         _check_scaling(rope_scaling)
+        check_implementation(implementation, block_size)  # as Attention's (nnxlm.modules.blockwise)
+        self.implementation, self.block_size = implementation, block_size
         if qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even, got {qk_rope_head_dim}")
         self.num_heads, self.q_lora_rank, self.kv_lora_rank = num_heads, q_lora_rank, kv_lora_rank
@@ -279,7 +284,13 @@ class MLA(nnx.Module):
         q_btnh = self._queries(x, positions_bt, dropout_key)
         if cache is None:
             k_btnh, v_btnv = self._keys_values(x, positions_bt, dropout_key)
-            out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
+            if use_blockwise(self.implementation, x.shape[1]):
+                out_btnv = blockwise_attention(
+                    q_btnh, k_btnh, v_btnv, segment_ids_bt, positions_bt, scale=self.scale,
+                    block_q=self.block_size, block_k=self.block_size,
+                )  # fmt: skip
+            else:
+                out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))
             return self.o_proj(out_btnv, fold_key(dropout_key, 5))
         kv_btc, k_rope_btr = self._latents(x, positions_bt)
         cache = cache.write(kv_btc[:, None], k_rope_btr[:, None])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from nnxlm.data.sources import SPLITS, JsonlFiles, PythonStdlib, Synthetic, TextFiles
 from nnxlm.errors import UserError
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
+from nnxlm.modules.blockwise import IMPLEMENTATIONS
 from nnxlm.modules.lora import TARGETS, LoRA
 from nnxlm.modules.mla import MLA, YARN_KEYS
 from nnxlm.modules.mlp import ACTIVATIONS
@@ -343,11 +344,14 @@ RULES = {
         whole("sliding_window", optional=True),
         number("rope_theta", **POSITIVE),
         number("softcap", "query_pre_attn_scalar", **POSITIVE, optional=True),
+        one_of("implementation", IMPLEMENTATIONS),
+        whole("block_size"),
         _heads,
         _rope_scaling,
     ),
     MLA: (
-        whole("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+        whole("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "block_size"),
+        one_of("implementation", IMPLEMENTATIONS),
         whole("q_lora_rank", optional=True),
         number("rope_theta", "norm_eps", **POSITIVE),
         _mla,

@@ -91,3 +91,43 @@ def test_a_traced_window_per_layer_and_uneven_blocks():
     for window in (1, 4, 2**31 - 1):
         expected = dense(q, k, v, segment_ids, positions, 0.3, None if window > 100 else window)
         np.testing.assert_allclose(run(jnp.int32(window)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "deepseek"])
+def test_models_computed_blockwise_equal_dense_in_logits_and_gradients(family):
+    """Whole models: Llama (GQA), Gemma 2 (soft-caps, local and global layers), DeepSeek (latent
+    attention), with 8-token blocks over 27 tokens in two packed documents."""
+    import fiddle as fdl
+    from flax import nnx
+
+    from nnxlm.recipes import models
+    from tests.modules.helpers import tiny_deepseek
+
+    def build(implementation):
+        if family == "deepseek":
+            model = tiny_deepseek(False)
+        else:
+            cfg = models.llama_tiny(vocab_size=97)
+            if family == "gemma2":
+                cfg.block.attention.softcap = 20.0
+                cfg.layer_pattern = ({"sliding_window": 4}, {"sliding_window": None})
+            model = fdl.build(cfg)(rngs=nnx.Rngs(0))
+        for _, module in nnx.iter_graph(model):
+            if hasattr(module, "implementation"):
+                module.implementation, module.block_size = implementation, 8
+        return model
+
+    ids = jax.random.randint(jax.random.key(0), (2, 27), 0, 97)
+    segment_ids = jnp.where(jnp.arange(27) < 11, 1, 2)[None].repeat(2, 0).astype(jnp.int32)
+    positions = jnp.where(jnp.arange(27) < 11, jnp.arange(27), jnp.arange(27) - 11)[None].repeat(2, 0)
+
+    def loss(model):
+        return jnp.mean(jax.nn.logsumexp(model(ids, positions, segment_ids), axis=-1))
+
+    results = []
+    for implementation in ("dense", "blockwise"):
+        model = build(implementation)
+        results.append((loss(model), nnx.grad(loss)(model)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
