@@ -157,3 +157,47 @@ def peak_worker(framework: str) -> dict:
 
 if __name__ == "__main__":  # python -m bench.common peak jax|torch
     emit(peak_worker(sys.argv[2]))
+
+
+class Worker:
+    """A long-lived benchmark process, `python -m MODULE ARGS...`, speaking JSON lines: started
+    (ready: its first answer), asked commands (`ask`), closed ("quit": its last answer) or killed.
+    Its stderr goes to log_path, whose tail is raised if it ends without answering."""
+
+    def __init__(self, module: str, args: list[str], log_path: str):
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        self.ready = self._answer()
+
+    def _answer(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.log.flush()
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            raise RuntimeError(f"{' '.join(self.process.args[2:])} ended:\n{f.read()[-3000:]}")
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> dict:
+        try:
+            return self.ask("quit")
+        finally:
+            self.process.wait(60)
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(60)
+        self.log.close()

@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, cpu_model, emit, median, versions
+from bench.common import Worker, cpu_model, emit, median, versions
 from nnxlm.modules.quantization import Quantization
 
 # The forms compared with float32, by name: (what the tables call them, the settings).
@@ -329,48 +328,6 @@ def worker(shape: str, form: str, batches: list[int], prompt_len: int, new_token
     emit(memory_mb())
 
 
-class Worker:
-    """A worker process: started (ready: its first answer), asked to run, closed (its memory)."""
-
-    def __init__(self, args: list[str], log_path: str):
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.quantize", "worker", *args],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        self.ready = self._answer()
-
-    def _answer(self) -> dict:
-        for line in self.process.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        self.log.flush()
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            raise RuntimeError(f"bench.quantize worker {' '.join(self.process.args[4:])} ended:\n{f.read()[-3000:]}")
-
-    def ask(self, command: str) -> dict:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        return self._answer()
-
-    def close(self) -> dict:
-        try:
-            return self.ask("quit")
-        finally:
-            self.process.wait(60)
-            self.log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(60)
-        self.log.close()
-
-
 def speed(shapes: list[str], forms: list[str], batches: list[int], prompt_len: int, new_tokens: int, runs: int, log):
     """Decode speed and memory of every (shape, form), the forms of a shape asked in turn."""
     scratch = tempfile.mkdtemp(prefix="nnxlm-bench-quantize-")
@@ -380,9 +337,9 @@ def speed(shapes: list[str], forms: list[str], batches: list[int], prompt_len: i
             workers, memory = {}, {}
             try:
                 for form in forms:  # one at a time: a worker builds and compiles on both cores
-                    args = ["--shape", shape, "--form", form, "--prompt_len", str(prompt_len)]
+                    args = ["worker", "--shape", shape, "--form", form, "--prompt_len", str(prompt_len)]
                     args += ["--new_tokens", str(new_tokens), "--batch", *map(str, batches)]
-                    workers[form] = Worker(args, os.path.join(scratch, f"{shape}-{form}.log"))
+                    workers[form] = Worker("bench.quantize", args, os.path.join(scratch, f"{shape}-{form}.log"))
                     ready = workers[form].ready
                     log(f"{shape} {form}: built in {ready['build_s']:.1f} s, warmed up in {ready['warm_up_s']:.1f} s")
                 timings = {form: {b: [] for b in batches} for form in forms}

@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, emit, median
+from bench.common import Worker, emit, median
 
 RECIPES = ("bench_llama_20m", "bench_llama_57m")
 MODEL_NAME = "bench"
@@ -113,39 +112,6 @@ def server_worker(recipe: str, hf_dir: str | None, slots: int, max_length: int, 
             if line.strip() == "quit":
                 break
     emit({})
-
-
-class ServerProcess:
-    """A server_worker process: started (ready: its first message), then closed."""
-
-    def __init__(self, args: list[str], log_path: str):
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.serve", "server", *args],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        self.ready = self._answer()
-
-    def _answer(self) -> dict:
-        for line in self.process.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        self.log.flush()
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            raise RuntimeError(f"bench.serve server {' '.join(self.process.args[4:])} ended:\n{f.read()[-3000:]}")
-
-    def close(self) -> dict:
-        try:
-            self.process.stdin.write("quit\n")
-            self.process.stdin.flush()
-            return self._answer()
-        finally:
-            self.process.wait(60)
-            self.log.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +277,7 @@ def bench_recipe(
     args = ["--recipe", recipe] + (["--hf_dir", hf_dir] if hf_dir else [])
     args += [f"--{name}={value}" for name, value in engine_args.items()]
     started = time.perf_counter()
-    server = ServerProcess(args, os.path.join(scratch, f"{recipe}-server.log"))
+    server = Worker("bench.serve", ["server", *args], os.path.join(scratch, f"{recipe}-server.log"))
     ready = server.ready
     log(f"{recipe}: server ready in {time.perf_counter() - started:.1f} s (warm-up {ready['warm_up_s']:.1f} s)")
     url, vocab = ready["url"], ready["vocab_size"]
