@@ -9,10 +9,12 @@ from nnxlm.sharding.mesh import MESH_AXES, make_mesh
 from nnxlm.sharding.rules import (
     DEFAULT_RULES,
     activation_sharding,
+    active_mesh,
     constrain,
     fit_spec,
     logical_to_spec,
     mesh_axes_of,
+    mesh_axis_size,
     state_shardings,
     unsplit_dimensions,
 )
@@ -21,11 +23,13 @@ __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
     "activation_sharding",
+    "active_mesh",
     "constrain",
     "fit_spec",
     "logical_to_spec",
     "make_mesh",
     "mesh_axes_of",
+    "mesh_axis_size",
     "state_shardings",
     "unsplit_dimensions",
 ]

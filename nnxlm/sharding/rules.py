@@ -133,3 +133,16 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
     mesh, rules = active
     spec = fit_spec(x.shape, logical_to_spec(logical_axes, rules), mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def active_mesh() -> tuple[Mesh, dict | None] | None:
+    """(mesh, rules) of the enclosing `activation_sharding`, or None outside one. Layers that run a
+    collective schedule of their own inside shard_map (ring attention, expert all-to-all) read the
+    mesh here."""
+    return _ACTIVE.get()
+
+
+def mesh_axis_size(axis: str) -> int:
+    """Size of `axis` in the active mesh; 1 outside `activation_sharding` or where the mesh lacks it."""
+    active = _ACTIVE.get()
+    return 1 if active is None else active[0].shape.get(axis, 1)
