@@ -72,9 +72,11 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
     flops = metrics.training_flops_per_token(
         model, trainer.seq_len, trainable_filter(trainer.trainable, trainer.freeze)
     )
-    activations = tokens * activation_bytes_per_token(model, trainer.seq_len, model.remat_policy)
+    # activations live for one micro-batch at a time: gradient accumulation divides them
+    micro_tokens = tokens // trainer.grad_accum_steps
+    activations = micro_tokens * activation_bytes_per_token(model, trainer.seq_len, model.remat_policy)
     # float32 logits and their gradient, of the model and of each multi-token prediction depth
-    logits = tokens * model.vocab_size * 4 * 2 * (1 + getattr(model, "mtp_depth", 0))
+    logits = micro_tokens * model.vocab_size * 4 * 2 * (1 + getattr(model, "mtp_depth", 0))
     optimizer = 2 * trained_bytes  # AdamW's two moments of the trained parameters, in their dtype
     total = param_bytes + trained_bytes + optimizer + activations + logits  # params + gradients + ...
     gib = 2**30
@@ -89,7 +91,8 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
         "memory estimate for one step, all devices together:",
         f"  parameters {param_bytes / gib:.2f} GiB + gradients {trained_bytes / gib:.2f} GiB "
         f"+ optimizer state {optimizer / gib:.2f} GiB",
-        f"  activations {activations / gib:.2f} GiB (remat {model.remat_policy!r}) + logits {logits / gib:.2f} GiB",
+        f"  activations {activations / gib:.2f} GiB (remat {model.remat_policy!r}) + logits {logits / gib:.2f} GiB"
+        + (f" (one micro-batch of {trainer.grad_accum_steps})" if trainer.grad_accum_steps > 1 else ""),
         f"  total {total / gib:.2f} GiB",
     ]
     lines += inference_lines(cfg, trainer.seq_len)

@@ -70,6 +70,19 @@ def test_inspect_prints_the_resolved_recipe_and_counts(capsys):
     assert "model.num_layers = 2" in out and "parameters:" in out and "memory estimate" in out
 
 
+def test_inspect_counts_activations_of_one_micro_batch_under_gradient_accumulation(capsys):
+    def activations(*settings):
+        code, out, _ = run_cli(capsys, "inspect", "--recipe", "llama3_8b", *settings)
+        assert code == 0
+        line = next(line for line in out.splitlines() if line.strip().startswith("activations"))
+        return float(line.split()[1]), float(line.split("logits ")[1].split()[0]), line
+
+    whole, whole_logits, _ = activations()
+    quarter, quarter_logits, line = activations("--recipe", "set:grad_accum_steps=4")
+    assert quarter == pytest.approx(whole / 4, rel=0.01) and quarter_logits == pytest.approx(whole_logits / 4, rel=0.01)
+    assert "one micro-batch of 4" in line
+
+
 def test_python_dash_m_runs_the_same_command_line():
     result = subprocess.run(
         [sys.executable, "-m", "nnxlm", "inspect", "--recipe", "nope"], capture_output=True, text=True, cwd=REPO
