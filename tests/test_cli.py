@@ -151,11 +151,11 @@ def test_decode_of_a_run_without_its_tokenizer_is_a_one_line_error(capsys, tmp_p
     assert code == 2 and "no tokenizer at" in err and err.count("\n") == 1, err
 
 
-def inspect_in_subprocess(*args):
+def inspect_in_subprocess(*args, recipe="tiny"):
     """nnxlm inspect in a fresh process: it picks the CPU device count before JAX starts."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    command = [sys.executable, "-m", "nnxlm", "inspect", "--recipe", "tiny", *args]
+    command = [sys.executable, "-m", "nnxlm", "inspect", "--recipe", recipe, *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -170,6 +170,25 @@ def test_inspect_reports_per_device_memory_from_the_compiled_step_on_fake_device
     eight_text, eight = temporaries("--recipe", 'set:mesh={"fsdp": 8}')
     assert "8 devices of cpu" in eight_text and "peak per device" in eight_text
     assert eight < one / 2  # activations split over the batch
+
+
+# The published recipes at their published lengths (8192 and 4096 tokens) on plausible meshes, one
+# row per device per micro-batch: the compiled step's peak fits an 80 GB accelerator.
+PUBLISHED_MESHES = {
+    "llama3_8b": ("8", "set:mesh={'fsdp': 8}", "set:grad_accum_steps=64"),
+    "mixtral_8x7b": ("64", "set:mesh={'fsdp': 8, 'expert': 8}", "set:grad_accum_steps=16"),
+}
+
+
+@pytest.mark.parametrize("recipe", list(PUBLISHED_MESHES))
+def test_published_recipes_fit_an_80_gb_accelerator_per_device(recipe):
+    devices, mesh, accumulation = PUBLISHED_MESHES[recipe]
+    out = inspect_in_subprocess(
+        "--compile", "--devices", devices, "--recipe", mesh, "--recipe", accumulation, recipe=recipe
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(line for line in out.stdout.splitlines() if "peak per device" in line)
+    assert f"{devices} devices of cpu" in out.stdout and float(line.split()[-2]) < 80 * 1e9 / 2**30, line
 
 
 def test_inspect_rejects_a_device_count_below_one(capsys):
