@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.grouped import grouped_matmul
 from nnxlm.modules.quantization import BLOCK_AXIS, dequantize_kernel, int8_project, quantize_weights
 
 
@@ -116,8 +117,8 @@ class Dense(nnx.Module):
 
 class ExpertDense(nnx.Module):
     """experts kernels [experts, in, out]: `all(x)` runs every expert on every token, `grouped(x,
-    group_sizes)` each expert on its own contiguous rows (jax.lax.ragged_dot), and `combine(h,
-    weights)` sums the experts' projections of per-expert inputs (a down projection).
+    layout)` each expert on its own rows only (nnxlm.modules.grouped), and `combine(h)` sums the
+    experts' projections of per-expert inputs (a down projection).
 
     Args:
       num_experts, in_dim, out_dim: the kernel's shape.
@@ -162,11 +163,12 @@ class ExpertDense(nnx.Module):
             y_nd += jnp.einsum("ner,erd->nd", low_ner, adapter.b[...].astype(h.dtype))
         return y_nd
 
-    def grouped(self, x_sd: jax.Array, group_sizes: jax.Array, dropout_key=None) -> jax.Array:
-        """Rows sorted by expert, group_sizes [experts] rows each: [s, in] -> [s, out]."""
-        y_sf = jax.lax.ragged_dot(x_sd, self.float_kernel(x_sd.dtype), group_sizes)
+    def grouped(self, x_rd: jax.Array, layout, dropout_key=None) -> jax.Array:
+        """Rows laid out by expert (a nnxlm.modules.grouped.Layout): [R, in] -> [R, out], each row
+        through its own expert only."""
+        y_rf = grouped_matmul(x_rd, self.float_kernel(x_rd.dtype), layout)
         if (adapter := self._lora()) is not None:
-            x = adapter.inputs(x_sd, dropout_key)
-            low_sr = jax.lax.ragged_dot(x, adapter.a[...].astype(x.dtype), group_sizes) * adapter.scale
-            y_sf += jax.lax.ragged_dot(low_sr, adapter.b[...].astype(x.dtype), group_sizes)
-        return y_sf
+            x = adapter.inputs(x_rd, dropout_key)
+            low_rr = grouped_matmul(x, adapter.a[...].astype(x.dtype), layout) * adapter.scale
+            y_rf += grouped_matmul(low_rr, adapter.b[...].astype(x.dtype), layout)
+        return y_rf

@@ -2,8 +2,7 @@
 
 Each token is sent to `num_experts_per_token` (k) of `num_experts` (E) gated MLPs, chosen by a
 router, and gets the weighted sum of their outputs (plus, for DeepSeek, always-on shared experts).
-Dropless: every token is processed by all of its k experts; there is no capacity and nothing is
-dropped.
+Dropless by default: every token is processed by all of its k experts.
 
 Routers (the semantics of the Hugging Face reference modules, exactly):
   softmax  Mixtral, Qwen 3 MoE: probabilities = softmax(router logits) over all experts; the top k
@@ -17,13 +16,28 @@ Routers (the semantics of the Hugging Face reference modules, exactly):
            normalised to sum 1 when normalize_top_k; then multiplied by routed_scaling_factor.
 
 Two ways to compute the same thing (`dispatch`):
-  dense   (default) every expert runs on every token and a [tokens, experts] combine matrix,
-          zero outside each token's top k, weights the results. Simple, exact, static shapes, one
-          compile; it costs num_experts / k times the expert FLOPs of a sparse dispatch (E = 8,
-          k = 2: 4x; DeepSeek-V3's E = 256, k = 8: 32x), so it suits tests, CPU and few experts.
-  sorted  the k token-slots of every token are sorted by expert and each expert multiplies only its
-          own contiguous rows with jax.lax.ragged_dot (grouped matmul), then the results are
-          unsorted and summed per token: the FLOPs of k experts per token, with static shapes.
+  sorted  (default) the k token-slots of every token are laid out by expert and each expert
+          multiplies only its own rows (a grouped matmul, nnxlm.modules.grouped: ragged_dot on
+          TPU / GPU, tiles of rows on CPU, where ragged_dot computes every expert on every row),
+          then each token sums its slots' results: the FLOPs of k experts per token, with static
+          shapes. Under a mesh with an `expert` axis > 1 the experts run in parallel, the slots
+          exchanged by all-to-all (nnxlm.modules.expert_parallel).
+  dense   every expert runs on every token and a [tokens, experts] combine matrix, zero outside
+          each token's top k, weights the results. Simple, exact, one compile; it costs E / k times
+          the expert FLOPs of the sorted dispatch (E = 8, k = 2: 4x; DeepSeek-V3's E = 256,
+          k = 8: 32x). A reference, and for few experts.
+
+Capacity (`capacity_factor` c; None, the default: dropless). Capacity is counted per sequence:
+each expert takes at most C = min(length, ceil(c * length * k / E)) of one sequence's token-slots,
+first come first served in token order (the slots of token t before those of token t + 1; a
+token's k slots go to k different experts). Slots beyond an expert's C are dropped: they
+contribute zero, the other slots keep their weights (no renormalisation) and the token keeps its
+residual (a token all of whose slots are dropped passes through the layer unchanged, plus the
+shared experts). Counting per sequence, not per batch or per device, makes the result the same
+on any mesh (MaxText's dropping MoE counts per sequence too, rounding as int(ceil(length k / E)
+c)); c >= E / k drops nothing. The sorted dispatch then computes fixed [E, batch * C] buffers
+(bounded memory, the unused rows computed as zeros); the dense dispatch zeroes the dropped slots'
+weights. The load-balancing loss counts the routing before any drop.
 
 Load balancing: every call records the Switch Transformer / Mixtral auxiliary loss
     aux = E * sum_e f_e * P_e
@@ -41,15 +55,19 @@ the structure of its state. Under the Transformer's nnx.scan over layers the val
 array with a leading layers axis; with unscanned layers, one scalar a layer.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules import expert_parallel
 from nnxlm.modules.dense import Dense, ExpertDense, fold_key
+from nnxlm.modules.grouped import capacity_layout, sorted_layout
 from nnxlm.modules.mlp import ACTIVATIONS, GatedMLP
 
 ROUTERS = ("softmax", "sigmoid")
-DISPATCHES = ("dense", "sorted")
+DISPATCHES = ("sorted", "dense")
 
 
 class RoutingBias(nnx.Variable):
@@ -78,7 +96,9 @@ class MoE(nnx.Module):
       num_groups, num_groups_per_token: group-limited routing of the sigmoid router (DeepSeek-V3:
         n_group=8, topk_group=4); 1 and 1 turn it off.
       router_bias: a trainable bias on the router logits (off in all three families).
-      dispatch: "dense" or "sorted" (see the module docstring); the same numbers either way.
+      dispatch: "sorted" or "dense" (see the module docstring); the same numbers either way.
+      capacity_factor: None (dropless) or c > 0: each expert takes at most
+        min(length, ceil(c * length * k / E)) token-slots of each sequence (module docstring).
     """
 
     def __init__(
@@ -97,19 +117,21 @@ class MoE(nnx.Module):
         num_groups: int = 1,
         num_groups_per_token: int = 1,
         router_bias: bool = False,
-        dispatch: str = "dense",
+        dispatch: str = "sorted",
+        capacity_factor: float | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
     ):
         _check(
             num_experts, num_experts_per_token, activation, router, num_shared_experts, shared_hidden_dim,
-            num_groups, num_groups_per_token, dispatch,
+            num_groups, num_groups_per_token, dispatch, capacity_factor,
         )  # fmt: skip
         self.num_experts, self.num_experts_per_token = num_experts, num_experts_per_token
         self.activation, self.router_type, self.dispatch = activation, router, dispatch
         self.normalize_top_k, self.routed_scaling_factor = normalize_top_k, float(routed_scaling_factor)
         self.num_groups, self.num_groups_per_token = num_groups, num_groups_per_token
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.dtype = jnp.dtype(dtype)
 
         e, d, f = num_experts, d_model, expert_hidden_dim
@@ -137,20 +159,44 @@ class MoE(nnx.Module):
     def __call__(self, x_btd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """dropout_key: of the expert projections' LoRA dropout (training)."""
         batch, length, d_model = x_btd.shape
+        k = self.num_experts_per_token
         x_nd = x_btd.astype(self.dtype).reshape(batch * length, d_model)
         weights_nk, experts_nk, probs_ne = self.route(x_nd)
         if hasattr(self, "__captures__"):  # only under nnx.capture: flax 0.12 would otherwise keep
             # appending the loss to the module's own state on every call (inference included)
             self.sow(nnx.Intermediate, "moe_aux_loss", load_balancing_loss(experts_nk, probs_ne, self.num_experts))
         keys = [fold_key(dropout_key, i) for i in range(4)]
+        rows_nk = None  # with a capacity: each slot's place among its sequence's slots of its expert
+        if self.capacity_factor is not None:
+            rows_nk = rows_in_expert(experts_nk.reshape(batch, length * k)).reshape(batch * length, k)
+        plan = None
+        if self.dispatch == "sorted" and not self._adapter_dropout(dropout_key):
+            plan = expert_parallel.plan(self.gate.kernel, x_btd.shape)
         if self.dispatch == "dense":
-            y_nd = self._dense(x_nd, weights_nk, experts_nk, keys)
+            y_nd = self._dense(x_nd, weights_nk, experts_nk, rows_nk, length, keys)
+        elif plan is not None:
+            split = (batch, length, k)
+            y_nd = expert_parallel.routed_experts(
+                plan,
+                x_nd.reshape(batch, length, d_model),
+                weights_nk.astype(self.dtype).reshape(split),
+                experts_nk.reshape(split),
+                None if rows_nk is None else rows_nk.reshape(split),
+                self._expert_kernels(),
+                activation=self.activation,
+                capacity=None if rows_nk is None else self.capacity(length),
+            ).reshape(batch * length, d_model)
         else:
-            y_nd = self._sorted(x_nd, weights_nk, experts_nk, keys)
+            y_nd = self._sorted(x_nd, weights_nk, experts_nk, rows_nk, batch, length, keys)
         y_btd = y_nd.reshape(batch, length, d_model)
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd, keys[3])
         return y_btd
+
+    def capacity(self, length: int) -> int:
+        """C: the token-slots of one sequence of `length` tokens each expert takes at most."""
+        wanted = math.ceil(self.capacity_factor * length * self.num_experts_per_token / self.num_experts)
+        return min(length, wanted)  # k distinct experts a token: no expert gets more than length slots
 
     def route(self, x_nd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Tokens [n, embed] -> (weights [n, k] float32, expert ids [n, k] int32, probabilities [n, E]).
@@ -188,8 +234,11 @@ class MoE(nnx.Module):
         kept_ng = jnp.any(kept_groups[:, :, None] == jnp.arange(groups), axis=1)
         return jnp.where(kept_ng[:, :, None], choice_ngs, -jnp.inf).reshape(n, self.num_experts)
 
-    def _dense(self, x_nd, weights_nk, experts_nk, keys):
-        """All experts on all tokens, weighted by a combine matrix that is zero outside the top k."""
+    def _dense(self, x_nd, weights_nk, experts_nk, rows_nk, length, keys):
+        """All experts on all tokens, weighted by a combine matrix that is zero outside the top k
+        (and, with a capacity, at the dropped slots)."""
+        if rows_nk is not None:
+            weights_nk = jnp.where(rows_nk < self.capacity(length), weights_nk, 0.0)
         one_hot_nke = jax.nn.one_hot(experts_nk, self.num_experts, dtype=jnp.float32)
         combine_ne = jnp.einsum("nk,nke->ne", weights_nk, one_hot_nke).astype(self.dtype)
         gate_nef, up_nef = self.gate.all(x_nd, keys[0]), self.up.all(x_nd, keys[1])
@@ -198,18 +247,52 @@ class MoE(nnx.Module):
         hidden_nef = ACTIVATIONS[self.activation](gate_nef) * up_nef * combine_ne[:, :, None]
         return self.down.combine(hidden_nef, keys[2])
 
-    def _sorted(self, x_nd, weights_nk, experts_nk, keys):
-        """Token-slots sorted by expert; one grouped matmul (ragged_dot) per projection."""
+    def _sorted(self, x_nd, weights_nk, experts_nk, rows_nk, batch, length, keys):
+        """Token-slots laid out by expert (dropless: sorted; with a capacity: [E, batch * C] rows);
+        one grouped matmul per projection."""
         n, k = experts_nk.shape
         experts_s = experts_nk.reshape(n * k)
-        order_s = jnp.argsort(experts_s, stable=True)  # slot s of the sorted list is slot order_s[s]
-        x_sd = x_nd[order_s // k]
-        group_sizes = jnp.bincount(experts_s, length=self.num_experts).astype(jnp.int32)
-        gate_sf, up_sf = self.gate.grouped(x_sd, group_sizes, keys[0]), self.up.grouped(x_sd, group_sizes, keys[1])
-        y_sd = self.down.grouped(ACTIVATIONS[self.activation](gate_sf) * up_sf, group_sizes, keys[2])
-        unsorted_sd = jnp.zeros_like(y_sd).at[order_s].set(y_sd)  # back to token-major slot order
-        weights_nk = weights_nk.astype(self.dtype)
-        return jnp.einsum("nkd,nk->nd", unsorted_sd.reshape(n, k, -1), weights_nk)
+        if rows_nk is None:
+            layout = sorted_layout(experts_s, self.num_experts)
+        else:  # sequence b's slots of expert e take rows b C ... b C + C - 1 of e's batch * C rows
+            capacity, rows_s = self.capacity(length), rows_nk.reshape(n * k)
+            sequence_s = jnp.arange(n * k) // (length * k)
+            rows_s = jnp.where(rows_s < capacity, sequence_s * capacity + rows_s, batch * capacity)  # else dropped
+            layout = capacity_layout(experts_s, rows_s, self.num_experts, batch * capacity)
+        x_rd = layout.scatter(x_nd[jnp.arange(n * k) // k])
+        gate_rf, up_rf = self.gate.grouped(x_rd, layout, keys[0]), self.up.grouped(x_rd, layout, keys[1])
+        y_rd = self.down.grouped(ACTIVATIONS[self.activation](gate_rf) * up_rf, layout, keys[2])
+        y_sd = layout.gather(y_rd)  # back to token-major slot order; dropped slots: zeros
+        return jnp.einsum("nkd,nk->nd", y_sd.reshape(n, k, -1), weights_nk.astype(self.dtype))
+
+    def _adapter_dropout(self, dropout_key) -> bool:
+        """Whether an expert projection's LoRA adapter applies dropout in this call."""
+        adapters = (p._lora() for p in (self.gate, self.up, self.down))
+        return dropout_key is not None and any(a is not None and a.dropout > 0 for a in adapters)
+
+    def _expert_kernels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """gate, up and down as float arrays in self.dtype, an active LoRA adapter merged in
+        (W + scale A B: the same function and gradients, without dropout)."""
+        from nnxlm.modules.lora import lora_delta
+
+        kernels = []
+        for projection in (self.gate, self.up, self.down):
+            kernel = projection.float_kernel(jnp.float32 if projection._lora() is not None else self.dtype)
+            if projection._lora() is not None:
+                kernel = kernel + lora_delta(projection)
+            kernels.append(kernel.astype(self.dtype))
+        return tuple(kernels)
+
+
+def rows_in_expert(experts_bs: jax.Array) -> jax.Array:
+    """For slots [batch, slots] of expert ids in token order: how many earlier slots of the same
+    sequence went to the same expert (the slot's place in that expert's queue), [batch, slots]."""
+    order_bs = jnp.argsort(experts_bs, axis=-1, stable=True)  # stable: token order within an expert
+    sorted_bs = jnp.take_along_axis(experts_bs, order_bs, axis=-1)
+    slots = jnp.arange(experts_bs.shape[-1], dtype=order_bs.dtype)
+    rank_bs = jnp.zeros_like(order_bs).at[jnp.arange(experts_bs.shape[0])[:, None], order_bs].set(slots)
+    first_bs = jax.vmap(jnp.searchsorted)(sorted_bs, experts_bs)  # where the slot's expert starts
+    return (rank_bs - first_bs).astype(jnp.int32)
 
 
 def load_balancing_loss(experts_nk: jax.Array, probs_ne: jax.Array, num_experts: int) -> jax.Array:
@@ -221,14 +304,17 @@ def load_balancing_loss(experts_nk: jax.Array, probs_ne: jax.Array, num_experts:
 
 
 def _check(
-    num_experts, k, activation, router, num_shared_experts, shared_hidden_dim, num_groups, groups_per_token, dispatch
-):
+    num_experts, k, activation, router, num_shared_experts, shared_hidden_dim, num_groups, groups_per_token, dispatch,
+    capacity_factor,
+):  # fmt: skip
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown MoE activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
     if router not in ROUTERS:
         raise ValueError(f"unknown MoE router {router!r}: use one of {list(ROUTERS)}")
     if dispatch not in DISPATCHES:
         raise ValueError(f"unknown MoE dispatch {dispatch!r}: use one of {list(DISPATCHES)}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"MoE capacity_factor is {capacity_factor!r}: use a number > 0, or None (dropless)")
     if not 1 <= k <= num_experts:
         raise ValueError(f"num_experts_per_token ({k}) must be between 1 and num_experts ({num_experts})")
     if shared_hidden_dim is not None and not num_shared_experts:

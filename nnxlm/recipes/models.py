@@ -381,7 +381,7 @@ def deepseek(
     rope_interleave: bool = True,
     norm_eps: float = 1e-6,
     mtp_depth: int = 0,
-    dispatch: str = "dense",
+    dispatch: str = "sorted",
 ) -> fdl.Partial:
     """DeepSeek-V3: multi-head latent attention (nnxlm.modules.mla) in every layer; a SwiGLU MLP of
     mlp_dim in the first num_dense_layers, then a mixture of experts routed by a sigmoid with a
@@ -434,7 +434,7 @@ def deepseek(
 def deepseek_v3() -> fdl.Partial:
     # DeepSeek-V3 (and R1): 61 layers, the first 3 dense, then 256 routed experts (8 active) and
     # 1 shared; 671.03 B parameters, 37.5 B active, plus 11.5 B in the multi-token prediction
-    # module that only training runs. Sorted dispatch: dense would run all 256 experts (32x).
+    # module that only training runs.
     return deepseek(
         vocab_size=129_280,
         d_model=7168,
@@ -464,5 +464,4 @@ def deepseek_v3() -> fdl.Partial:
             "mscale_all_dim": 1.0,
         },
         mtp_depth=1,
-        dispatch="sorted",
     )

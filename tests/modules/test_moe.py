@@ -90,6 +90,82 @@ def test_sorted_dispatch_equals_dense_in_output_and_gradients():
         np.testing.assert_allclose(g_sorted, g_dense, rtol=1e-4, atol=1e-5)
 
 
+def test_sorted_is_the_default_dispatch_of_the_layer_and_of_every_moe_recipe():
+    assert MoE(D, num_experts=4, num_experts_per_token=2, expert_hidden_dim=F, rngs=nnx.Rngs(0)).dispatch == "sorted"
+    for recipe in (models.mixtral_8x7b, models.mixtral_8x22b, models.qwen3_30b_a3b, models.deepseek_v3):
+        mlp = recipe().block.mlp
+        assert fdl.ordered_arguments(mlp, include_defaults=True)["dispatch"] == "sorted", recipe.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity.
+
+
+def loop_with_capacity(moe, x_btd, capacity):
+    """The rule written out: each sequence's slots in token order, an expert's slots beyond
+    `capacity` dropped. Returns (output, number of dropped slots)."""
+    batch, length, _ = x_btd.shape
+    x = np.asarray(x_btd, np.float64).reshape(batch * length, -1)
+    weights, experts, _ = (np.asarray(a) for a in moe.route(jnp.asarray(x, jnp.float32)))
+    gate, up, down = (np.asarray(p.kernel[...], np.float64) for p in (moe.gate, moe.up, moe.down))
+    out, dropped = np.zeros_like(x), 0
+    for sequence in range(batch):
+        taken = np.zeros(moe.num_experts, int)
+        for n in range(sequence * length, (sequence + 1) * length):
+            for w, e in zip(weights[n], experts[n], strict=True):
+                if taken[e] == capacity:
+                    dropped += 1
+                    continue
+                taken[e] += 1
+                g = x[n] @ gate[e]
+                out[n] += w * ((g / (1 + np.exp(-g)) * (x[n] @ up[e])) @ down[e])
+    out = out.reshape(x_btd.shape)
+    if moe.shared is not None:
+        out += np.asarray(moe.shared(x_btd))
+    return out, dropped
+
+
+@pytest.mark.parametrize("config", [dict(num_experts=4, num_experts_per_token=2), DEEPSEEK], ids=["softmax", "sigmoid"])
+@pytest.mark.parametrize("dispatch", ["sorted", "dense"])
+def test_capacity_drops_each_experts_slots_beyond_it_in_token_order(config, dispatch):
+    moe = MoE(D, expert_hidden_dim=F, dispatch=dispatch, capacity_factor=0.5, **config, rngs=nnx.Rngs(0))
+    if moe.score_correction_bias is not None:
+        random_bias(moe)
+    x = tokens(5, (3, 9, D))
+    capacity = moe.capacity(9)
+    assert capacity == -(-9 * 2 // (2 * config["num_experts"]))  # ceil(0.5 * 9 * k / E)
+    expected, dropped = loop_with_capacity(moe, x, capacity)
+    assert dropped >= 5
+    np.testing.assert_allclose(moe(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def output_value_and_grads(dispatch, capacity_factor, x):
+    moe = MoE(D, expert_hidden_dim=F, **DEEPSEEK, dispatch=dispatch, capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
+    random_bias(moe)
+    value, grads = nnx.value_and_grad(lambda moe: jnp.sum(jnp.sin(moe(x))))(moe)
+    return moe(x), [value, *jax.tree.leaves(grads)]
+
+
+def test_a_capacity_that_drops_nothing_equals_dropless():
+    x = tokens(6, (3, 9, D))
+    out_dropless, grads_dropless = output_value_and_grads("sorted", None, x)
+    out, grads = output_value_and_grads("sorted", 4.0, x)  # E / k: every expert may take every token
+    np.testing.assert_allclose(out, out_dropless, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(grads, grads_dropless, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_both_dispatches_drop_the_same_slots_in_output_and_gradients():
+    x = tokens(6, (3, 9, D))
+    out_sorted, grads_sorted = output_value_and_grads("sorted", 0.5, x)
+    out_dense, grads_dense = output_value_and_grads("dense", 0.5, x)
+    out_dropless, _ = output_value_and_grads("sorted", None, x)
+    assert np.abs(np.asarray(out_sorted) - np.asarray(out_dropless)).max() > 1e-2  # something was dropped
+    np.testing.assert_allclose(out_sorted, out_dense, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads_sorted, grads_dense, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_one_expert_is_a_gated_mlp(router):
     moe = MoE(D, num_experts=1, num_experts_per_token=1, expert_hidden_dim=F, router=router, rngs=nnx.Rngs(0))
@@ -301,6 +377,8 @@ def test_parameters_carry_logical_axes_matching_their_rank():
         (dict(router="sigmoid", num_groups=2, num_groups_per_token=3), "between 1 and num_groups"),
         (dict(router="sigmoid", num_groups=4, num_groups_per_token=1, num_experts_per_token=2), "exceeds"),
         (dict(shared_hidden_dim=8), "num_shared_experts is 0"),
+        (dict(capacity_factor=0.0), "capacity_factor is 0.0: use a number > 0"),
+        (dict(capacity_factor=-1), "capacity_factor is -1"),
     ],
 )
 def test_bad_arguments_are_rejected(changes, message):
