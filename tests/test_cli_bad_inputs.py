@@ -83,6 +83,14 @@ CASES = [
         "model.block.attention.implementation is 'flash': use one of 'auto', 'dense', 'blockwise'",
     ),
     (["train", *TINY, *_set("model.block.attention.block_size=0")], "model.block.attention.block_size is 0"),
+    (
+        ["train", *TINY, *_set("model.block.attention.implementation='cudnn'", "model.block.attention.softcap=50.0")],
+        "model.block.attention.softcap is 50.0: cuDNN attention has no soft-cap; use implementation 'blockwise'",
+    ),
+    (
+        ["train", *TINY, *_set("model.block.attention.implementation='splash'", "model.layer_pattern=({},)")],
+        "model.block.attention.implementation is 'splash': splash takes a sliding window fixed when the model is built",
+    ),
     (["train", *TINY, *_set("model.dtype='fp8'")], "model.dtype is 'fp8'"),
     (["train", *TINY, *_set("model.param_dtype='int32'")], "model.param_dtype is 'int32'"),
     (["train", *TINY, *_set("model.final_logit_softcap=-1.0")], "model.final_logit_softcap is -1.0"),
