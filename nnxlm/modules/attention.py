@@ -21,7 +21,14 @@ Options (off by default; each adds what the Hugging Face families need):
                  head_dim ** -0.5 (Gemma 2 / 3).
   implementation "auto" (default), "dense" or "blockwise": how attention without a cache is
                  computed (nnxlm.modules.blockwise; "auto": blockwise past 1024 tokens), with
-                 block_size-token blocks of queries and of keys.
+                 block_size-token blocks of queries and of keys; or a fused kernel, "cudnn" (GPU)
+                 or "splash" (TPU), see nnxlm.modules.fused_attention. With a cache, a call of
+                 over 1024 queries ("auto", a kernel) or any call ("blockwise") attends over the
+                 cache slots blockwise (a long prefill never builds [queries x slots] scores).
+  context_parallel "all_gather" (default) or "ring": under a mesh whose sequence axis splits the
+                 row, GSPMD gathers every key and value on each device, or ring attention passes
+                 the key/value chunks around the devices (nnxlm.modules.ring; blockwise within
+                 each chunk pair, whatever `implementation`). No effect with a cache or one device.
 
 A call may also take a layer's own `window` (an int32 scalar, possibly traced: keys fewer than
 `window` positions back; a huge value is global attention) and RoPE `inv_freq` ([head_dim // 2]),
@@ -35,9 +42,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.blockwise import blockwise_attention, check_implementation, use_blockwise
+from nnxlm.modules.blockwise import (
+    blockwise_attention,
+    blockwise_cached_attention,
+    check_implementation,
+    use_blockwise,
+)
 from nnxlm.modules.dense import Dense, fold_key
+from nnxlm.modules.fused_attention import KERNELS, check_kernel, fused_attention
 from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv
+from nnxlm.modules.ring import check_context_parallel, ring_attention, use_ring
 from nnxlm.modules.rope import apply_rope
 
 
@@ -71,6 +85,7 @@ class Attention(nnx.Module):
         query_pre_attn_scalar: float | None = None,
         implementation: str = "auto",
         block_size: int = 512,
+        context_parallel: str = "all_gather",
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -87,7 +102,10 @@ class Attention(nnx.Module):
         self.softcap, self.query_pre_attn_scalar = softcap, query_pre_attn_scalar
         self.scale = (query_pre_attn_scalar or head_dim) ** -0.5
         check_implementation(implementation, block_size)
+        check_kernel(implementation, block_size=block_size, softcap=softcap)
         self.implementation, self.block_size = implementation, block_size
+        check_context_parallel(context_parallel)
+        self.context_parallel = context_parallel
         self.dtype = jnp.dtype(dtype)
 
         def dense(shape_in, shape_out, axes):
@@ -152,6 +170,18 @@ class Attention(nnx.Module):
         x = x_btd.astype(self.dtype)
         q_btnh, k_btkh, v_btkh = self._qkv(x, positions_bt, inv_freq, dropout_key)
         window = self.sliding_window if window is None else window
+        if cache is None and use_ring(self.context_parallel, *x.shape[:2]):
+            out_btnh = ring_attention(
+                q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt, scale=self.scale, window=window,
+                softcap=self.softcap, block_size=self.block_size,
+            )  # fmt: skip
+            return self.o_proj(out_btnh, fold_key(dropout_key, 3))
+        if cache is None and self.implementation in KERNELS:
+            out_btnh = fused_attention(
+                self.implementation, q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt, scale=self.scale,
+                window=window, softcap=self.softcap, block_size=self.block_size,
+            )  # fmt: skip
+            return self.o_proj(out_btnh, fold_key(dropout_key, 3))
         if cache is None and use_blockwise(self.implementation, x.shape[1]):
             out_btnh = blockwise_attention(
                 q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt, scale=self.scale, window=window,
@@ -167,6 +197,12 @@ class Attention(nnx.Module):
                 out_btnh = cached_attention(q_btnh, own, mask, self.scale, self.softcap)
             return self.o_proj(out_btnh, fold_key(dropout_key, 3))
         cache = cache.write(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3))
-        mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, window)
-        out_btnh = cached_attention(q_btnh, cache, mask, self.scale, self.softcap)
+        if use_blockwise(self.implementation, x.shape[1]):  # a long prefill: no [queries x slots] scores
+            out_btnh = blockwise_cached_attention(
+                q_btnh, cache, segment_ids_bt, scale=self.scale, window=window, softcap=self.softcap,
+                block_q=self.block_size, block_k=self.block_size,
+            )  # fmt: skip
+        else:
+            mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index, window)
+            out_btnh = cached_attention(q_btnh, cache, mask, self.scale, self.softcap)
         return self.o_proj(out_btnh, fold_key(dropout_key, 3)), cache

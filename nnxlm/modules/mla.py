@@ -19,7 +19,10 @@ probs (W_v c) = W_v (probs c)), so no step expands the cache: scores are latent 
 [heads, kv_lora_rank] against the cached latents plus q_rope against k_rope, and the
 probability-weighted latent goes through W_v once per query. The same numbers as expanding
 (up to rounding); without a cache (training) keys and values are expanded, which costs fewer
-FLOPs when every token is a query.
+FLOPs when every token is a query. A long prefill (implementation and length as Attention's)
+attends over the latents blockwise: absorbed queries [latent, rope] against one shared key head
+[kv, k_rope] with kv as values, never building the [queries x slots] scores. context_parallel
+("all_gather" or "ring") is Attention's: ring attention over expanded keys and values.
 
 RoPE layout (rope_interleave, default True as in DeepSeek's checkpoints and transformers'
 DeepseekV3Config): the rope dims are rotated as interleaved pairs (x[2i], x[2i+1]) by frequency i;
@@ -48,10 +51,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.attention import attention_mask
-from nnxlm.modules.blockwise import blockwise_attention, check_implementation, use_blockwise
+from nnxlm.modules.blockwise import (
+    blockwise_attention,
+    blockwise_cached_attention,
+    check_implementation,
+    use_blockwise,
+)
 from nnxlm.modules.dense import Dense, fold_key
+from nnxlm.modules.fused_attention import KERNELS, check_kernel, fused_attention
 from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.norms import RMSNorm
+from nnxlm.modules.ring import check_context_parallel, ring_attention, use_ring
 
 YARN_KEYS = frozenset(
     {
@@ -172,13 +182,17 @@ class MLA(nnx.Module):
         norm_eps: float = 1e-6,
         implementation: str = "auto",
         block_size: int = 512,
+        context_parallel: str = "all_gather",
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
     ):
         _check_scaling(rope_scaling)
         check_implementation(implementation, block_size)  # as Attention's (nnxlm.modules.blockwise)
+        check_kernel(implementation, block_size=block_size)  # and its fused kernels' (fused_attention)
         self.implementation, self.block_size = implementation, block_size
+        check_context_parallel(context_parallel)  # as Attention's (nnxlm.modules.ring)
+        self.context_parallel = context_parallel
         if qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even, got {qk_rope_head_dim}")
         self.num_heads, self.q_lora_rank, self.kv_lora_rank = num_heads, q_lora_rank, kv_lora_rank
@@ -248,12 +262,31 @@ class MLA(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v_bsnv.dtype)
         return jnp.einsum("bnts,bsnv->btnv", probs, v_bsnv)
 
+    def _absorbed_queries(self, q_btnh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Latent queries [batch, length, heads, kv_lora_rank] (W_k folded in), rope queries
+        [..., qk_rope_head_dim] and W_v [kv_lora_rank, heads, v_head_dim]."""
+        w_k_cnh, w_v_cnv = jnp.split(self.kv_b_proj.weight().astype(q_btnh.dtype), [self.qk_nope_head_dim], axis=-1)
+        q_nope_btnh, q_rope_btnr = jnp.split(q_btnh, [self.qk_nope_head_dim], axis=-1)
+        return jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_k_cnh), q_rope_btnr, w_v_cnv
+
+    def _attend_latents_blockwise(self, q_btnh: jax.Array, cache: KVCache, segment_ids_bt: jax.Array) -> jax.Array:
+        """_attend_latents blockwise over the cache slots (a long prefill: no [queries x slots]
+        scores): [latent query, rope query] of every head against one shared key head [latent,
+        k_rope] (multi-query attention), with the latents as values; [batch, length, heads, v_head_dim]."""
+        q_latent_btnc, q_rope_btnr, w_v_cnv = self._absorbed_queries(q_btnh)
+        latents_b1sc = cache.keys(self.dtype)
+        keys_b1sh = jnp.concatenate([latents_b1sc, cache.values(self.dtype)], axis=-1)
+        shared = KVCache(keys_b1sh, latents_b1sc, cache.segment_ids, cache.index)
+        context_btnc = blockwise_cached_attention(
+            jnp.concatenate([q_latent_btnc, q_rope_btnr], axis=-1), shared, segment_ids_bt, scale=self.scale,
+            block_q=self.block_size, block_k=self.block_size,
+        )  # fmt: skip
+        return jnp.einsum("btnc,cnv->btnv", context_btnc, w_v_cnv)
+
     def _attend_latents(self, q_btnh, kv_bsc, k_rope_bsr, mask_b1ts) -> jax.Array:
         """Attention over cached latents, kv_b_proj absorbed (see the module docstring); the same
         result as _attend over _expand(kv, k_rope); with a LoRA adapter, its update is absorbed too."""
-        w_k_cnh, w_v_cnv = jnp.split(self.kv_b_proj.weight().astype(q_btnh.dtype), [self.qk_nope_head_dim], axis=-1)
-        q_nope_btnh, q_rope_btnr = jnp.split(q_btnh, [self.qk_nope_head_dim], axis=-1)
-        q_latent_btnc = jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_k_cnh)
+        q_latent_btnc, q_rope_btnr, w_v_cnv = self._absorbed_queries(q_btnh)
         logits = jnp.einsum("btnc,bsc->bnts", q_latent_btnc, kv_bsc, preferred_element_type=jnp.float32)
         logits += jnp.einsum("btnr,bsr->bnts", q_rope_btnr, k_rope_bsr, preferred_element_type=jnp.float32)
         logits = jnp.where(mask_b1ts, logits * self.scale, jnp.finfo(jnp.float32).min)
@@ -284,7 +317,17 @@ class MLA(nnx.Module):
         q_btnh = self._queries(x, positions_bt, dropout_key)
         if cache is None:
             k_btnh, v_btnv = self._keys_values(x, positions_bt, dropout_key)
-            if use_blockwise(self.implementation, x.shape[1]):
+            if use_ring(self.context_parallel, *x.shape[:2]):
+                out_btnv = ring_attention(
+                    q_btnh, k_btnh, v_btnv, segment_ids_bt, positions_bt, scale=self.scale,
+                    block_size=self.block_size,
+                )  # fmt: skip
+            elif self.implementation in KERNELS:  # v_head_dim may differ: see fused_attention's table
+                out_btnv = fused_attention(
+                    self.implementation, q_btnh, k_btnh, v_btnv, segment_ids_bt, positions_bt, scale=self.scale,
+                    block_size=self.block_size,
+                )  # fmt: skip
+            elif use_blockwise(self.implementation, x.shape[1]):
                 out_btnv = blockwise_attention(
                     q_btnh, k_btnh, v_btnv, segment_ids_bt, positions_bt, scale=self.scale,
                     block_q=self.block_size, block_k=self.block_size,
@@ -294,6 +337,8 @@ class MLA(nnx.Module):
             return self.o_proj(out_btnv, fold_key(dropout_key, 5))
         kv_btc, k_rope_btr = self._latents(x, positions_bt)
         cache = cache.write(kv_btc[:, None], k_rope_btr[:, None])
+        if use_blockwise(self.implementation, x.shape[1]):
+            return self.o_proj(self._attend_latents_blockwise(q_btnh, cache, segment_ids_bt)), cache
         mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
         latents, k_rope = cache.keys(self.dtype)[:, 0], cache.values(self.dtype)[:, 0]
         out_btnv = self._attend_latents(q_btnh, latents, k_rope, mask)

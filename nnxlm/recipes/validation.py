@@ -25,10 +25,12 @@ from nnxlm.data.sources import SPLITS, JsonlFiles, PythonStdlib, Synthetic, Text
 from nnxlm.errors import UserError
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
 from nnxlm.modules.blockwise import IMPLEMENTATIONS
+from nnxlm.modules.fused_attention import PATTERN_FIX, kernel_problem
 from nnxlm.modules.lora import TARGETS, LoRA
 from nnxlm.modules.mla import MLA, YARN_KEYS
 from nnxlm.modules.mlp import ACTIVATIONS
 from nnxlm.modules.moe import DISPATCHES, ROUTERS, MoE
+from nnxlm.modules.ring import CONTEXT_PARALLEL
 from nnxlm.modules.rope import SCALING_TYPES
 from nnxlm.modules.transformer import PATTERN_FIELDS, REMAT_POLICIES
 from nnxlm.objectives import NextToken
@@ -196,6 +198,26 @@ def _mla(values, where, context):
             _fail(where, f"rope_scaling.{key}", scaling.get(key), "use a number > 0")
 
 
+def _kernel(values, where, context):
+    """What a fused attention kernel cannot honour (nnxlm.modules.fused_attention), before a build."""
+    implementation = values.get("implementation")
+    problem = kernel_problem(implementation, block_size=values.get("block_size"), softcap=values.get("softcap"))
+    if problem is not None:
+        _fail(where, *problem)
+
+
+def _pattern_kernel(values, where, context):
+    """A layer_pattern's windows reach the attention traced, which splash cannot take."""
+    block = values.get("block")
+    if values.get("layer_pattern") is None or not isinstance(block, fdl.Buildable):
+        return
+    attention = fdl.ordered_arguments(block, include_defaults=True).get("attention")
+    if isinstance(attention, fdl.Buildable):
+        implementation = fdl.ordered_arguments(attention, include_defaults=True).get("implementation")
+        if implementation == "splash":
+            _fail(where, "block.attention.implementation", implementation, PATTERN_FIX)
+
+
 def _experts(values, where, context):
     experts, k = values.get("num_experts"), values.get("num_experts_per_token")
     groups, kept = values.get("num_groups", 1), values.get("num_groups_per_token", 1)
@@ -337,6 +359,7 @@ RULES = {
         one_of("remat_policy", tuple(REMAT_POLICIES)),
         number("final_logit_softcap", **POSITIVE, optional=True),
         _layers,
+        _pattern_kernel,
     ),
     DecoderBlock: (number("dropout_rate", **PROBABILITY),),
     Attention: (
@@ -345,16 +368,20 @@ RULES = {
         number("rope_theta", **POSITIVE),
         number("softcap", "query_pre_attn_scalar", **POSITIVE, optional=True),
         one_of("implementation", IMPLEMENTATIONS),
+        one_of("context_parallel", CONTEXT_PARALLEL),
         whole("block_size"),
         _heads,
         _rope_scaling,
+        _kernel,
     ),
     MLA: (
         whole("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "block_size"),
         one_of("implementation", IMPLEMENTATIONS),
+        one_of("context_parallel", CONTEXT_PARALLEL),
         whole("q_lora_rank", optional=True),
         number("rope_theta", "norm_eps", **POSITIVE),
         _mla,
+        _kernel,
     ),
     GatedMLP: (whole("hidden_dim"), one_of("activation", tuple(ACTIVATIONS))),
     MoE: (
@@ -362,6 +389,7 @@ RULES = {
         whole("num_shared_experts", least=0),
         whole("shared_hidden_dim", optional=True),
         number("routed_scaling_factor", **POSITIVE),
+        number("capacity_factor", **POSITIVE, optional=True),
         one_of("activation", tuple(ACTIVATIONS)),
         one_of("router", ROUTERS),
         one_of("dispatch", DISPATCHES),

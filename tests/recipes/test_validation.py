@@ -103,6 +103,12 @@ def _both(*edits):
         ("tiny", _set("model.layer_pattern", ()), "model.layer_pattern is ()"),
         ("tiny", _set("model.block.attention.num_kv_heads", 8), "num_kv_heads is 8: num_heads (4) must divide"),
         (
+            "tiny",
+            _set("model.block.attention.context_parallel", "rings"),
+            "model.block.attention.context_parallel is 'rings': use one of 'all_gather', 'ring'",
+        ),
+        ("deepseek_v3", _set("model.block.attention.context_parallel", None), "context_parallel is None: use one of"),
+        (
             "llama3_1_8b",
             _set("model.block.attention.rope_scaling", {"type": "llama3", "factor": 8.0}),
             "model.block.attention.rope_scaling.low_freq_factor is None: use a number > 0",
@@ -126,6 +132,11 @@ def _both(*edits):
         ),
         ("qwen3_30b_a3b", _set("mesh", {"expert": 3, "data": -1}), "batch_size is 1024: the mesh splits it over"),
         ("qwen3_30b_a3b", _set("model.block.mlp.shared_hidden_dim", 64), "num_shared_experts is 0: set it too"),
+        (
+            "mixtral_8x7b",
+            _set("model.block.mlp.capacity_factor", 0),
+            "capacity_factor is 0: use a number > 0 (or None)",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_its_field(recipe, edit, message):

@@ -12,11 +12,15 @@ import fiddle as fdl
 import jax
 from flax import nnx
 
+import nnxlm.modules.attention
 import nnxlm.trainer
 from nnxlm.modules.moe import MoE
 from nnxlm.recipes import tiny
 from nnxlm.sharding import make_mesh
 from nnxlm.sharding.memory import state_bytes_per_device
+from tests.sharding.moe_checks import TRACED as EXPERT_PARALLEL_TRACES
+from tests.sharding.moe_checks import moe_checks
+from tests.sharding.ring_checks import ring_checks
 
 MESHES = {
     "data=8": {"data": 8},
@@ -24,7 +28,9 @@ MESHES = {
     "data=2 fsdp=2 tensor=2": {"data": 2, "fsdp": 2, "tensor": 2},
     "tensor=4": {"tensor": 4, "data": -1},  # tiny has 2 KV heads: replicated over tensor
     "expert=4 moe": {"expert": 4, "data": -1},
+    "expert=2 fsdp=2 data=2 moe": {"expert": 2, "fsdp": 2, "data": 2},
     "sequence=2 fsdp=4": {"sequence": 2, "fsdp": 4},
+    "sequence=4 ring": {"sequence": 4, "fsdp": 2},  # ring attention (context_parallel="ring")
 }
 
 
@@ -35,12 +41,17 @@ def _mesh_on_leading_devices(sizes):
 
 
 nnxlm.trainer.make_mesh = _mesh_on_leading_devices
+RING_TRACES = []  # the "ring" case must take Attention's ring path, not fall back to the all-gather
+_ring_attention = nnxlm.modules.attention.ring_attention
+nnxlm.modules.attention.ring_attention = lambda *a, **k: RING_TRACES.append(1) or _ring_attention(*a, **k)
 
 
-def recipe(workdir, mesh, *, moe=False, steps=5, checkpoint_every=0):
+def recipe(workdir, mesh, *, moe=False, ring=False, steps=5, checkpoint_every=0):
     cfg = tiny()
     cfg.workdir, cfg.mesh, cfg.num_steps = workdir, mesh, steps
     cfg.eval_every, cfg.checkpoint_every, cfg.log_every = 0, checkpoint_every, 1000
+    if ring:
+        cfg.model.block.attention.context_parallel = "ring"
     if moe:
         cfg.model.block.mlp = fdl.Partial(MoE, num_experts=4, num_experts_per_token=2, expert_hidden_dim=32)
     return cfg
@@ -76,8 +87,12 @@ def meshes(root):
     for moe in (False, True):
         _, result[f"one device{' moe' if moe else ''}"] = train(recipe(f"{root}/one{moe}", {"data": 1}, moe=moe))
     for name, mesh in MESHES.items():
-        trainer, losses = train(recipe(f"{root}/{name}", mesh, moe="moe" in name))
+        trainer, losses = train(recipe(f"{root}/{name}", mesh, moe="moe" in name, ring="ring" in name))
         result[name] = {"losses": losses, "shards": shard_shapes(trainer), "bytes": device_bytes(trainer)}
+    result["ring attention traced"] = bool(RING_TRACES)
+    result["expert parallel traced"] = sorted(set(EXPERT_PARALLEL_TRACES))  # before moe_checks adds its own
+    result["moe layer"] = moe_checks()  # one layer's values and gradients under shard_map
+    result["ring attention"] = ring_checks()  # function level: against dense, on the same 8 devices
     return result
 
 
