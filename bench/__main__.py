@@ -1,12 +1,17 @@
 """`python -m bench` (what `make bench` runs): every benchmark of bench/, then bench/results.md.
 
-    python -m bench [--launches 3] [--rounds 5] [--no_hf] [--only train data checkpoint decode serve quantize]
+    python -m bench [--launches 3] [--rounds 5] [--no_hf] [--only train data checkpoint decode serve quantize moe
+                    long_context]
 
 In order: the fp32 matmul peak; training (bench.train: fresh launches and alternating blocks of
 steps of nnxlm and, with the bench extra installed, transformers) and where nnxlm's launch time
 goes; the data pipeline (bench.data); checkpointing (bench.checkpoint); decoding (bench.decode);
 serving to 1, 4 and 16 streaming clients (bench.serve); int8 quantization against float32
-(bench.quantize: quality, decode speed, memory; a section of its own after the table); the peak again.
+(bench.quantize: quality, decode speed, memory; a section of its own after the table); mixture-of-experts
+training, nnxlm's sorted and dense dispatches and transformers' Mixtral (bench.moe: a section of its
+own); long-context training at 2048 and 4096 tokens, nnxlm's blockwise and dense attention and
+transformers' SDPA (bench.long_context: a section of its own, and blockwise's tokens/s in the table);
+the peak again.
 Every benchmark runs in a process of its own. The MFU of both frameworks divides by the same peak:
 the best of the two measurements, so a busy machine at one of them does not inflate it. --output
 (default bench/results.md) is where the table goes.
@@ -23,7 +28,7 @@ import time
 from bench import train
 from bench.common import REPO, Row, cpu_model, median, results_markdown, run_worker, versions
 
-PARTS = ("train", "data", "checkpoint", "decode", "serve", "quantize")
+PARTS = ("train", "data", "checkpoint", "decode", "serve", "quantize", "moe", "long_context")
 
 
 def main(argv=None) -> int:
@@ -71,6 +76,17 @@ def main(argv=None) -> int:
 
         results["quantize"] = run_worker(["bench.quantize", "--json"], timeout=2400)
         log("quantize\n" + quantize.section(results["quantize"]))
+    if "moe" in args.only:  # three implementations, not nnxlm against one peer: a section of its own
+        from bench import moe
+
+        results["moe"] = run_worker(["bench.moe", "--json"] + ([] if with_hf else ["--no_hf"]), timeout=2400)
+        log("moe\n" + moe.section(results["moe"]))
+    if "long_context" in args.only:  # three configurations: a section of its own, blockwise's row in the table
+        from bench import long_context
+
+        command = ["bench.long_context", "--json"] + ([] if with_hf else ["--no_hf"])
+        results["long_context"] = run_worker(command, timeout=2400)
+        log("long_context\n" + long_context.section(results["long_context"]))
     torch_peak = run_worker(["bench.common", "peak", "torch"])["flops"] if with_hf else None
     peaks.append(run_worker(["bench.common", "peak", "jax"])["flops"])
     peak = max(peaks)
@@ -91,6 +107,10 @@ def main(argv=None) -> int:
     markdown = results_markdown("nnxlm benchmarks", machine, rows, notes)
     if "quantize" in results:
         markdown += "\n" + quantize.section(results["quantize"])
+    if "moe" in results:
+        markdown += "\n" + moe.section(results["moe"])
+    if "long_context" in results:
+        markdown += "\n" + long_context.section(results["long_context"])
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(markdown)
     print(markdown)
@@ -107,6 +127,10 @@ def table_rows(results: dict, peak: float, notes: list[str]) -> list[Row]:
             f"`nnxlm train --recipe {name}` logged its MFU with {logged / 1e6:.2f} MFLOP/token; "
             f"the table uses {result['shape']['flops_per_token'] / 1e6:.2f}."
         )
+    if "long_context" in results:  # blockwise attention's tokens/s beside transformers' SDPA
+        from bench import long_context
+
+        rows += long_context.rows(results["long_context"])
     if "data" in results:
         rate, note = results["data"]["tokens_per_s"], ""
         if "train" in results:  # tokens a step over the median step time
