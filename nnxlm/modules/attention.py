@@ -42,13 +42,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxlm.modules.blockwise import (
-    blockwise_attention,
-    blockwise_cached_attention,
-    check_implementation,
-    use_blockwise,
-)
+from nnxlm.modules.blockwise import blockwise_cached_attention, check_implementation, use_blockwise
 from nnxlm.modules.dense import Dense, fold_key
+from nnxlm.modules.flash import blockwise_attention
 from nnxlm.modules.fused_attention import KERNELS, check_kernel, fused_attention
 from nnxlm.modules.kv_cache import KVCache, cached_attention, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.ring import check_context_parallel, ring_attention, use_ring

@@ -13,8 +13,7 @@ The scan body is rematerialised (jax.checkpoint), so the backward pass keeps onl
 carries, not its [block_q x block_k] scores. Key blocks wholly masked for a query block (after
 the block's last query, or outside a sliding window) are skipped with lax.cond.
 
-Three callers share `accumulate`, which folds one set of keys into a running state (m, l, o):
-  blockwise_attention         self-attention within a row (training, no cache)
+Two callers share `accumulate`, which folds one set of keys into a running state (m, l, o):
   blockwise_cached_attention  a long prefill over every slot of a KV cache (float or int8)
   nnxlm.modules.ring          ring attention: a device's query chunk against the key chunks of
                               the others, one ring step at a time
@@ -198,34 +197,6 @@ def finish(state: State, length: int, dtype) -> jax.Array:
     blocks, batch, num_kv_heads, group, block_q, v_dim = out.shape
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, blocks * block_q, num_kv_heads * group, v_dim)
     return out[:, :length].astype(dtype)
-
-
-def blockwise_attention(
-    q_btnh: jax.Array,
-    k_bskh: jax.Array,
-    v_bskv: jax.Array,
-    segment_ids_bt: jax.Array,
-    positions_bt: jax.Array,
-    *,
-    scale: float,
-    window=None,
-    softcap: float | None = None,
-    block_q: int = 512,
-    block_k: int = 512,
-) -> jax.Array:
-    """Causal self-attention of q [batch, length, heads, head_dim] over k [batch, length, kv_heads,
-    head_dim] and v [batch, length, kv_heads, v_head_dim] (heads a multiple of kv_heads: GQA / MQA);
-    returns [batch, length, heads, v_head_dim] in q's dtype. window: keys fewer than `window`
-    positions back only (None: all; may be a traced int32 scalar)."""
-    batch, length, num_heads, _ = q_btnh.shape
-    index_bt = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    rows = Rows(segment_ids_bt, index_bt, positions_bt)
-    state = empty_state(batch, length, num_heads, k_bskh.shape[2], v_bskv.shape[3], block_q)
-    state = accumulate(
-        state, q_btnh, k_bskh, v_bskv, rows, rows, scale=scale, window=window, softcap=softcap,
-        block_q=block_q, block_k=block_k,
-    )  # fmt: skip
-    return finish(state, length, q_btnh.dtype)
 
 
 def blockwise_cached_attention(

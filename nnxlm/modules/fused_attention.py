@@ -105,7 +105,7 @@ def fused_attention(
     block_size: int = 512,
 ) -> jax.Array:
     """Causal self-attention through the kernel `implementation` ("cudnn" or "splash"), shapes as
-    nnxlm.modules.blockwise.blockwise_attention's; UserError when this platform lacks the kernel."""
+    nnxlm.modules.flash.blockwise_attention's; UserError when this platform lacks the kernel."""
     if not INTERPRET:
         _check_platform(implementation)
     if implementation == "cudnn":

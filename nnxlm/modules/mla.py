@@ -51,13 +51,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxlm.modules.attention import attention_mask
-from nnxlm.modules.blockwise import (
-    blockwise_attention,
-    blockwise_cached_attention,
-    check_implementation,
-    use_blockwise,
-)
+from nnxlm.modules.blockwise import blockwise_cached_attention, check_implementation, use_blockwise
 from nnxlm.modules.dense import Dense, fold_key
+from nnxlm.modules.flash import blockwise_attention
 from nnxlm.modules.fused_attention import KERNELS, check_kernel, fused_attention
 from nnxlm.modules.kv_cache import KVCache, cached_attention_mask, empty_layer_kv
 from nnxlm.modules.norms import RMSNorm

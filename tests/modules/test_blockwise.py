@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nnxlm.modules.attention import attention_mask
-from nnxlm.modules.blockwise import blockwise_attention
+from nnxlm.modules.flash import blockwise_attention
 
 
 def dense(q, k, v, segment_ids, positions, scale, window=None, softcap=None):
