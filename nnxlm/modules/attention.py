@@ -20,7 +20,7 @@ Options (off by default; each adds what the Hugging Face families need):
   query_pre_attn_scalar  scores are scaled by query_pre_attn_scalar ** -0.5 instead of
                  head_dim ** -0.5 (Gemma 2 / 3).
   implementation "auto" (default), "dense" or "blockwise": how attention without a cache is
-                 computed (nnxlm.modules.blockwise; "auto": blockwise past 1024 tokens), with
+                 computed (nnxlm.modules.flash; "auto": blockwise past 256 tokens), with
                  block_size-token blocks of queries and of keys; or a fused kernel, "cudnn" (GPU)
                  or "splash" (TPU), see nnxlm.modules.fused_attention. With a cache, a call of
                  over 1024 queries ("auto", a kernel) or any call ("blockwise") attends over the
@@ -193,7 +193,7 @@ class Attention(nnx.Module):
                 out_btnh = cached_attention(q_btnh, own, mask, self.scale, self.softcap)
             return self.o_proj(out_btnh, fold_key(dropout_key, 3))
         cache = cache.write(k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3))
-        if use_blockwise(self.implementation, x.shape[1]):  # a long prefill: no [queries x slots] scores
+        if use_blockwise(self.implementation, x.shape[1], cached=True):  # a long prefill: no [queries x slots] scores
             out_btnh = blockwise_cached_attention(
                 q_btnh, cache, segment_ids_bt, scale=self.scale, window=window, softcap=self.softcap,
                 block_q=self.block_size, block_k=self.block_size,

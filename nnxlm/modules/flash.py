@@ -76,9 +76,9 @@ def blockwise_attention(
         return x.transpose(1, 0, 3, 2, 4).reshape(batch, k_padded, num_kv_heads, -1)[:, :length]
 
     def scores(q_bkrh, k_bksh, q_block_rows, k_block_rows, window):
-        """Masked float32 scores [batch, kv_heads, rows_q, block_k], the mask, and tanh(raw /
-        softcap) (None without a soft-cap) for the soft-cap's derivative."""
-        s = jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k_bksh, preferred_element_type=jnp.float32) * scale
+        """Masked float32 scores [batch, kv_heads, rows_q, block_k] of queries already scaled, and
+        tanh(raw / softcap) (None without a soft-cap) for the soft-cap's derivative."""
+        s = jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k_bksh, preferred_element_type=jnp.float32)
         capped = None
         if softcap is not None:
             capped = jnp.tanh(s / softcap)
@@ -89,7 +89,7 @@ def blockwise_attention(
             mask &= q_pos[:, :, None] - k_pos[:, None, :] < window
         mask = jnp.broadcast_to(mask[:, None, None], (batch, num_kv_heads, group, block_q, block_k))
         mask = mask.reshape(batch, num_kv_heads, rows_q, block_k)
-        return jnp.where(mask, s, LOWEST), mask, capped
+        return jnp.where(mask, s, LOWEST), capped
 
     def needed(q_block_rows, k_block_rows, window):
         return overlaps(Rows(*q_block_rows), Rows(*k_block_rows), window)
@@ -108,9 +108,12 @@ def blockwise_attention(
 
                 def attend(carry):
                     m, l, o = carry  # noqa: E741
-                    s, mask, _ = scores(q_bkrh, k_bksh, q_block_rows, k_block_rows, window)
+                    s, _ = scores(q_bkrh, k_bksh, q_block_rows, k_block_rows, window)
                     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # a row with nothing yet stays empty
+                    # masked scores are float32's lowest: exp(lowest - m) is 0 unless the row has seen
+                    # nothing yet (m lowest too); subtracting 0 there keeps it empty, with one where a
+                    # row instead of one an entry
+                    p = jnp.exp(s - jnp.where(m_new == LOWEST, 0.0, m_new)[..., None])
                     correction = jnp.exp(m - m_new)
                     pv = jnp.einsum(
                         "bkrs,bksv->bkrv", p.astype(v_bksv.dtype), v_bksv, preferred_element_type=jnp.float32
@@ -126,7 +129,7 @@ def blockwise_attention(
             l_safe = jnp.where(empty, 1.0, l)
             return o / l_safe[..., None], jnp.where(empty, jnp.inf, m + jnp.log(l_safe))
 
-        out, lse = jax.lax.map(query_block, (queries_major(q), q_rows))
+        out, lse = jax.lax.map(query_block, (queries_major(q * jnp.asarray(scale, q.dtype)), q_rows))
         return from_queries_major(out).astype(q.dtype), (out, lse)
 
     @jax.custom_vjp
@@ -152,13 +155,12 @@ def blockwise_attention(
 
                 def attend(carry):
                     dk, dv = carry
-                    s, mask, capped = scores(q_bkrh, k_bksh, q_block_rows, k_block_rows, window)
-                    p = jnp.where(mask, jnp.exp(s - lse_bkr[..., None]), 0.0)
+                    s, capped = scores(q_bkrh, k_bksh, q_block_rows, k_block_rows, window)
+                    p = jnp.exp(s - lse_bkr[..., None])  # 0 where masked (lowest - lse), and lse is inf for empty rows
                     dv = dv + jnp.einsum("bkrs,bkrv->bksv", p, d_out_bkrv)
                     ds = p * (jnp.einsum("bkrv,bksv->bkrs", d_out_bkrv, v_f32) - delta_bkr[..., None])
                     if softcap is not None:  # d(c tanh(x / c)) / dx = 1 - tanh^2
                         ds = ds * (1.0 - capped * capped)
-                    ds = ds * scale
                     dk = dk + jnp.einsum("bkrs,bkrh->bksh", ds, q_bkrh.astype(jnp.float32))
                     return (dk, dv), jnp.einsum("bkrs,bksh->bkrh", ds, k_f32)
 
@@ -171,13 +173,14 @@ def blockwise_attention(
                 jnp.zeros((batch, num_kv_heads, block_k, qk_dim)),
                 jnp.zeros((batch, num_kv_heads, block_k, v_dim)),
             )
-            queries = (queries_major(q), d_out_blocks, lse, delta, *q_rows)
+            queries = (queries_major(q * jnp.asarray(scale, q.dtype)), d_out_blocks, lse, delta, *q_rows)
             (dk, dv), dq_parts = jax.lax.scan(query_step, carry, queries)
             return dq + dq_parts, (dk, dv)
 
         dq = jnp.zeros((num_q, batch, num_kv_heads, rows_q, qk_dim))
         dq, (dk, dv) = jax.lax.scan(key_block, dq, (keys_major(k), keys_major(v), *k_rows))
-        grads = (from_queries_major(dq), from_keys_major(dk), from_keys_major(dv))
+        # scores are (q scale) k: dk was taken against the scaled queries, dq gets the scale once here
+        grads = (from_queries_major(dq) * scale, from_keys_major(dk), from_keys_major(dv))
         return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)), None, None, None)
 
     attention.defvjp(attention_forward, attention_backward)

@@ -333,7 +333,7 @@ class MLA(nnx.Module):
             return self.o_proj(out_btnv, fold_key(dropout_key, 5))
         kv_btc, k_rope_btr = self._latents(x, positions_bt)
         cache = cache.write(kv_btc[:, None], k_rope_btr[:, None])
-        if use_blockwise(self.implementation, x.shape[1]):
+        if use_blockwise(self.implementation, x.shape[1], cached=True):
             return self.o_proj(self._attend_latents_blockwise(q_btnh, cache, segment_ids_bt)), cache
         mask = cached_attention_mask(segment_ids_bt, cache.segment_ids, cache.index)
         latents, k_rope = cache.keys(self.dtype)[:, 0], cache.values(self.dtype)[:, 0]
