@@ -41,12 +41,20 @@ grpo: $(VENV)/.installed
 	$(BIN)/nnxlm train --recipe recipes/grpo.py:sums
 	$(BIN)/nnxlm train --recipe recipes/grpo.py
 
-# Two processes: one pytest process running the whole suite segfaulted near its end (after ~740
-# tests, in a different test each time), as the threads and programs of hundreds of trainers,
-# engines and checkpointers piled up in it. The package's tests, then the end-to-end ones.
+# Two pytest processes side by side, one a core: one process running the whole suite segfaulted
+# near its end (after ~740 tests, in a different test each time) as the threads and programs of
+# hundreds of trainers piled up in it, and many tests wait on subprocesses, compilers and timeouts,
+# so two lanes finish well before one would. Lane A's output is printed when both are done.
+LANE_A := tests/modules tests/sharding tests/serving
+LANE_B := tests/convert tests/data tests/objectives tests/recipes tests/test_*.py
 test: lint
-	$(BIN)/pytest -q tests/convert tests/data tests/modules tests/objectives tests/recipes tests/serving tests/sharding
-	$(BIN)/pytest -q tests/test_*.py
+	@log=$$(mktemp); \
+	$(BIN)/pytest -q -p no:cacheprovider $(LANE_A) > $$log 2>&1 & lane_a=$$!; \
+	echo "lane B: $(LANE_B)"; \
+	$(BIN)/pytest -q -p no:cacheprovider $(LANE_B); status_b=$$?; \
+	wait $$lane_a; status_a=$$?; \
+	echo "lane A: $(LANE_A)"; cat $$log; rm -f $$log; \
+	test $$status_a -eq 0 && test $$status_b -eq 0
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
