@@ -52,6 +52,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def machine_line(skip=()) -> str:
+    """'<cpu>, <n> cores, CPU only, <package versions>, <os>': the machine line of a results section
+    (skip: packages left out, e.g. a peer the benchmark does not run)."""
+    packages = ", ".join(f"{name} {version}" for name, version in versions().items() if name not in skip)
+    return f"{cpu_model()}, {os.cpu_count()} cores, CPU only, {packages}, {platform.system()} {platform.release()}"
+
+
 def run_worker(args: list[str], *, timeout: float = 600, env: dict | None = None) -> dict:
     """Runs `python -m <args>` in the repository and returns the JSON object of its last output line
     (see emit), with the worker's wall time added as "wall_s"."""

@@ -40,7 +40,6 @@ import argparse
 import ctypes
 import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Row, cpu_model, emit, median, versions
+from bench.common import Row, emit, machine_line, median
 from bench.train import Server, hf_model, hf_training_step, serve
 
 MODEL = dict(vocab_size=2048, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=688)
@@ -324,11 +323,7 @@ def main(argv=None) -> int:
 
     result = bench(args.lengths, args.rounds, args.steps, args.probes, args.block_size, not args.no_hf, log)
     result["date"] = f"{datetime.datetime.now():%Y-%m-%d}"
-    result["machine"] = (
-        f"{cpu_model()}, {os.cpu_count()} cores, CPU only, "
-        + ", ".join(f"{name} {version}" for name, version in versions().items())
-        + f", {platform.system()} {platform.release()}"
-    )
+    result["machine"] = machine_line()
     result["wall_s"] = time.perf_counter() - started
     markdown = section(result)
     if args.output:

@@ -24,7 +24,6 @@ malloc setting that `nnxlm train` gives itself (bench.train.environment).
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import cpu_model, emit, median, versions
+from bench.common import emit, machine_line, median
 
 SHAPE = dict(
     vocab_size=2048,
@@ -228,9 +227,7 @@ def main(argv=None) -> int:
 
     result = {
         "date": f"{datetime.datetime.now():%Y-%m-%d}",
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, CPU only, "
-        + ", ".join(f"{name} {version}" for name, version in versions().items())
-        + f", {platform.system()} {platform.release()}",
+        "machine": machine_line(),
         "shape": SHAPE,
         "rounds": args.rounds,
         "block_steps": args.block_steps,

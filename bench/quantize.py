@@ -42,7 +42,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Worker, cpu_model, emit, median, versions
+from bench.common import Worker, emit, machine_line, median
 from nnxlm.modules.quantization import Quantization
 
 # The forms compared with float32, by name: (what the tables call them, the settings).
@@ -501,11 +500,7 @@ def main(argv=None) -> int:
 
     result = {
         "date": f"{datetime.datetime.now():%Y-%m-%d}",
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, CPU only, "
-        + ", ".join(
-            f"{name} {version}" for name, version in versions().items() if name not in ("torch", "transformers")
-        )
-        + f", {platform.system()} {platform.release()}",
+        "machine": machine_line(skip=("torch", "transformers")),
     }
     if "quality" in args.parts:
         with tempfile.TemporaryDirectory(prefix="nnxlm-bench-quantize-run-") as scratch:

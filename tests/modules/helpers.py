@@ -1,9 +1,24 @@
 """Small models for module tests."""
 
 import fiddle as fdl
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.modules.attention import attention_mask
 from nnxlm.recipes import models
+
+
+def dense_attention(q, k, v, segment_ids, positions, scale, window=None, softcap=None):
+    """The reference of the blockwise and fused paths: the dense path's arithmetic (float32 scores
+    of every query and key, soft-cap, mask at float32's lowest, softmax), with KV heads repeated."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(attention_mask(segment_ids, positions, window), scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(scores, axis=-1), v)
 
 
 def tiny_model(scan_layers=True, seed=0, **changes):

@@ -5,20 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nnxlm.modules.attention import attention_mask
 from nnxlm.modules.flash import blockwise_attention
-
-
-def dense(q, k, v, segment_ids, positions, scale, window=None, softcap=None):
-    """The dense path's arithmetic: float32 scores, soft-cap, mask at float32's lowest, softmax."""
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    mask = attention_mask(segment_ids, positions, window)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(scores, axis=-1), v)
+from tests.modules.helpers import dense_attention
 
 
 def inputs(length, heads=4, kv_heads=2, head_dim=8, v_dim=8, packed=False, seed=0):
@@ -72,7 +60,7 @@ def test_blockwise_equals_dense_in_values_and_gradients(case, length, block):
         )
 
     def reference(q, k, v):
-        return dense(q, k, v, segment_ids, positions, scale, window, softcap)
+        return dense_attention(q, k, v, segment_ids, positions, scale, window, softcap)
 
     np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-5)
     grads = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
@@ -89,7 +77,7 @@ def test_a_traced_window_per_layer_and_uneven_blocks():
         )
     )
     for window in (1, 4, 2**31 - 1):
-        expected = dense(q, k, v, segment_ids, positions, 0.3, None if window > 100 else window)
+        expected = dense_attention(q, k, v, segment_ids, positions, 0.3, None if window > 100 else window)
         np.testing.assert_allclose(run(jnp.int32(window)), expected, atol=1e-5)
 
 

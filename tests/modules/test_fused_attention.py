@@ -15,20 +15,10 @@ from flax import nnx
 
 from nnxlm.errors import UserError
 from nnxlm.modules import fused_attention
-from nnxlm.modules.attention import Attention, attention_mask
+from nnxlm.modules.attention import Attention
 from nnxlm.modules.fused_attention import cudnn_attention, splash_attention
 from nnxlm.modules.mla import MLA
-
-
-def dense(q, k, v, segment_ids, positions, scale, window=None, softcap=None):
-    """The reference: float32 scores of every query and key, soft-capped, masked as the dense path."""
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(attention_mask(segment_ids, positions, window), scores, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(scores, axis=-1), v)
+from tests.modules.helpers import dense_attention
 
 
 def rows(length):
@@ -84,7 +74,7 @@ def test_splash_equals_dense_in_values_and_gradients():
         )  # fmt: skip
 
     def reference(q, k, v):
-        return dense(q, k, v, segment_ids, positions, scale, window, softcap)
+        return dense_attention(q, k, v, segment_ids, positions, scale, window, softcap)
 
     assert_close(
         values_and_gradients(splash, q, k, v, segment_ids), values_and_gradients(reference, q, k, v, segment_ids)
@@ -103,7 +93,7 @@ def test_cudnn_call_with_xla_in_its_place_equals_dense(shape, window):
         return cudnn_attention(q, k, v, segment_ids, positions, scale=0.3, window=window, implementation="xla")
 
     def reference(q, k, v):
-        return dense(q, k, v, segment_ids, positions, 0.3, window)
+        return dense_attention(q, k, v, segment_ids, positions, 0.3, window)
 
     assert_close(
         values_and_gradients(cudnn, q, k, v, segment_ids), values_and_gradients(reference, q, k, v, segment_ids)
@@ -118,7 +108,8 @@ def test_cudnn_folds_a_traced_window_into_its_mask():
     @jax.jit
     def both(window):
         cudnn = cudnn_attention(q, k, v, segment_ids, positions, scale=0.3, window=window, implementation="xla")
-        return jnp.where(valid, cudnn, 0.0), jnp.where(valid, dense(q, k, v, segment_ids, positions, 0.3, window), 0.0)
+        reference = dense_attention(q, k, v, segment_ids, positions, 0.3, window)
+        return jnp.where(valid, cudnn, 0.0), jnp.where(valid, reference, 0.0)
 
     for window in (3, 2**31 - 1):
         assert_close(*both(jnp.int32(window)))
