@@ -59,6 +59,7 @@ test: lint
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q -p no:cacheprovider --collect-only tests > /dev/null  # every test module imports
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from nnxlm.modules.ring import ring_attention, use_ring
 from nnxlm.sharding import activation_sharding, constrain, make_mesh
-from tests.modules.test_blockwise import dense, inputs
+from tests.modules.helpers import dense_attention
+from tests.modules.test_blockwise import inputs
 
 # (mesh, sharding rules, inputs, window, soft-cap); 32 tokens in blocks of 4 on every device
 CASES = {
@@ -47,7 +48,9 @@ def _check(sizes, rules, options, window, softcap) -> tuple[list[float], list[st
         traced = None if window is None else jnp.int32(window)
         compiled = jax.jit(lambda *args: _with_grads(ring, *args)).lower(q, k, v, traced).compile()
     out, grads = compiled(q, k, v, traced)
-    want, want_grads = _with_grads(lambda *a: dense(*a, segment_ids, positions, scale, window, softcap), q, k, v)
+    want, want_grads = _with_grads(
+        lambda *a: dense_attention(*a, segment_ids, positions, scale, window, softcap), q, k, v
+    )
     errors = [float(jnp.max(jnp.abs(a - b))) for a, b in zip((out, *grads), (want, *want_grads), strict=True)]
     collectives = re.findall(r"\b(all-gather|collective-permute)(?:-start)?\(", compiled.as_text())
     return errors, sorted(set(collectives))
