@@ -19,6 +19,7 @@ class Progress:
         )
         self.task = self.bar.add_task("train", total=total, completed=start, info="")
         self.enabled = enabled
+        self.mixture: dict[str, float] = {}  # documents drawn from each source of a mixture so far
         self.bar.start()
 
     def update(self, step: int, record: dict, log: bool) -> None:
@@ -28,6 +29,11 @@ class Progress:
         for name in ("eval_loss", "eval_reward"):
             if name in record:
                 info += f"  {name.replace('_', ' ')} {record[name]:.3f}"
+        for key, value in record.items():
+            if key.startswith("mixture/"):
+                self.mixture[key.removeprefix("mixture/")] = self.mixture.get(key.removeprefix("mixture/"), 0) + value
+        if total := sum(self.mixture.values()):  # the realised shares of a mixture, this run so far
+            info += "  mix " + " ".join(f"{name} {count / total:.0%}" for name, count in self.mixture.items())
         self.bar.update(self.task, completed=step, info=info)
         if log and self.enabled:  # above the bar on a terminal, a plain line in a log file
             self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)

@@ -12,10 +12,10 @@ its run directory, or copies the source's tokenizer files (and chat template) in
 that starts from scratch trains a new tokenizer; a pretrained model without one is an error.
 """
 
-import os
 import sys
 
 import jax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -28,15 +28,15 @@ from nnxlm.checkpointing import (
     saved_paths,
     stored_layout,
 )
-from nnxlm.data import SentencePieceTokenizer, Synthetic, find_tokenizer, load_tokenizer
+from nnxlm.data import SentencePieceTokenizer, find_tokenizer, load_tokenizer
 from nnxlm.data.tokenizer import COMPANION_FILES
 from nnxlm.errors import UserError
-from nnxlm.files import copy_atomically
+from nnxlm.files import absolute, copy_atomically
 from nnxlm.modules.quantization import float_layout, is_quantized_node, quantize_pure_dict, quantized
 
 
-def is_hf_directory(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+def is_hf_directory(path) -> bool:
+    return (epath.Path(path) / "config.json").is_file() and not (epath.Path(path) / "checkpoints").is_dir()
 
 
 def load_parameters(trainer, path: str) -> None:
@@ -113,11 +113,11 @@ def restore_full_state(trainer, path: str):
 
 def prepare_tokenizer(trainer, pretrained: bool):
     """The run's tokenizer (see the module docstring); None for data that is already token ids."""
-    if isinstance(trainer.train_data, Synthetic):
+    if getattr(trainer.train_data, "yields_token_ids", False):
         return None
     workdir = trainer.workdir
     path = find_tokenizer(workdir, trainer.tokenizer_path)
-    if not os.path.exists(path) and not trainer.tokenizer_path:
+    if not epath.Path(path).exists() and not trainer.tokenizer_path:
         source = trainer.load_parameters_path or trainer.load_full_state_path
         if source:
             _on_main_process(lambda: copy_tokenizer(_tokenizer_of(source), workdir), "tokenizer copied")
@@ -134,19 +134,19 @@ def prepare_tokenizer(trainer, pretrained: bool):
 
 def find_run_tokenizer(trainer):
     """The tokenizer a run would use, without writing anything (None for token-id data)."""
-    if isinstance(trainer.train_data, Synthetic):
+    if getattr(trainer.train_data, "yields_token_ids", False):
         return None
     path = find_tokenizer(trainer.workdir, trainer.tokenizer_path)
     source = trainer.load_parameters_path or trainer.load_full_state_path
-    if not os.path.exists(path) and not trainer.tokenizer_path and source:
+    if not epath.Path(path).exists() and not trainer.tokenizer_path and source:
         path = _tokenizer_of(source)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise UserError(f"the run has no tokenizer yet ({path}): set tokenizer_path, or train once to make one")
     return _load_checked(trainer, path)
 
 
 def _load_checked(trainer, path: str):
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise UserError(f"tokenizer file {path} does not exist: fix tokenizer_path or set it to None")
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > trainer.model_vocab_size:
@@ -171,9 +171,9 @@ def _tokenizer_of(source: str) -> str:
         path = find_tokenizer(source)
     else:
         directory, step = find_checkpoint(source)
-        run_dir = os.path.dirname(directory)
-        path = find_tokenizer(run_dir, load_recipe(os.path.join(directory, str(step))).tokenizer_path)
-    if not os.path.exists(path):
+        run_dir = epath.Path(directory).parent
+        path = find_tokenizer(run_dir, load_recipe(epath.Path(directory) / str(step)).tokenizer_path)
+    if not epath.Path(path).exists():
         raise UserError(
             f"the pretrained model in {source} has no tokenizer: set tokenizer_path to its tokenizer.model "
             "or tokenizer.json (a model is never given another vocabulary)"
@@ -183,11 +183,12 @@ def _tokenizer_of(source: str) -> str:
 
 def copy_tokenizer(tokenizer_path: str, destination: str) -> None:
     """Copies a tokenizer file and what travels with it (its config, chat template) into destination."""
-    os.makedirs(destination, exist_ok=True)
-    source = os.path.dirname(os.path.abspath(tokenizer_path))
-    for name in (os.path.basename(tokenizer_path), *COMPANION_FILES):
-        if os.path.exists(os.path.join(source, name)) and not os.path.exists(os.path.join(destination, name)):
-            copy_atomically(os.path.join(source, name), os.path.join(destination, name))
+    destination = epath.Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    source = absolute(tokenizer_path).parent
+    for name in (epath.Path(tokenizer_path).name, *COMPANION_FILES):
+        if (source / name).exists() and not (destination / name).exists():
+            copy_atomically(source / name, destination / name)
 
 
 def _train_tokenizer(trainer, path: str) -> None:
@@ -200,8 +201,7 @@ def _train_tokenizer(trainer, path: str) -> None:
     print(f"nnxlm: training a {trainer.model_vocab_size}-token SentencePiece tokenizer -> {path}", file=sys.stderr)
     texts = (trainer.train_data.load(doc) for doc in documents)
     tokenizer = SentencePieceTokenizer.train(texts, trainer.model_vocab_size, max_chars=trainer.tokenizer_train_chars)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tokenizer.save(path)
+    tokenizer.save(path)  # (write_atomically makes the directory)
 
 
 __all__ = ["copy_tokenizer", "find_run_tokenizer", "load_parameters", "prepare_tokenizer", "restore_full_state"]

@@ -1,5 +1,6 @@
 """Data: document sources, tokenizers and the grain pipeline that packs them into batches."""
 
+from nnxlm.data.mixture import Mixture
 from nnxlm.data.pipeline import ShardedBatches, make_dataset, unigram_entropy
 from nnxlm.data.sources import JsonlFiles, PythonStdlib, Synthetic, TextFiles
 from nnxlm.data.tokenizer import (
@@ -19,6 +20,7 @@ __all__ = [
     "PAD_ID",
     "UNK_ID",
     "JsonlFiles",
+    "Mixture",
     "PythonStdlib",
     "SentencePieceTokenizer",
     "ShardedBatches",

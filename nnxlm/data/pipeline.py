@@ -34,6 +34,7 @@ import grain
 import numpy as np
 from grain import experimental as gx
 
+from nnxlm.data.mixture import Mixture, Tagged
 from nnxlm.data.tokenizer import BOS_ID, EOS_ID
 from nnxlm.errors import UserError
 
@@ -51,7 +52,12 @@ class LoadAndTokenize(grain.transforms.Map):
     def map(self, item: Any) -> dict[str, np.ndarray]:
         ids = document_ids(self.source, self.tokenizer, item)
         bos = [] if self.bos is None else [self.bos]
-        return {"tokens": np.concatenate([np.asarray(bos + list(ids), np.int32), [self.eos]]).astype(np.int32)}
+        tokens = np.concatenate([np.asarray(bos, np.int32), ids.astype(np.int32, copy=False), [self.eos]])
+        if isinstance(self.source, Mixture):  # 1 + the source's index on a document's first token
+            first = np.zeros(len(tokens), np.int32)
+            first[0] = 1 + item[0]
+            return {"tokens": tokens.astype(np.int32), "mixture": first}
+        return {"tokens": tokens.astype(np.int32)}
 
 
 def document_ids(source: Any, tokenizer: Any | None, item: Any) -> np.ndarray:
@@ -65,20 +71,27 @@ def document_ids(source: Any, tokenizer: Any | None, item: Any) -> np.ndarray:
 
 
 class ToBatch(grain.transforms.Map):
-    """Packed rows ``[B, L + 1]`` -> the batch dict of ``[B, L]`` arrays (see module doc)."""
+    """Packed rows ``[B, L + 1]`` -> the batch dict of ``[B, L]`` arrays (see module doc); from a
+    mixture also ``mixture/<name>`` [B]: the documents each row starts from that source."""
+
+    def __init__(self, mixture_names: tuple[str, ...] = ()):
+        self.mixture_names = mixture_names
 
     def map(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = rows["tokens"].astype(np.int32, copy=False)
         seg = rows["tokens_segment_ids"].astype(np.int32, copy=False)
         pos = rows["tokens_positions"].astype(np.int32, copy=False)
         same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-        return {
+        batch = {
             "inputs": np.ascontiguousarray(tokens[:, :-1]),
             "targets": np.ascontiguousarray(tokens[:, 1:]),
             "segment_ids": np.ascontiguousarray(seg[:, :-1]),
             "positions": np.ascontiguousarray(pos[:, :-1]),
             "loss_mask": same.astype(np.float32),
         }
+        for k, name in enumerate(self.mixture_names):  # rows do not overlap: each start counts once
+            batch[f"mixture/{name}"] = np.sum(rows["mixture"] == 1 + k, axis=1).astype(np.int32)
+        return batch
 
 
 def ordered_documents(
@@ -107,11 +120,20 @@ def ordered_documents(
         )
     if not 0 <= seed < 2**32:
         raise UserError(f"data seed is {seed}: use an integer in [0, 2**32)")
-    docs = list(source.documents())
-    if len(docs) < shard_count:
+    if isinstance(source, Mixture):  # each source ordered on its own, then drawn by weight
+        parts = [
+            _order(Tagged(k, inner.documents()), type(inner).__name__, (seed + k) % 2**32, shuffle, repeat,
+                   shard_index, shard_count)
+            for k, inner in enumerate(source.sources)
+        ]  # fmt: skip
+        return grain.MapDataset.mix(parts, source.proportions)
+    return _order(source.documents(), type(source).__name__, seed, shuffle, repeat, shard_index, shard_count)
+
+
+def _order(docs, owner: str, seed: int, shuffle: bool, repeat: bool, shard_index: int, shard_count: int):
+    if len(docs) < shard_count:  # docs is a lazy sequence: nothing here is per document
         raise UserError(
-            f"{type(source).__name__} has {len(docs)} documents for {shard_count} shards: "
-            "add data or use fewer data-parallel processes"
+            f"{owner} has {len(docs)} documents for {shard_count} shards: add data or use fewer data-parallel processes"
         )
     ds = grain.MapDataset.source(docs)
     if shuffle:
@@ -147,9 +169,13 @@ def make_dataset(
         source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
     )  # fmt: skip
+    if hasattr(source, "check_tokenizer"):  # data tokenized ahead of time, by one tokenizer
+        source.check_tokenizer(tokenizer)
+    mixed = isinstance(source, Mixture)
     ds = ds.map(LoadAndTokenize(source, tokenizer))
-    it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
-    it = it.batch(batch_size, drop_remainder=True).map(ToBatch())
+    lengths = {"tokens": seq_len + 1, **({"mixture": seq_len + 1} if mixed else {})}
+    it = gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct=lengths)
+    it = it.batch(batch_size, drop_remainder=True).map(ToBatch(source.names if mixed else ()))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
@@ -191,12 +217,10 @@ def unigram_entropy(source: Any, tokenizer: Any | None, max_documents: int | Non
     this has learned no more than token frequencies.
     """
     eos = EOS_ID if tokenizer is None else tokenizer.eos_id
-    docs = list(source.documents())
-    if max_documents is not None:
-        docs = docs[:max_documents]
+    docs = source.documents()
     counts = np.zeros(0, dtype=np.int64)
-    for item in docs:
-        ids = document_ids(source, tokenizer, item)
+    for i in range(len(docs) if max_documents is None else min(max_documents, len(docs))):
+        ids = document_ids(source, tokenizer, docs[i])
         c = np.bincount(np.append(ids, eos).astype(np.int64))
         if len(c) > len(counts):
             c[: len(counts)] += counts

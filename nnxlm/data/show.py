@@ -64,13 +64,19 @@ def _text(tokenizer, ids, specials: dict) -> str:
     return "".join([*out, tokenizer.decode(run)])
 
 
-def show(trainer, count: int = 3) -> str:
-    """The report: the first `count` examples of the recipe's training data."""
+def training_batches(trainer):
+    """The iterator of batches the trainer's train step would take (its tokenizer found or trained
+    first, as `nnxlm train` does), without building the model."""
     trainer.plan()
     from nnxlm.starting_points import find_run_tokenizer
 
     trainer.tokenizer = find_run_tokenizer(trainer)
-    batches = iter(trainer._dataset(trainer.train_data, shuffle=True, repeat=True))
+    return iter(trainer._dataset(trainer.train_data, shuffle=True, repeat=True))
+
+
+def show(trainer, count: int = 3) -> str:
+    """The report: the first `count` examples of the recipe's training data."""
+    batches = training_batches(trainer)
     color = sys.stdout.isatty()
     shown, lines, seen_batches = 0, [], 0
     legend = f"tokens that carry loss are between {LOSS_OPEN} and {LOSS_CLOSE}"

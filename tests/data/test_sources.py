@@ -1,6 +1,7 @@
 """Document sources: glob matching, file errors, JSONL, splits, stdlib and synthetic corpora."""
 
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -103,7 +104,7 @@ def test_splits_are_disjoint_and_cover(tmp_path):
         train, evl = make("train").documents(), make("eval").documents()
         assert set(train).isdisjoint(evl)
         full = dataclasses.replace(make("train"), eval_fraction=0.0).documents()
-        assert sorted(train + evl) == sorted(full)
+        assert sorted(list(train) + list(evl)) == sorted(full)
         assert 5 <= len(evl) <= 35, len(evl)
     # With eval_fraction 0 every document is in whichever split is asked for.
     all_docs = TextFiles(globs=[str(tmp_path / "*.txt")]).documents()
@@ -163,7 +164,7 @@ def test_stdlib_finds_many_files_without_tests_or_site_packages():
 def test_synthetic_ids_lengths_determinism_and_bigram_structure():
     src = Synthetic(num_documents=50, vocab_size=64, min_length=5, max_length=40, seed=3)
     docs = src.documents()
-    assert docs == list(range(50))
+    assert list(docs) == list(range(50))
     seqs = [src.load(i) for i in docs]
     for s in seqs:
         assert s.dtype == np.int32 and 5 <= len(s) <= 40
@@ -189,3 +190,58 @@ def test_synthetic_bad_settings():
         Synthetic(min_length=10, max_length=5)
     with pytest.raises(UserError, match="vocab_size"):
         Synthetic(vocab_size=3)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1 << 24])
+@pytest.mark.parametrize(
+    "data",
+    [b'{"text": "a"}\n\n  \n{"text": "b"}\r\n', b'{"text": "x"}', b"", b"\n\n", b' \n{"text": "c"} \n\t', b"\n\n{}"],
+)
+def test_line_scan_matches_python_line_splitting(tmp_path, monkeypatch, data, chunk):
+    """The numpy scan finds the same non-blank lines as `for line in file` + strip(), wherever the
+    chunk boundaries fall."""
+    from nnxlm.data import sources
+
+    monkeypatch.setattr(sources, "_SCAN_BYTES", chunk)
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    want, offset = [], 0
+    for number, line in enumerate(io.BytesIO(data), 1):
+        if line.strip():
+            want.append((offset, number))
+        offset += len(line)
+    offsets, lines = sources.scan_lines(str(path))
+    assert list(zip(offsets.tolist(), lines.tolist(), strict=True)) == want
+
+
+def test_jsonl_index_is_lazy_indexable_and_picklable(tmp_path):
+    """documents() of JSON Lines is an index of numpy arrays (a few bytes a line, no Python object
+    per line) that indexes, slices and iterates like a list and pickles for grain's workers."""
+    for name, count in (("a", 3), ("b", 4)):
+        _write(tmp_path / f"{name}.jsonl", "".join(json.dumps({"text": f"{name}{i}"}) + "\n" for i in range(count)))
+    src = JsonlFiles(globs=[str(tmp_path / "*.jsonl")])
+    docs = src.documents()
+    assert len(docs) == 7 and not isinstance(docs, list)
+    assert [src.load(d) for d in docs] == ["a0", "a1", "a2", "b0", "b1", "b2", "b3"]
+    assert docs[-1] == docs[6] and docs[np.int64(3)][0].endswith("b.jsonl") and docs[3][2] == 1
+    assert [src.load(d) for d in docs[2:4]] == ["a2", "b0"]
+    with pytest.raises(IndexError):
+        docs[7]
+    assert list(pickle.loads(pickle.dumps(docs))) == list(docs)
+    assert docs.offsets.dtype == np.int64 and docs.lines.dtype == np.int32
+
+
+def test_jsonl_split_of_many_lines_is_stable_and_near_its_fraction(tmp_path):
+    """The eval split of a file's lines is hashed from the file's key and line number, so the same
+    lines are held out under another directory, at about the asked fraction."""
+    for root in ("one", "two/deeper"):
+        _write(tmp_path / root / "d.jsonl", "".join('{"text": "x"}\n' for _ in range(5000)))
+    held = [
+        [
+            d[2]
+            for d in JsonlFiles(globs=[str(tmp_path / root / "*.jsonl")], split="eval", eval_fraction=0.1).documents()
+        ]
+        for root in ("one", "two/deeper")
+    ]
+    assert held[0] == held[1]
+    assert 400 < len(held[0]) < 600
