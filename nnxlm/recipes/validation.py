@@ -21,6 +21,7 @@ import re
 import fiddle as fdl
 import jax.numpy as jnp
 
+from nnxlm.data import ArrayRecordFiles, HFDataset, Mixture, ParquetFiles
 from nnxlm.data.sources import SPLITS, JsonlFiles, PythonStdlib, Synthetic, TextFiles
 from nnxlm.errors import UserError
 from nnxlm.modules import Attention, DecoderBlock, GatedMLP, RMSNorm, Transformer
@@ -314,10 +315,14 @@ def _data_vocabulary(values, where, context):
         return  # the model's own rules name a bad vocab_size
     for field in ("train_data", "eval_data"):
         source = values.get(field)
-        if isinstance(source, fdl.Buildable) and source.__fn_or_cls__ is Synthetic:
-            vocab = fdl.ordered_arguments(source, include_defaults=True)["vocab_size"]
-            if isinstance(vocab, int) and vocab > model_vocab:
-                _fail(where, f"{field}.vocab_size", vocab, f"use at most the model's vocab_size ({model_vocab})")
+        named = [(field, source)]
+        if isinstance(source, fdl.Buildable) and source.__fn_or_cls__ is Mixture:  # each of its sources
+            named = [(f"{field}.sources[{k}]", s) for k, s in enumerate(getattr(source, "sources", None) or ())]
+        for name, part in named:
+            if isinstance(part, fdl.Buildable) and part.__fn_or_cls__ is Synthetic:
+                vocab = fdl.ordered_arguments(part, include_defaults=True)["vocab_size"]
+                if isinstance(vocab, int) and vocab > model_vocab:
+                    _fail(where, f"{name}.vocab_size", vocab, f"use at most the model's vocab_size ({model_vocab})")
 
 
 def _lora_targets(values, where, context):
@@ -416,5 +421,8 @@ RULES = {
     ),
     TextFiles: (*SPLIT, GLOBS),
     JsonlFiles: (*SPLIT, GLOBS),
+    ParquetFiles: (*SPLIT, GLOBS),
+    ArrayRecordFiles: (*SPLIT, GLOBS),
+    HFDataset: (*SPLIT, whole("min_chars", least=0)),
     PythonStdlib: SPLIT,
 }

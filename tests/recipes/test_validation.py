@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from nnxlm import recipes
+from nnxlm.data import Mixture, ParquetFiles, Synthetic
 from nnxlm.errors import UserError
 from nnxlm.recipes import models
 from nnxlm.recipes.serialization import from_json, to_json
@@ -99,6 +100,16 @@ def _both(*edits):
         ("tiny", _set("mesh", [8]), "mesh is [8]: give a dict"),
         ("tiny", _set("eval_data.eval_fraction", -0.1), "eval_data.eval_fraction is -0.1: use a number in [0, 1)"),
         ("tiny", _set("train_data.vocab_size", 3), "train_data.vocab_size is 3: use a whole number of at least 4"),
+        (
+            "tiny",
+            _set("train_data", fdl.Config(Mixture, sources=[fdl.Config(Synthetic, vocab_size=999)], weights=[1])),
+            "train_data.sources[0].vocab_size is 999: use at most the model's vocab_size (256)",
+        ),
+        (
+            "tiny",
+            _set("train_data", fdl.Config(ParquetFiles, globs=[], eval_fraction=0.1)),
+            "train_data.globs is []: give a list of file patterns",
+        ),
         ("tiny", _set("model.layer_pattern", ({"sliding_window": 0},)), "model.layer_pattern.0.sliding_window is 0"),
         ("tiny", _set("model.layer_pattern", ()), "model.layer_pattern is ()"),
         ("tiny", _set("model.block.attention.num_kv_heads", 8), "num_kv_heads is 8: num_heads (4) must divide"),
