@@ -6,10 +6,12 @@ chat_template.jinja or tokenizer_config.json (nnxlm.data.chat).
 """
 
 import json
-import os
 from collections.abc import Sequence
 
+from etils import epath
+
 from nnxlm.errors import UserError
+from nnxlm.files import absolute, write_atomically
 
 SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "cls", "mask")
 
@@ -17,11 +19,10 @@ SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "cls", "mask")
 def _special_tokens(directory: str) -> dict[str, object]:
     found = {}
     for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
+        path = epath.Path(directory) / name
+        if path.exists():
             try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
+                data = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"{path} is not readable JSON ({e}): fix or remove it") from None
             for key in SPECIAL_NAMES:
@@ -57,14 +58,14 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError:
             raise UserError(f"{path} needs the `tokenizers` package: pip install 'nnxlm[hf]'") from None
-        try:
-            self._tokenizer = Tokenizer.from_file(path)
+        try:  # read through epath (Tokenizer.from_file reads local files only)
+            self._tokenizer = Tokenizer.from_str(epath.Path(path).read_text())
         except Exception as e:  # the Rust library raises its own exception type
             raise UserError(f"tokenizer file {path} is not a Hugging Face tokenizer.json ({e})") from None
         from nnxlm.data.chat import find_template
 
         self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
+        directory = absolute(path).parent
         special = _special_tokens(directory)
         self._ids = {key: self._to_id(value) for key, value in special.items()}
         self._skip = {i for key, i in self._ids.items() if i is not None and key in ("bos", "eos", "pad")}
@@ -124,11 +125,13 @@ class HFTokenizer:
             return bytes(_BYTE_OF_CHAR[c] for c in token)
         return self._tokenizer.decode([int(i)], skip_special_tokens=False).encode("utf-8")
 
+    def serialized(self) -> bytes:
+        """The bytes of the tokenizer.json file: what identifies the vocabulary (nnxlm.data.prepared)."""
+        return epath.Path(self.path).read_bytes()
+
     def save(self, path: str) -> None:
         """Writes tokenizer.json atomically (a crash leaves any old file intact)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        self._tokenizer.save(tmp)
-        os.replace(tmp, path)
+        write_atomically(path, self._tokenizer.to_str(pretty=True))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"

@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
+from etils import epath
 
 from nnxlm.errors import UserError
-from nnxlm.files import write_atomically
+from nnxlm.files import absolute, write_atomically
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _SPACE_MARK = "\u2581"  # "▁": SentencePiece's escape for " "
@@ -157,18 +158,21 @@ class SentencePieceTokenizer:
         return piece.replace(_SPACE_MARK, " ").encode("utf-8")
 
     # -- persistence --------------------------------------------------------------------------
+    def serialized(self) -> bytes:
+        """The model as its ``.model`` file holds it: what identifies the vocabulary (a hash of it
+        tells prepared data which tokenizer made its ids, nnxlm.data.prepared)."""
+        return self._proto
+
     def save(self, path: str) -> None:
         """Writes the ``.model`` file (atomically: a crash leaves any old file intact)."""
-        write_atomically(os.fspath(path), self._proto)
+        write_atomically(path, self._proto)
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
         """Reads a ``.model`` file (and the chat template beside it); ``UserError`` when missing or
         not a SentencePiece model."""
-        path = os.fspath(path)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = epath.Path(path).read_bytes()
         except FileNotFoundError:
             raise UserError(
                 f"tokenizer file {path} does not exist: fix the path or train one with `nnxlm tokenizer train`"
@@ -178,7 +182,7 @@ class SentencePieceTokenizer:
         from nnxlm.data.chat import find_template
 
         try:
-            return cls(data, find_template(os.path.dirname(os.path.abspath(path))))
+            return cls(data, find_template(absolute(path).parent))
         except ValueError as e:
             raise UserError(
                 f"tokenizer file {path} is not a SentencePiece model: {e}; point to a .model file or train a new one"
@@ -208,11 +212,11 @@ class SentencePieceTokenizer:
                 f"tokenizer vocab_size {vocab_size} is too small: use at least 512 "
                 "(261 ids go to specials, newline and the 256 bytes)"
             )
-        seen = [0]
+        seen, failed = [0], []
         writer = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=_lines(texts, max_chars, seen),
+                sentence_iterator=_lines(texts, max_chars, seen, failed),
                 model_writer=writer,
                 model_type="bpe",
                 vocab_size=vocab_size,
@@ -234,6 +238,8 @@ class SentencePieceTokenizer:
                 minloglevel=2,
             )
         except RuntimeError as e:
+            if failed:  # the texts themselves raised (a bad data file): that error, not SentencePiece's
+                raise failed[0] from None
             if seen[0] == 0:
                 raise UserError("no text to train the tokenizer on: give non-empty texts") from None
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
@@ -241,17 +247,22 @@ class SentencePieceTokenizer:
         return cls(writer.getvalue())
 
 
-def _lines(texts: Iterable[str], max_chars: int, seen: list[int]) -> Iterator[str]:
-    """Lines of ``texts`` without their "\\n" (one sentence each), stopping after ``max_chars``."""
+def _lines(texts: Iterable[str], max_chars: int, seen: list[int], failed: list) -> Iterator[str]:
+    """Lines of ``texts`` without their "\\n" (one sentence each), stopping after ``max_chars``; an
+    error raised by ``texts`` is kept in ``failed`` (SentencePiece would replace it by its own)."""
     total = 0
-    for text in texts:
-        for line in text.split("\n"):
-            if line:
-                seen[0] += 1
-                yield line
-        total += len(text)
-        if total >= max_chars:
-            return
+    try:
+        for text in texts:
+            for line in text.split("\n"):
+                if line:
+                    seen[0] += 1
+                    yield line
+            total += len(text)
+            if total >= max_chars:
+                return
+    except Exception as e:
+        failed.append(e)
+        raise
 
 
 def _char_offsets(text: str, byte_lengths: list[int], base: int) -> list[tuple[int, int]]:
@@ -276,9 +287,9 @@ def find_tokenizer(run_dir: str, tokenizer_path: str | None = None) -> str:
     if tokenizer_path:
         return tokenizer_path
     for name in ("tokenizer.model", "tokenizer.json"):
-        if os.path.exists(os.path.join(run_dir, name)):
-            return os.path.join(run_dir, name)
-    return os.path.join(run_dir, "tokenizer.model")
+        if (epath.Path(run_dir) / name).exists():
+            return str(epath.Path(run_dir) / name)
+    return str(epath.Path(run_dir) / "tokenizer.model")
 
 
 def load_tokenizer(path: str):
@@ -286,7 +297,7 @@ def load_tokenizer(path: str):
     if os.fspath(path).endswith(".json"):
         from nnxlm.data.hf_tokenizer import HFTokenizer
 
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():
             raise UserError(f"tokenizer file {path} does not exist: fix the path")
         return HFTokenizer(os.fspath(path))
     return SentencePieceTokenizer.load(path)

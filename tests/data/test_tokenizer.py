@@ -88,3 +88,14 @@ def test_train_stops_reading_after_max_chars():
 
     tok = SentencePieceTokenizer.train(texts(), 512, max_chars=100)
     assert tok.decode(tok.encode("beta alpha\n")) == "beta alpha\n"
+
+
+def test_an_error_of_the_texts_reaches_the_caller_as_it_is():
+    """A bad data file met while training names itself; SentencePiece would print only its own frame."""
+
+    def texts():
+        yield "some text\n" * 50
+        raise UserError("data/bad.jsonl:7 has no field 'text': set JsonlFiles.field to the text field")
+
+    with pytest.raises(UserError, match=r"^data/bad\.jsonl:7 has no field 'text'"):
+        SentencePieceTokenizer.train(texts(), 512)
