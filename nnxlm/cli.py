@@ -1,4 +1,4 @@
-"""The `nnxlm` command line: train, inspect, data show, tokenizer train, decode, serve, chat, quantize,
+"""The `nnxlm` command line: train, inspect, data show / prepare, tokenizer train, decode, serve, chat, quantize,
 convert.
 
 Recipes are chosen and edited with repeated --recipe directives (see nnxlm.recipes.directives).
@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_argument(show)
     show.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
     show.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+    data_bench = data_commands.add_parser("bench", help="time the input pipeline alone: batches/s and tokens/s")
+    _trust_argument(data_bench)
+    _recipe_argument(data_bench)
+    data_bench.add_argument("--seconds", type=float, default=10.0, help="how long to iterate (default 10)")
+    data_bench.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+    prepare = data_commands.add_parser("prepare", help="tokenize the recipe's data once into shards (resumable)")
+    _trust_argument(prepare)
+    _recipe_argument(prepare)
+    prepare.add_argument("--output", required=True, help="directory to write (train from it: fiddler:prepared)")
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one a core)")
+    prepare.add_argument(
+        "--documents_per_shard", type=int, help="default: n / 64 within [100, 10000], or the directory's on resume"
+    )
+    prepare.add_argument("--workdir", help="run directory whose tokenizer to use (default: runs/<recipe name>)")
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
@@ -173,7 +187,7 @@ def train(args) -> int:
     if args.workdir:
         cfg.workdir = args.workdir
     trainer = fdl.build(cfg)
-    _cache_compilations(os.path.join(trainer.workdir, "jax_cache"))
+    _cache_compilations(f"{trainer.workdir}/jax_cache")
     trainer.fit(resume_step=args.resume_step)
     if trainer.stopped_by:  # SIGTERM or Ctrl-C: the checkpoint is written, the run is not done
         return 128 + signal.Signals[trainer.stopped_by].value
@@ -184,11 +198,14 @@ def _cache_compilations(directory: str) -> None:
     """Keeps XLA's compiled programs in the run directory, so that a restarted run (resuming after
     a stop) loads its train step instead of compiling it again: bench_llama_20m relaunches in about
     half the time. A cache the user set (JAX_COMPILATION_CACHE_DIR) wins. JAX opens its cache once
-    a process, so the path is absolute: it must stay valid if the working directory changes."""
+    a process, so the path is absolute: it must stay valid if the working directory changes. JAX
+    reads and writes a gs:// (or other epath) cache through epath too."""
     import jax
 
+    from nnxlm.files import absolute
+
     if not jax.config.jax_compilation_cache_dir:  # JAX makes the directory when it first writes to it
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+        jax.config.update("jax_compilation_cache_dir", str(absolute(directory)))
 
 
 def inspect(args) -> int:
@@ -214,16 +231,46 @@ def data(args) -> int:
     from nnxlm.data.show import show
     from nnxlm.recipes.directives import resolve
 
-    if args.n < 1:
+    if args.data_command == "show" and args.n < 1:
         raise UserError(f"--n is {args.n}: give a positive number of examples")
+    if args.data_command == "bench" and not args.seconds > 0:
+        raise UserError(f"--seconds is {args.seconds}: give a positive time")
     cfg = resolve(args.recipe)
     if args.workdir:
         cfg.workdir = args.workdir
     trainer = fdl.build(cfg)
     if trainer.train_data is None:
         raise UserError("the recipe has no train_data: point it at data (e.g. fiddler:sft('data/*.jsonl'))")
-    print(show(trainer, args.n))
+    if args.data_command == "bench":
+        from nnxlm.data.loader_bench import bench
+
+        print(bench(trainer, args.seconds))
+    elif args.data_command == "prepare":
+        _prepare(trainer, args)
+    else:
+        print(show(trainer, args.n))
     return 0
+
+
+def _prepare(trainer, args) -> None:
+    """`nnxlm data prepare`: the recipe's train_data and eval_data, tokenized by the run's tokenizer."""
+    from nnxlm.data.prepared import prepare
+    from nnxlm.starting_points import find_run_tokenizer
+
+    for name in ("workers", "documents_per_shard"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} is not positive: give a positive number")
+    trainer.plan()
+    tokenizer = find_run_tokenizer(trainer)
+    if tokenizer is None:
+        raise UserError("the recipe's data is synthetic token ids, made as it trains: there is no text to prepare")
+    for split, source in (("train", trainer.train_data), ("eval", trainer.eval_data)):
+        if source is not None:
+            prepare(
+                source, tokenizer, args.output, split=split, workers=args.workers,
+                documents_per_shard=args.documents_per_shard,
+            )  # fmt: skip
+    print(f"wrote {args.output}: train from it with --recipe \"fiddler:prepared('{args.output}')\"")
 
 
 def tokenizer(args) -> int:
@@ -250,8 +297,7 @@ def tokenizer(args) -> int:
             raise UserError("--vocab_size is required with --data")
     texts = (source.load(doc) for doc in source.documents())
     model = SentencePieceTokenizer.train(texts, vocab_size, max_chars=args.max_chars)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    model.save(args.output)
+    model.save(args.output)  # a local path or gs://...; the directory is made
     print(f"wrote {args.output}: {model.vocab_size} tokens")
     return 0
 
@@ -264,15 +310,17 @@ def decode(args) -> int:
     except ValueError as e:
         raise UserError(f"--{e}") from None
 
+    from etils import epath
+
     from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe
     from nnxlm.data import find_tokenizer, load_tokenizer
     from nnxlm.generation import stream_text
 
     directory, _ = find_checkpoint(args.checkpoint)
     recipe = load_recipe(args.checkpoint)
-    run_dir = os.path.dirname(directory)
+    run_dir = epath.Path(directory).parent
     tokenizer_path = find_tokenizer(run_dir, recipe.tokenizer_path)
-    if not os.path.exists(tokenizer_path):
+    if not epath.Path(tokenizer_path).exists():
         raise UserError(f"no tokenizer at {tokenizer_path}: decode needs the run's tokenizer.model or tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(args.checkpoint)

@@ -15,6 +15,7 @@ that starts from scratch trains a new tokenizer; a pretrained model without one 
 import sys
 
 import jax
+import numpy as np
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -193,7 +194,13 @@ def copy_tokenizer(tokenizer_path: str, destination: str) -> None:
 
 def _train_tokenizer(trainer, path: str) -> None:
     documents = trainer.train_data.documents()  # raises first if the data is missing
-    if not isinstance(trainer.train_data.load(documents[0]), str):
+    first = trainer.train_data.load(documents[0])
+    if isinstance(first, np.ndarray):
+        raise UserError(
+            "train_data holds token ids (prepared data) and the run has no tokenizer: set tokenizer_path to the "
+            "tokenizer they were made with (fiddler:prepared sets it to the copy in the prepared directory)"
+        )
+    if not isinstance(first, str):
         raise UserError(
             "train_data holds examples, not text, and the run has no tokenizer: start from a pretrained "
             "model (load_parameters_path) or set tokenizer_path"

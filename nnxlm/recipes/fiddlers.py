@@ -1,8 +1,11 @@
 """Fiddlers: functions that edit a recipe in place, usable as `--recipe fiddler:NAME(args)`."""
 
-import fiddle as fdl
+import copy
 
-from nnxlm.data import JsonlFiles, Synthetic, TextFiles
+import fiddle as fdl
+from etils import epath
+
+from nnxlm.data import ArrayRecordFiles, HFDataset, JsonlFiles, ParquetFiles, Synthetic, TextFiles
 from nnxlm.errors import UserError
 from nnxlm.modules.lora import LoRA
 from nnxlm.modules.quantization import Quantization
@@ -55,6 +58,42 @@ def jsonl_files(
 ) -> None:
     """Like text_files for JSON Lines files, one document a line, its text in `field`."""
     _files(cfg, JsonlFiles, train, eval, eval_fraction, field=field)
+
+
+def parquet_files(
+    cfg: fdl.Config, train: str, eval: str | None = None, field: str = "text", eval_fraction: float = 0.01
+) -> None:
+    """Like text_files for Parquet files, one document a row, its text in the column `field`."""
+    _files(cfg, ParquetFiles, train, eval, eval_fraction, field=field)
+
+
+def array_record_files(
+    cfg: fdl.Config, train: str, eval: str | None = None, field: str | None = None, eval_fraction: float = 0.01
+) -> None:
+    """Like text_files for ArrayRecord files, one document a record: raw UTF-8 text (field=None), or
+    the text `field` of JSON-object or tf.train.Example records."""
+    _files(cfg, ArrayRecordFiles, train, eval, eval_fraction, field=field)
+
+
+def hf_dataset(
+    cfg: fdl.Config,
+    path: str,
+    field: str = "text",
+    eval_fraction: float = 0.01,
+    eval_split: str | None = None,
+    **options,
+) -> None:
+    """Train on a Hugging Face dataset (nnxlm.data.HFDataset): a save_to_disk directory, a builder
+    with files (hf_dataset('parquet', data_files='data/*.parquet')) or a Hub name; evaluate on a
+    held-out eval_fraction of its rows, or on the dataset's own split `eval_split` (e.g. 'validation').
+    options are HFDataset's: name, data_files, data_dir, hf_split, filters, min_chars, revision, cache_dir."""
+    if eval_split is None:
+        train = fdl.Config(HFDataset, path=path, field=field, split="train", eval_fraction=eval_fraction, **options)
+        cfg.train_data, cfg.eval_data = train, copy.deepcopy(train)
+        cfg.eval_data.split = "eval"
+    else:
+        cfg.train_data = fdl.Config(HFDataset, path=path, field=field, **options)
+        cfg.eval_data = fdl.Config(HFDataset, path=path, field=field, **{**options, "hf_split": eval_split})
 
 
 def _files(cfg, source, train, eval, eval_fraction, **fields) -> None:
@@ -158,3 +197,50 @@ def quantize(
     cfg.model.quantization = fdl.Config(
         Quantization, weights=weights, activations=activations, block_size=block_size, embed=embed, head=head, kv=kv
     )
+
+
+def prepared(cfg: fdl.Config, path: str) -> None:
+    """Train on the token ids `nnxlm data prepare` wrote to the directory `path` (its train split);
+    evaluate on its eval split, or not at all when it has none. The run uses the tokenizer saved
+    there unless the recipe sets tokenizer_path or starts from a model (each has its own: a
+    different one is refused when the data loads)."""
+    from nnxlm.data.prepared import Prepared, read_manifest
+
+    manifest = read_manifest(path)  # a wrong path fails here, before anything is built
+    cfg.train_data = fdl.Config(Prepared, path=path, split="train")
+    cfg.eval_data = fdl.Config(Prepared, path=path, split="eval") if "eval" in manifest["splits"] else None
+    file = manifest["tokenizer"]["file"]
+    if file and not (cfg.tokenizer_path or cfg.load_parameters_path or cfg.load_full_state_path):
+        cfg.tokenizer_path = str(epath.Path(path) / file)
+
+
+_SOURCE_BY_SUFFIX = {".jsonl": JsonlFiles, ".parquet": ParquetFiles, ".array_record": ArrayRecordFiles}
+
+
+def mixture(cfg: fdl.Config, weights: dict, field: str = "text", eval_fraction: float = 0.01) -> None:
+    """Train on a weighted mixture of file globs, e.g. mixture({'data/code/*.jsonl': 0.7,
+    'data/web/*.parquet': 0.3}): documents are drawn from each in proportion to its weight
+    (nnxlm.data.Mixture); evaluate on the same mixture of held-out eval_fraction splits. Each glob's
+    files are read by their suffix (.jsonl, .parquet, .array_record; text files otherwise, one
+    document a file), `field` naming the text where records have fields; each source is named in
+    the logs by the directory its glob starts in (data/code/*.jsonl -> code)."""
+    from nnxlm.data import Mixture
+    from nnxlm.data.sources import _glob_base
+
+    if not isinstance(weights, dict) or not weights:
+        raise UserError(f"mixture weights {weights!r}: give a dict of glob -> weight, e.g. {{'data/*.txt': 1.0}}")
+    names = [epath.Path(_glob_base(str(glob))).name or "." for glob in weights]
+    if len(set(names)) != len(names) or "." in names or ".." in names:
+        names = [f"source{k}" for k in range(len(weights))]
+
+    def sources(split: str) -> list:
+        out = []
+        for glob in weights:
+            kind = next((c for suffix, c in _SOURCE_BY_SUFFIX.items() if str(glob).endswith(suffix)), TextFiles)
+            fields = {} if kind is TextFiles else {"field": field}
+            out.append(fdl.Config(kind, globs=[glob], split=split, eval_fraction=eval_fraction, **fields))
+        return out
+
+    values = list(weights.values())
+    cfg.train_data = fdl.Config(Mixture, sources=sources("train"), weights=values, names=names)
+    cfg.eval_data = fdl.Config(Mixture, sources=sources("eval"), weights=values, names=names)
