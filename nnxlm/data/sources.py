@@ -252,7 +252,8 @@ def _read_line(path: str, offset: int) -> bytes:
         from nnxlm.data.file_rows import PerProcessCache
 
         _mapped = PerProcessCache(max_size=64)
-    mapped = _mapped.get(path, lambda: _map(path))
+    stat = os.stat(path)  # a file rewritten (or another one at this relative path) is mapped anew
+    mapped = _mapped.get((os.path.abspath(path), stat.st_size, stat.st_mtime_ns), lambda: _map(path))
     end = mapped.find(b"\n", offset)
     return mapped[offset : len(mapped) if end < 0 else end + 1]
 

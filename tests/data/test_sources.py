@@ -245,3 +245,17 @@ def test_jsonl_split_of_many_lines_is_stable_and_near_its_fraction(tmp_path):
     ]
     assert held[0] == held[1]
     assert 400 < len(held[0]) < 600
+
+
+def test_a_rewritten_jsonl_file_is_read_anew(tmp_path, monkeypatch):
+    """Lines are read through a per-process memory map: a file rewritten in place, or another file
+    at the same relative path, is never read through the old map."""
+    monkeypatch.chdir(tmp_path)
+    for folder, texts in (("a", ["one", "two"]), ("b", ["three", "four", "five"])):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        _write(tmp_path / folder / "d.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
+        src = JsonlFiles(globs=["d.jsonl"])
+        assert [src.load(d) for d in src.documents()] == texts
+    _write(tmp_path / "b" / "d.jsonl", json.dumps({"text": "rewritten, longer than before"}) + "\n")
+    assert [src.load(d) for d in src.documents()] == ["rewritten, longer than before"]
