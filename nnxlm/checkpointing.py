@@ -18,18 +18,18 @@ import ast
 import contextlib
 import ctypes
 import json
-import os
-import shutil
 
 import fiddle as fdl
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxlm.errors import UserError
+from nnxlm.files import absolute
 from nnxlm.recipes.serialization import from_json
 from nnxlm.resumption import checkpoint_damage, checkpoint_steps, damaged
 
@@ -127,7 +127,7 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints of a run in `directory`; saves asynchronously."""
 
     def __init__(self, directory: str, keep: int = 3):
-        self.directory = os.path.abspath(directory)
+        self.directory = str(absolute(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=True,
@@ -144,8 +144,12 @@ class Checkpointer:
         self._purge_deleted()
 
     def _purge_deleted(self) -> None:
-        if jax.process_index() == 0:
-            shutil.rmtree(os.path.join(self.directory, DELETED), ignore_errors=True)
+        deleted = epath.Path(self.directory) / DELETED
+        if jax.process_index() == 0 and deleted.exists():
+            try:
+                deleted.rmtree()
+            except OSError:  # what is left is removed at the next save
+                pass
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -179,13 +183,12 @@ class Checkpointer:
 
     def saved_recipe(self, step: int) -> dict:
         """The recipe JSON saved with checkpoint `step` (read as data: nothing is imported)."""
-        with open(os.path.join(self.directory, str(step), "recipe", "metadata"), encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads((epath.Path(self.directory) / str(step) / "recipe" / "metadata").read_text())
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict | None]:
         """(state restored onto `target`, a pure dict of ShapeDtypeStructs; the saved data position)."""
         items = dict(state=ocp.args.StandardRestore(stored_layout(target)))
-        if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+        if (epath.Path(self.directory) / str(step) / "data").is_dir():
             items["data"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -196,9 +199,8 @@ class Checkpointer:
 
     def has_train_state(self, step: int) -> bool:
         """False for a checkpoint that holds only a model (no optimizer state), e.g. a converted one."""
-        path = os.path.join(self.directory, str(step), "info", "metadata")  # JsonSave's file
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)["train_state"]
+        info = epath.Path(self.directory) / str(step) / "info" / "metadata"  # JsonSave's file
+        return json.loads(info.read_text())["train_state"]
 
     def restore_model(self, step: int, target: dict) -> dict:
         """Only the model's parameters, onto `target` (pure dict of ShapeDtypeStructs)."""
@@ -261,7 +263,7 @@ def save_model_checkpoint(directory: str, step: int, model: dict, recipe: dict) 
         (np.ndarray, _InPlaceNumpyHandler()),
     )
     manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        str(absolute(directory)),
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
         item_handlers=dict(
             state=ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
@@ -284,15 +286,15 @@ def _first_line(error: Exception) -> str:
     return text[0][:200] if text else ""
 
 
-def find_checkpoint(path: str) -> tuple[str, int]:
+def find_checkpoint(path) -> tuple[str, int]:
     """(checkpoints directory, step) for a run directory, a checkpoints directory or a step directory."""
-    path = os.path.abspath(path)
-    candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]
-    parent, name = os.path.split(path)
-    if name.isdigit():
-        candidates.append((parent, int(name)))
+    path = absolute(path)
+    candidates = [(path / "checkpoints", None), (path, None)]
+    if path.name.isdigit():
+        candidates.append((path.parent, int(path.name)))
     for directory, step in candidates:
-        if not os.path.isdir(directory):
+        directory = str(directory)
+        if not epath.Path(directory).is_dir():
             continue
         steps = checkpoint_steps(directory)
         if step is None and steps:
@@ -306,15 +308,14 @@ def find_checkpoint(path: str) -> tuple[str, int]:
     )
 
 
-def load_recipe(path: str) -> fdl.Config:
+def load_recipe(path) -> fdl.Config:
     """The recipe saved beside a checkpoint, as a fiddle config, its values checked."""
     from nnxlm.recipes.validation import check_recipe  # validation imports the Trainer
 
     directory, step = find_checkpoint(path)
-    recipe_file = os.path.join(directory, str(step), "recipe", "metadata")
+    recipe_file = epath.Path(directory) / str(step) / "recipe" / "metadata"
     try:
-        with open(recipe_file, encoding="utf-8") as f:
-            recipe = from_json(f.read())
+        recipe = from_json(recipe_file.read_text())
     except UserError:
         raise
     except Exception as e:  # fiddle raises KeyError, TypeError, ... for JSON that is not a recipe
@@ -351,11 +352,11 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
 
 def _abstract_model(directory: str, step: int) -> nnx.Module:
     """The model of a checkpoint's recipe, shapes only (nothing allocated)."""
-    factory = fdl.build(load_recipe(os.path.join(directory, str(step))).model)
+    factory = fdl.build(load_recipe(epath.Path(directory) / str(step)).model)
     return nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0)))
 
 
-def load_model(path: str, mesh=None, quantize=None) -> nnx.Module:
+def load_model(path, mesh=None, quantize=None) -> nnx.Module:
     """The NNX model of a run directory or checkpoint, rebuilt from the recipe saved with it: on
     one device, or sharded over `mesh` by the sharding rules (e.g. tensor parallel for serving).
 
@@ -388,7 +389,7 @@ class ModelReader:
     as a numpy array, path being its place in the model's pure dict with layer stacks stacked
     (stored_layout). Memory holds only the arrays the caller keeps. Close it when done."""
 
-    def __init__(self, path: str):
+    def __init__(self, path):
         self.directory, self.step = find_checkpoint(path)
         self.model = _abstract_model(self.directory, self.step)
         self._abstract = stored_layout(nnx.to_pure_dict(nnx.state(self.model)))
@@ -425,10 +426,8 @@ class ModelReader:
 def saved_paths(directory: str, step: int) -> list[str]:
     """The paths ("model/layers/attention/q_proj") of the arrays a checkpoint step's state holds,
     read from orbax's tree metadata (nothing restored)."""
-    path = os.path.join(directory, str(step), "state", "_METADATA")
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = json.load(f)["tree_metadata"]
+        tree = json.loads((epath.Path(directory) / str(step) / "state" / "_METADATA").read_text())["tree_metadata"]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {directory}/{step} has no readable tree metadata ({e})") from None
     return ["/".join(ast.literal_eval(key)) for key in tree]

@@ -1,38 +1,77 @@
-"""Files written whole or not at all: a crash, a full disk or a kill while writing leaves the old
+"""Paths and whole-file writes.
+
+Every path a user gives nnxlm (run directories, checkpoints, tokenizers, Hugging Face model
+directories, chat templates, metrics) may be anything `etils.epath` opens: a local path, or
+gs://, s3://, az://, hf:// with that file system's fsspec package installed (gcsfs, s3fs, ...).
+nnxlm reads and writes them through epath only, never through os.path or the builtin open, which
+know local files alone (tests/test_paths.py checks this).
+
+Files are written whole or not at all: a crash, a full disk or a kill while writing leaves the old
 file (or none), never half of a new one. Each write goes to a temporary file beside the target,
-is flushed to disk and then renamed over it (a rename is atomic within a file system)."""
+is flushed (to disk, for a local file) and then renamed over it: a rename is atomic within a local
+file system; an object store (gs://, s3://) makes an object visible only once it is complete,
+so there too a reader sees the old file or the new one.
+"""
 
 import os
 import shutil
 
+from etils import epath
 
-def _temporary(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
+PathLike = str | os.PathLike
 
 
-def write_atomically(path: str, data: str | bytes) -> None:
-    """Writes `data` (text as UTF-8) to `path`, replacing any file there only once it is complete."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _temporary(path)
+def is_local(p: PathLike) -> bool:
+    """Whether `p` names a local file: epath treats every `scheme://...` as a remote one."""
+    return "://" not in os.fspath(p)
+
+
+def absolute(p: PathLike) -> epath.Path:
+    """`p` made absolute where it is local (orbax needs absolute checkpoint paths, and a path kept
+    for later stays right if the working directory changes); a URI is absolute already (epath's
+    resolve() would prepend the working directory to it)."""
+    p = epath.Path(p)
+    return p.resolve() if is_local(p) else p
+
+
+def _temporary(p: epath.Path) -> epath.Path:
+    return p.with_name(f"{p.name}.tmp{os.getpid()}")
+
+
+def _remove_quietly(p: epath.Path) -> None:
     try:
-        with open(tmp, "wb") as f:
+        if p.exists():
+            p.unlink()
+    except OSError:  # the original error matters more than a leftover we could not remove
+        pass
+
+
+def write_atomically(target: PathLike, data: str | bytes) -> None:
+    """Writes `data` (text as UTF-8) to `target`, replacing any file there only once it is complete."""
+    target = absolute(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(target)
+    try:
+        with tmp.open("wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if is_local(tmp):
+                os.fsync(f.fileno())
+        tmp.replace(target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
 
 
-def copy_atomically(source: str, destination: str) -> None:
-    """Copies the file `source` to `destination` as write_atomically writes."""
+def copy_atomically(source: PathLike, destination: PathLike) -> None:
+    """Copies the file `source` to `destination` as write_atomically writes; the two may be on
+    different file systems (a local tokenizer into a gs:// run directory)."""
+    source, destination = absolute(source), absolute(destination)
     tmp = _temporary(destination)
     try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
+        with source.open("rb") as src, tmp.open("wb") as out:
+            shutil.copyfileobj(src, out, 16 * 2**20)
+        tmp.replace(destination)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise

@@ -11,6 +11,7 @@ Multi-head latent attention counts its query/key and value head dims (3 x length
 per depth.
 """
 
+import io
 import json
 import os
 import platform
@@ -19,9 +20,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
-from nnxlm.files import write_atomically
+from nnxlm.files import is_local, write_atomically
 from nnxlm.modules.attention import Attention
 from nnxlm.modules.mla import MLA
 from nnxlm.modules.moe import MoE
@@ -115,18 +117,17 @@ def device_peak_flops(device=None) -> float:
 
 def _peak_cache() -> tuple[str, str]:
     """(cache file, this machine's key in it): the same processor, cores, device and JAX."""
-    directory = os.environ.get("NNXLM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nnxlm"
-    )
+    cache_home = epath.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    directory = epath.Path(os.environ.get("NNXLM_CACHE_DIR") or cache_home / "nnxlm")
     processor = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
+        lines = epath.Path("/proc/cpuinfo").read_text().splitlines()
+        processor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), processor)
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = jax.devices()[0].device_kind
-    return os.path.join(directory, "peak_flops.json"), f"{processor} | {cores} cores | {device} | jax {jax.__version__}"
+    return directory / "peak_flops.json", f"{processor} | {cores} cores | {device} | jax {jax.__version__}"
 
 
 def measured_peak_flops(device=None) -> float:
@@ -136,8 +137,7 @@ def measured_peak_flops(device=None) -> float:
     up), and MFU divided by it exceeded 100 %; the best rate ever seen cannot."""
     path, key = _peak_cache()
     try:
-        with open(path, encoding="utf-8") as f:
-            known = float(json.load(f)[key])
+        known = float(json.loads(path.read_text())[key])
         if known > 0:
             return known
     except (OSError, ValueError, KeyError, TypeError):
@@ -149,8 +149,7 @@ def remember_peak_flops(flops: float) -> float:
     """Raises this machine's cached peak to `flops` if higher; returns the cached peak."""
     path, key = _peak_cache()
     try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
+        table = json.loads(path.read_text())
         table = table if isinstance(table, dict) else {}
     except (OSError, ValueError):
         table = {}
@@ -193,35 +192,98 @@ class MetricsWriter:
     """Appends one JSON object a step to metrics.jsonl and mirrors scalars to TensorBoard.
 
     Each record is one write of a whole line, flushed; a line cut short by a crash is removed when
-    the file is next opened, so a resumed run never appends to half a record."""
+    the file is next opened, so a resumed run never appends to half a record.
 
-    def __init__(self, workdir: str):
+    An object store (gs://, s3://) cannot append to a file: in a run directory there, metrics.jsonl
+    is rewritten whole (atomically) at most every `remote_flush_s` seconds and when the writer
+    closes, and so are the TensorBoard event files (every 2 minutes, tensorboardX's default). A
+    crash loses the records of those last seconds; a resumed run writes the steps after its
+    checkpoint again anyway."""
+
+    def __init__(self, workdir, remote_flush_s: float = 30.0):
         summary_writer = _tensorboardx_writer()
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
-        _drop_partial_last_line(path)
-        self._jsonl = open(path, "a", encoding="utf-8")
-        self._tensorboard = summary_writer(os.path.join(workdir, "tensorboard"))
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._path = workdir / "metrics.jsonl"
+        self._text = _without_partial_last_line(self._path)  # what a remote file holds, rewritten whole
+        self._local = is_local(workdir)
+        self._jsonl = self._path.open("a") if self._local else None
+        self._flush_s, self._flushed = remote_flush_s, time.monotonic()
+        if not self._local:
+            _events_through_epath(os.fspath(workdir).split("://", 1)[0])
+        self._tensorboard = summary_writer(os.fspath(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self._local:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._text += line
+            if time.monotonic() - self._flushed >= self._flush_s:
+                self._rewrite()
         for name, value in metrics.items():
             self._tensorboard.add_scalar(name, value, step)
 
+    def _rewrite(self) -> None:
+        write_atomically(self._path, self._text)
+        self._flushed = time.monotonic()
+
     def close(self) -> None:
-        self._jsonl.close()
+        if self._local:
+            self._jsonl.close()
+        else:
+            self._rewrite()
         self._tensorboard.close()
 
 
-def _drop_partial_last_line(path: str) -> None:
+def _without_partial_last_line(path: epath.Path) -> str:
+    """The complete records of metrics.jsonl (a line cut short by a crash is dropped from the file)."""
     try:
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        data = path.read_bytes()
     except FileNotFoundError:
-        pass
+        return ""
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        write_atomically(path, data)
+    return data.decode("utf-8")
+
+
+class _EventFile:
+    """A TensorBoard event file at a remote path, written through epath. An object cannot be
+    appended to: the events stay in memory and each flush writes the whole file again (tensorboardX's
+    own gs:// and s3:// writers do the same; event files of scalars stay small)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = epath.Path(path), io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventFiles:
+    """tensorboardX's writer factory interface (record_writer.register_writer_factory)."""
+
+    def open(self, path: str) -> _EventFile:
+        return _EventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _events_through_epath(scheme: str) -> None:
+    """Has tensorboardX write event files under `scheme`:// through epath, as nnxlm writes every
+    other file (tensorboardX's own gs:// and s3:// writers need google-cloud-storage or boto3 and
+    know no other scheme)."""
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _EventFiles())
 
 
 def _tensorboardx_writer():
@@ -240,10 +302,10 @@ def _tensorboardx_writer():
     return SummaryWriter
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir) -> list[dict]:
     """metrics.jsonl as a list, keeping the last record of each step (a resumed run rewrites some)."""
     by_step = {}
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    with (epath.Path(workdir) / "metrics.jsonl").open() as f:
         for line in f:
             if not line.endswith("\n"):
                 break  # a record cut short by a crash (see MetricsWriter)

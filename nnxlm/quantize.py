@@ -11,12 +11,12 @@ train over it (QLoRA). RUN_DIR is left as it is.
 
 import dataclasses
 import json
-import os
 
 import fiddle as fdl
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from nnxlm.errors import UserError
@@ -42,7 +42,7 @@ def quantize_run(source: str, destination: str, settings: Quantization) -> str:
     `destination` (checkpoint at the same step, recipe, tokenizer files) and returns destination."""
     from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe, save_model_checkpoint
     from nnxlm.data.tokenizer import TOKENIZER_FILES
-    from nnxlm.files import copy_atomically, write_atomically
+    from nnxlm.files import absolute, copy_atomically, write_atomically
     from nnxlm.recipes.serialization import as_config, to_json
 
     directory, step = find_checkpoint(source)
@@ -50,23 +50,24 @@ def quantize_run(source: str, destination: str, settings: Quantization) -> str:
     current = recipe.model.quantization if "quantization" in recipe.model.__arguments__ else None
     if current is not None and (settings.weights and current.weights or settings.kv and current.kv):
         raise UserError(f"{source} is already quantized ({fdl.build(current)}): quantize its float run instead")
-    if os.path.exists(os.path.join(destination, "checkpoints")):
+    out = absolute(destination)
+    if (out / "checkpoints").exists():
         raise UserError(f"{destination} already holds checkpoints: quantize into a new directory")
     model = load_model(source)
     settings.apply(model)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     recipe.model.quantization = as_config(model.quantization)
-    run_dir = os.path.dirname(directory)
-    os.makedirs(destination, exist_ok=True)
-    copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(run_dir, name))]
+    run_dir = epath.Path(directory).parent
+    out.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if (run_dir / name).exists()]
     for name in copied:
-        copy_atomically(os.path.join(run_dir, name), os.path.join(destination, name))
+        copy_atomically(run_dir / name, out / name)
     tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
     if tokenizers:  # the copy, not the source's: the new run directory stands alone
-        recipe.tokenizer_path = os.path.join(os.path.abspath(destination), tokenizers[0])
-    recipe.name = os.path.basename(os.path.normpath(destination))
-    save_model_checkpoint(os.path.join(destination, "checkpoints"), step, params, to_json(recipe))
-    write_atomically(os.path.join(destination, "recipe.json"), json.dumps(to_json(recipe), indent=1))
+        recipe.tokenizer_path = str(out / tokenizers[0])
+    recipe.name = out.name
+    save_model_checkpoint(out / "checkpoints", step, params, to_json(recipe))
+    write_atomically(out / "recipe.json", json.dumps(to_json(recipe), indent=1))
     return destination
 
 

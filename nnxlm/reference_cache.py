@@ -14,12 +14,12 @@ an uncached one, bit for bit (tested).
 
 import hashlib
 import io
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from nnxlm.errors import UserError
@@ -64,10 +64,10 @@ def load_or_build(trainer, sources) -> ReferenceCache:
     batches = [batch for source in sources if source is not None for batch in _all_rows(trainer, source)]
     keys = [key for batch in batches for key in row_digests(batch)]
     fingerprint = hashlib.sha256(_reference_digest(trainer) + b"".join(sorted(keys))).hexdigest()[:24]
-    directory = os.path.join(trainer.workdir, "reference_logps")
-    path = os.path.join(directory, f"{fingerprint}.npz")
-    if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as saved:
+    directory = epath.Path(trainer.workdir) / "reference_logps"
+    path = directory / f"{fingerprint}.npz"
+    if path.exists():
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as saved:
             table = dict(zip(map(bytes, saved["keys"]), saved["values"].tolist(), strict=True))
         if set(keys) <= set(table):
             print(f"nnxlm: reference log-probabilities of {len(table)} rows reused from {path}", file=sys.stderr)
@@ -81,8 +81,8 @@ def load_or_build(trainer, sources) -> ReferenceCache:
         values = compute(trainer.state, device_batch)["reference_logps"]
         table.update(zip(row_digests(batch), np.asarray(values).tolist(), strict=True))
     if jax.process_index() == 0:
-        for stale in os.listdir(directory) if os.path.isdir(directory) else []:
-            os.remove(os.path.join(directory, stale))
+        for stale in directory.iterdir() if directory.is_dir() else []:
+            stale.unlink()
         buffer = io.BytesIO()
         np.savez(
             buffer,

@@ -3,16 +3,17 @@ data layout. Each check ends in one line that says what differs and how to go on
 deletes or rewrites a checkpoint.
 
 A checkpoint step directory is written by orbax under a temporary name and renamed when complete,
-so a save that was killed leaves `<step>.orbax-checkpoint-tmp-...`, never a `<step>` directory.
+so a save that was killed leaves `<step>.orbax-checkpoint-tmp-...`, never a `<step>` directory
+(on gs://, where orbax cannot rename atomically, a `<step>` directory without commit_success.txt).
 A `<step>` directory can still be damaged afterwards (files lost or truncated by a copy, a disk):
 `checkpoint_damage` finds what it can without reading the arrays, and a failed restore names the
 step the same way.
 """
 
 import json
-import os
-import shutil
 import sys
+
+from etils import epath
 
 from nnxlm.errors import UserError
 
@@ -51,28 +52,37 @@ CHANGEABLE_ON_RESUME = (
 CHANGEABLE_MODEL_FIELDS = ("scan_layers", "remat_policy")
 
 
-def checkpoint_steps(directory: str) -> list[int]:
-    """The complete (renamed) step directories of a checkpoints directory, oldest first."""
-    if not os.path.isdir(directory):
+def checkpoint_steps(directory) -> list[int]:
+    """The complete step directories of a checkpoints directory, oldest first."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and _finalized(d))
 
 
-def checkpoint_damage(directory: str, step: int) -> str | None:
+# Where renames are not atomic (orbax treats every gs:// path so), orbax writes a step directory
+# under its final name and marks it complete with this file, written last.
+COMMIT_FILE = "commit_success.txt"
+
+
+def _finalized(step_dir) -> bool:
+    return not str(step_dir).startswith("gs://") or (step_dir / COMMIT_FILE).exists()
+
+
+def checkpoint_damage(directory, step: int) -> str | None:
     """What is missing or unreadable in checkpoint `step` (without reading its arrays), or None."""
-    root = os.path.join(directory, str(step))
+    root = epath.Path(directory) / str(step)
     for name in REQUIRED_JSON:
         try:
-            with open(os.path.join(root, name), encoding="utf-8") as f:
-                json.load(f)
+            json.loads((root / name).read_text())
         except FileNotFoundError:
             return f"{name} is missing"
         except (OSError, ValueError) as e:
             return f"{name} is unreadable ({type(e).__name__})"
-    manifests = [os.path.join(root, "state", "manifest.ocdbt")]
+    manifests = ["state/manifest.ocdbt"]
     for manifest in manifests:
-        if not os.path.isfile(manifest) or os.path.getsize(manifest) == 0:
-            return f"{os.path.relpath(manifest, root)} is missing or empty"
+        if not (root / manifest).is_file() or (root / manifest).stat().length == 0:
+            return f"{manifest} is missing or empty"
     return None
 
 
@@ -99,11 +109,11 @@ def set_aside_newer(workdir: str, directory: str, step: int) -> None:
             f"resume_step {step} is no checkpoint of {directory}: choose one of {', '.join(map(str, steps)) or 'none'}"
         )
     for newer in (s for s in steps if s > step):
-        target = os.path.join(workdir, "set_aside", str(newer))
-        if os.path.exists(target):
-            target += f".{len(os.listdir(os.path.dirname(target)))}"
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(os.path.join(directory, str(newer)), target)
+        target = epath.Path(workdir) / "set_aside" / str(newer)
+        if target.exists():
+            target = target.with_name(f"{newer}.{len(list(target.parent.iterdir()))}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (epath.Path(directory) / str(newer)).rename(target)  # a rename, atomic on a local file system
         print(f"nnxlm: resuming from step {step}: moved checkpoint {newer} to {target}", file=sys.stderr)
 
 

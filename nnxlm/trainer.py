@@ -11,7 +11,6 @@ What a step optimises and which batch fields it takes belong to the recipe's `ob
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -154,7 +154,7 @@ class Trainer:
         self.recipe = fdl.Config(Trainer, **as_config(arguments))
         vars(self).update({k: v for k, v in arguments.items() if k != "model"})
         self.model_factory = model  # `self.model` is the trained model (a property below)
-        self.workdir = workdir or os.path.join("runs", name)
+        self.workdir = workdir or f"runs/{name}"
         self.mesh_axes = dict(mesh or {"data": -1})
         self.tokenizer = None
         self._ready = False
@@ -209,7 +209,7 @@ class Trainer:
                 "(or jsonl_files, sft)"
             )
         self.plan()
-        directory = os.path.join(self.workdir, "checkpoints")
+        directory = str(epath.Path(self.workdir) / "checkpoints")
         if resume_step is not None:
             if jax.process_index() == 0:
                 set_aside_newer(self.workdir, directory, resume_step)
@@ -497,7 +497,7 @@ class Trainer:
         self.setup(resume_step)
         main = jax.process_index() == 0  # the process that writes files and prints progress
         if main:
-            write_atomically(os.path.join(self.workdir, "recipe.json"), json.dumps(to_json(self.recipe), indent=1))
+            write_atomically(epath.Path(self.workdir) / "recipe.json", json.dumps(to_json(self.recipe), indent=1))
         if main and self.eval_data is not None and self.step == 0:
             baseline = self.objective.baseline(self.eval_data, self.tokenizer)
             if baseline:

@@ -18,6 +18,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
+from tests.fake_gcs import fake_gcs  # noqa: E402, F401 (gs:// paths kept in a local directory)
+
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

@@ -5,11 +5,11 @@ Both stream tensor by tensor: peak memory is about the converted model plus its 
 """
 
 import json
-import os
 
 import fiddle as fdl
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from nnxlm.checkpointing import ModelReader, collapse_kernels, save_model_checkpoint, stored_layout
@@ -18,7 +18,7 @@ from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
 from nnxlm.data.tokenizer import TOKENIZER_FILES
 from nnxlm.errors import UserError
-from nnxlm.files import copy_atomically, write_atomically
+from nnxlm.files import absolute, copy_atomically, write_atomically
 from nnxlm.modules.moe import RoutingBias
 from nnxlm.modules.quantization import quantized
 from nnxlm.recipes.serialization import as_config, to_json
@@ -38,7 +38,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     trains them alone: trainable="lora")."""
     from nnxlm.recipes import experiments
 
-    adapter = source if os.path.exists(os.path.join(source, peft.CONFIG_FILE)) else None
+    adapter = source if (epath.Path(source) / peft.CONFIG_FILE).exists() else None
     model_dir = _base_directory(adapter, base) if adapter else source
     config, family, reader = _open_hf(model_dir)
     model_recipe = family.recipe(config)
@@ -54,28 +54,29 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     params = _read_params(family.tensors(config), reader, target)
     if adapter:
         _read_adapter(rules, peft.adapter_reader(adapter), params)
-    if os.path.exists(os.path.join(destination, "checkpoints")):
+    out = absolute(destination)
+    if (out / "checkpoints").exists():
         raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
-    os.makedirs(destination, exist_ok=True)
-    copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, name))]
+    out.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if (epath.Path(model_dir) / name).exists()]
     for name in copied:
-        copy_atomically(os.path.join(model_dir, name), os.path.join(destination, name))
-    recipe = experiments.trainer(model_recipe, name=os.path.basename(os.path.normpath(destination)))
+        copy_atomically(epath.Path(model_dir) / name, out / name)
+    recipe = experiments.trainer(model_recipe, name=out.name)
     recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft) sets it
     if adapter:
         recipe.trainable = "lora"
     tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
     if tokenizers:  # the model's own tokenizer, wherever the run directory later trains
-        recipe.tokenizer_path = os.path.join(os.path.abspath(destination), tokenizers[0])
-    save_model_checkpoint(os.path.join(destination, "checkpoints"), 0, params, to_json(recipe))
-    write_atomically(os.path.join(destination, "recipe.json"), json.dumps(to_json(recipe), indent=1))
+        recipe.tokenizer_path = str(out / tokenizers[0])
+    save_model_checkpoint(out / "checkpoints", 0, params, to_json(recipe))
+    write_atomically(out / "recipe.json", json.dumps(to_json(recipe), indent=1))
     return destination
 
 
 def _base_directory(adapter: str, base: str | None) -> str:
     named = peft.read_adapter_config(adapter).get("base_model_name_or_path")
-    for candidate in (base, named if named and os.path.isdir(named) else None, adapter):
-        if candidate and os.path.exists(os.path.join(candidate, "config.json")):
+    for candidate in (base, named if named and epath.Path(named).is_dir() else None, adapter):
+        if candidate and (epath.Path(candidate) / "config.json").exists():
             return candidate
     raise UserError(
         f"{adapter} holds a LoRA adapter whose base model ({named!r}) is not a local directory: "
@@ -206,15 +207,15 @@ def to_hf(model_or_path, destination: str, *, adapter: bool = False, merged: boo
     adapter_model.safetensors, loaded with peft onto the base model)."""
     if adapter and merged:
         raise UserError("choose one of --adapter and --merged")
-    if not isinstance(model_or_path, str):
+    if isinstance(model_or_path, nnx.Module):
         _write_hf(model_or_path, None, destination, adapter, merged)
         return destination
     with ModelReader(model_or_path) as reader:
         _write_hf(reader.model, reader, destination, adapter, merged)
-    run_dir = model_or_path
+    run_dir = epath.Path(model_or_path)
     for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(run_dir, name)):
-            copy_atomically(os.path.join(run_dir, name), os.path.join(destination, name))
+        if (run_dir / name).exists():
+            copy_atomically(run_dir / name, epath.Path(destination) / name)
     return destination
 
 
@@ -281,12 +282,12 @@ def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, a
                 yield name, tensor.to_hf(np.asarray(stacked[index]))
             stacked = None  # freed before the next parameter is read
 
-    os.makedirs(destination, exist_ok=True)
+    epath.Path(destination).mkdir(parents=True, exist_ok=True)
     if adapter:
         _write_adapter(params, parameter, (global_tensors, layer_tensors), lora, destination)
         return
     write_tensors(destination, tensors())
-    write_atomically(os.path.join(destination, "config.json"), json.dumps(config, indent=1))
+    write_atomically(epath.Path(destination) / "config.json", json.dumps(config, indent=1))
 
 
 def _write_adapter(params, parameter, tables, lora, destination: str) -> None:

@@ -3,7 +3,8 @@ sharded (model.safetensors.index.json) or not, one tensor at a time.
 
 Both sides use plain file reads and writes rather than memory maps: a memory-mapped file keeps
 every page it touched resident until it is closed, so reading a checkpoint through one costs its
-whole size in memory. The safetensors format is small enough to handle here: an 8-byte
+whole size in memory. Files are read and written through etils.epath: a directory may be local or
+gs://, s3://, ... (nnxlm.files). The safetensors format is small enough to handle here: an 8-byte
 little-endian header length, a JSON header ({name: {"dtype", "shape", "data_offsets": [begin,
 end]}, "__metadata__": {...}}, which may end in spaces), then the tensors' bytes, offsets counted
 from the end of the header.
@@ -13,15 +14,18 @@ pickles, and unpickling a file runs whatever code it names, so a directory from 
 has only those is refused with the file's name and the conversion that makes it safe.
 """
 
+import io
 import json
 import math
-import os
 import shutil
+import tempfile
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from nnxlm.errors import UserError
+from nnxlm.files import is_local
 
 SHARD_BYTES = 4 * 2**30  # transformers' default shard size for save_pretrained is about this
 # Space kept for a shard's header before its data, so the data streams straight to its place; a
@@ -50,11 +54,10 @@ DTYPES = {
 DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 
 
-def read_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
+def read_config(directory) -> dict:
+    path = epath.Path(directory) / "config.json"
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{directory} has no config.json: give a Hugging Face model directory") from None
     except json.JSONDecodeError as e:
@@ -65,17 +68,17 @@ def _damaged(path: str, why: str) -> UserError:
     return UserError(f"{path} is not a readable safetensors file ({why}): re-download the model")
 
 
-def missing_safetensors(directory: str, wanted: str) -> UserError:
+def missing_safetensors(directory, wanted: str) -> UserError:
     """The error for a directory without the safetensors file(s) `wanted`, naming the pickle file
     it has instead, if any (never opened: see the module docstring)."""
     try:
-        pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+        pickles = sorted(f.name for f in epath.Path(directory).iterdir() if f.name.endswith(PICKLE_SUFFIXES))
     except OSError:
         pickles = []
     if pickles:
         more = f" (and {len(pickles) - 1} more)" if len(pickles) > 1 else ""
         return UserError(
-            f"{os.path.join(directory, pickles[0])}{more} is a pickle, which nnxlm never loads (loading it "
+            f"{epath.Path(directory) / pickles[0]}{more} is a pickle, which nnxlm never loads (loading it "
             f"could run any code); {directory} has no {wanted}: convert it to safetensors where you trust "
             "it (transformers: save_pretrained(..., safe_serialization=True))"
         )
@@ -84,11 +87,11 @@ def missing_safetensors(directory: str, wanted: str) -> UserError:
     )
 
 
-def read_header(path: str) -> tuple[dict, int]:
+def read_header(path) -> tuple[dict, int]:
     """({tensor name: (dtype, shape, begin, end)}, offset of the data) of a safetensors file, with
     begin and end in bytes from that offset."""
     try:
-        with open(path, "rb") as f:
+        with epath.Path(path).open("rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _damaged(path, "shorter than its header")
@@ -96,7 +99,7 @@ def read_header(path: str) -> tuple[dict, int]:
             if length > MAX_HEADER_BYTES:
                 raise _damaged(path, f"header length {length} is not plausible")
             raw = f.read(length)
-            size = os.fstat(f.fileno()).st_size
+            size = f.seek(0, io.SEEK_END)
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e})") from None
     if len(raw) < length:
@@ -126,27 +129,26 @@ class TensorReader:
     """Tensors of an HF checkpoint by name, each read from its safetensors file when asked for
     (plain reads: memory holds only the tensors the caller keeps)."""
 
-    def __init__(self, directory: str, file: str | None = None):
+    def __init__(self, directory, file: str | None = None):
         """file: read this one safetensors file of the directory (e.g. adapter_model.safetensors)."""
         self.directory = directory
         self._headers = {}  # file -> (entries, data offset)
-        index_path = os.path.join(directory, "model.safetensors.index.json")
+        index_path = epath.Path(directory) / "model.safetensors.index.json"
         if file is not None:
-            if not os.path.exists(os.path.join(directory, file)):
+            if not (epath.Path(directory) / file).exists():
                 raise missing_safetensors(directory, file)
             weight_map = dict.fromkeys(self._header(file)[0], file)
-        elif os.path.exists(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+        elif index_path.exists():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
         else:
-            if not os.path.exists(os.path.join(directory, "model.safetensors")):
+            if not (epath.Path(directory) / "model.safetensors").exists():
                 raise missing_safetensors(directory, "model.safetensors or model.safetensors.index.json")
             weight_map = dict.fromkeys(self._header("model.safetensors")[0], "model.safetensors")
         self.weight_map = weight_map
 
     def _header(self, file: str) -> tuple[dict, int]:
         if file not in self._headers:
-            self._headers[file] = read_header(os.path.join(self.directory, file))
+            self._headers[file] = read_header(epath.Path(self.directory) / file)
         return self._headers[file]
 
     def names(self) -> set[str]:
@@ -158,14 +160,14 @@ class TensorReader:
                 f"the checkpoint in {self.directory} lacks tensor {name!r}: its config.json and weights disagree"
             )
         file = self.weight_map[name]
-        path = os.path.join(self.directory, file)
+        path = epath.Path(self.directory) / file
         entries, data_start = self._header(file)
         if name not in entries:
             raise _damaged(path, f"the index puts tensor {name!r} in it but its header lacks it")
         dtype, shape, begin, end = entries[name]
         array = np.empty(shape, dtype)
         buffer = memoryview(array.reshape(-1).view(np.uint8))
-        with open(path, "rb", buffering=0) as f:
+        with path.open("rb") as f:
             f.seek(data_start + begin)
             done = 0
             while done < end - begin:  # one read returns at most about 2 GiB
@@ -178,12 +180,16 @@ class TensorReader:
 
 class _ShardWriter:
     """One safetensors file written tensor by tensor: the data goes to its place after a reserved
-    header space as it comes, the header is written last."""
+    header space as it comes, the header is written last. An object store (gs://, s3://) cannot
+    seek back to write the header: there the data is gathered in a local temporary file, and the
+    header and data are uploaded in one go at the end."""
 
-    def __init__(self, path: str, header_reserve: int):
+    def __init__(self, path: epath.Path, header_reserve: int):
         self.path, self.reserve = path, -(-header_reserve // 8) * 8  # the data stays 8-byte aligned
-        self.file = open(path, "wb")  # noqa: SIM115 (closed in finish)
-        self.file.seek(8 + self.reserve)
+        self.staged = None if is_local(path) else tempfile.TemporaryFile()  # noqa: SIM115 (closed in finish)
+        self.file = path.open("wb") if self.staged is None else self.staged
+        if self.staged is None:
+            self.file.seek(8 + self.reserve)
         self.entries, self.size = {}, 0
 
     def add(self, name: str, array: np.ndarray) -> None:
@@ -198,6 +204,13 @@ class _ShardWriter:
 
     def finish(self) -> None:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if self.staged is not None:
+            with self.path.open("wb") as out:
+                out.write(_header_bytes(header, -(-len(header) // 8) * 8))
+                self.staged.seek(0)
+                shutil.copyfileobj(self.staged, out, 16 * 2**20)
+            self.staged.close()
+            return
         if len(header) <= self.reserve:
             self.file.seek(0)
             self.file.write(_header_bytes(header, self.reserve))
@@ -205,13 +218,13 @@ class _ShardWriter:
             return
         self.file.close()  # the header outgrew its space: copy the data behind a larger one
         length = -(-len(header) // 8) * 8
-        moved = self.path + ".data"
-        os.replace(self.path, moved)
-        with open(moved, "rb") as source, open(self.path, "wb") as out:
+        moved = self.path.with_name(self.path.name + ".data")
+        self.path.replace(moved)
+        with moved.open("rb") as source, self.path.open("wb") as out:
             out.write(_header_bytes(header, length))
             source.seek(8 + self.reserve)
             shutil.copyfileobj(source, out, 16 * 2**20)
-        os.remove(moved)
+        moved.unlink()
 
 
 def _header_bytes(header: bytes, length: int) -> bytes:
@@ -220,7 +233,7 @@ def _header_bytes(header: bytes, length: int) -> bytes:
 
 
 def write_tensors(
-    directory: str,
+    directory,
     tensors,
     shard_bytes: int = SHARD_BYTES,
     header_reserve: int = HEADER_RESERVE,
@@ -229,11 +242,12 @@ def write_tensors(
     """Writes (name, array) pairs as safetensors shards of at most shard_bytes (with an index when
     there is more than one), each array to disk as it comes: memory holds one array at a time.
     Files are named <prefix>.safetensors, or <prefix>-00001-of-0000N.safetensors with an index."""
+    directory = epath.Path(directory)
     parts = []  # (temporary path, tensor names)
     writer, total = None, 0
 
     def start():
-        return _ShardWriter(os.path.join(directory, f"part-{len(parts):05d}.safetensors.tmp"), header_reserve)
+        return _ShardWriter(directory / f"part-{len(parts):05d}.safetensors.tmp", header_reserve)
 
     try:
         for name, array in tensors:
@@ -252,17 +266,17 @@ def write_tensors(
             writer.file.close()
             parts.append((writer.path, []))
         for path, _ in parts:
-            for leftover in (path, path + ".data"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
+            for leftover in (path, path.with_name(path.name + ".data")):
+                if leftover.exists():
+                    leftover.unlink()
         raise
     if len(parts) == 1:
-        os.replace(parts[0][0], os.path.join(directory, f"{prefix}.safetensors"))
+        parts[0][0].replace(directory / f"{prefix}.safetensors")
         return
     weight_map = {}
     for number, (path, names) in enumerate(parts, start=1):
         final = f"{prefix}-{number:05d}-of-{len(parts):05d}.safetensors"
-        os.replace(path, os.path.join(directory, final))
+        path.replace(directory / final)
         weight_map.update(dict.fromkeys(names, final))
-    with open(os.path.join(directory, f"{prefix}.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=1))

@@ -13,9 +13,9 @@ parameters, not linear modules): a model with adapters there exports with --merg
 
 import dataclasses
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from nnxlm.convert.hf_files import TensorReader, write_tensors
 from nnxlm.errors import UserError
@@ -86,16 +86,15 @@ def nnx_arrays(rule, lora_a: np.ndarray, lora_b: np.ndarray, a_shape, b_shape) -
 
 def write_adapter(destination: str, config: dict, tensors) -> None:
     """adapter_config.json and adapter_model.safetensors (tensors: (peft name, array) pairs)."""
-    os.makedirs(destination, exist_ok=True)
+    epath.Path(destination).mkdir(parents=True, exist_ok=True)
     write_tensors(destination, tensors, shard_bytes=2**62, prefix=WEIGHTS_FILE.removesuffix(".safetensors"))
-    write_atomically(os.path.join(destination, CONFIG_FILE), json.dumps(config, indent=1))
+    write_atomically(epath.Path(destination) / CONFIG_FILE, json.dumps(config, indent=1))
 
 
 def read_adapter_config(directory: str) -> dict:
-    path = os.path.join(directory, CONFIG_FILE)
+    path = epath.Path(directory) / CONFIG_FILE
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable peft adapter config ({e})") from None
     if config.get("peft_type") != "LORA":
@@ -141,6 +140,6 @@ def targeted(config: dict, rules) -> list:
 
 
 def adapter_reader(directory: str) -> TensorReader:
-    if not os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
+    if not (epath.Path(directory) / WEIGHTS_FILE).exists():
         raise UserError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}: nnxlm reads safetensors adapters")
     return TensorReader(directory, file=WEIGHTS_FILE)

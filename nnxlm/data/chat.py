@@ -27,7 +27,8 @@ import contextvars
 import datetime
 import functools
 import json
-import os
+
+from etils import epath
 
 from nnxlm.errors import UserError
 
@@ -46,16 +47,14 @@ BUILTIN_TEMPLATE = (
 def find_template(directory: str) -> str | None:
     """The chat template kept beside a tokenizer: chat_template.jinja, else tokenizer_config.json's
     chat_template (its "default" entry when it holds several); None when there is neither."""
-    path = os.path.join(directory, TEMPLATE_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.exists(config_path):
+    path = epath.Path(directory) / TEMPLATE_FILE
+    if path.exists():
+        return path.read_text()
+    config_path = epath.Path(directory) / "tokenizer_config.json"
+    if not config_path.exists():
         return None
     try:
-        with open(config_path, encoding="utf-8") as f:
-            template = json.load(f).get("chat_template")
+        template = json.loads(config_path.read_text()).get("chat_template")
     except (OSError, ValueError) as e:
         raise UserError(f"{config_path} is not readable JSON ({e}): fix or remove it") from None
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]

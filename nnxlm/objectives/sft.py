@@ -3,6 +3,8 @@
 import dataclasses
 import sys
 
+from etils import epath
+
 from nnxlm.data.chat import BUILTIN_TEMPLATE, ChatTemplate
 from nnxlm.data.sft import LOSS_ON, OVERLONG, make_sft_dataset
 from nnxlm.errors import UserError
@@ -61,8 +63,7 @@ def chat_template(tokenizer, path: str | None = None) -> ChatTemplate:
     """The template at `path`, else the tokenizer's own, else nnxlm's built-in one (said once)."""
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = epath.Path(path).read_text()
         except OSError as e:
             raise UserError(f"chat template {path} cannot be read ({e.strerror}): fix the path") from None
     elif getattr(tokenizer, "chat_template", None):

@@ -18,6 +18,7 @@ import sys
 from types import ModuleType
 
 import fiddle as fdl
+from etils import epath
 
 from nnxlm.errors import UserError
 
@@ -54,7 +55,7 @@ def load_base(spec: str) -> tuple[fdl.Config, ModuleType]:
     path, _, function_name = spec.partition(":") if ".py" in spec else (spec, "", "")
     if path.endswith(".py"):
         module = _import_file(path)
-        function_name = function_name or os.path.splitext(os.path.basename(path))[0]
+        function_name = function_name or epath.Path(path).stem
         where = path
     else:
         module, function_name, where = None, spec, "nnxlm.recipes"
@@ -78,8 +79,7 @@ def _load_json_recipe(path: str) -> fdl.Config:
     from nnxlm.recipes.serialization import from_json
 
     try:
-        with open(path, encoding="utf-8") as f:
-            return from_json(f.read())
+        return from_json(epath.Path(path).read_text())  # a local path, gs://, ...
     except OSError as e:
         raise UserError(f"recipe file {path} cannot be read ({e.strerror}): check the path") from None
     except Exception as e:  # fiddle raises several types for a malformed recipe
@@ -87,9 +87,10 @@ def _load_json_recipe(path: str) -> fdl.Config:
 
 
 def _import_file(path: str) -> ModuleType:
+    # a recipe .py file is imported by this Python process, which reads local files only
     if not os.path.isfile(path):
         raise UserError(f"recipe file {path} does not exist: check the path (relative to {os.getcwd()})")
-    name = "nnxlm_recipe_" + os.path.splitext(os.path.basename(path))[0]
+    name = "nnxlm_recipe_" + epath.Path(path).stem
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -4,7 +4,8 @@ template and end tokens, shared by `nnxlm serve` and `nnxlm chat`."""
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from etils import epath
 
 from nnxlm.errors import UserError
 
@@ -41,9 +42,9 @@ def load(checkpoint: str, tensor_parallel: int = 1, max_length: int | None = Non
         raise UserError(f"--max_length {max_length}: give at least 2 tokens (prompt and completion)")
     directory, _ = find_checkpoint(checkpoint)
     recipe = load_recipe(checkpoint)
-    run_dir = os.path.dirname(directory)
+    run_dir = epath.Path(directory).parent
     tokenizer_path = find_tokenizer(run_dir, recipe.tokenizer_path)
-    if not os.path.exists(tokenizer_path):
+    if not epath.Path(tokenizer_path).exists():
         raise UserError(f"no tokenizer at {tokenizer_path}: serving needs the run's tokenizer.model or tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_path)
     mesh = None
@@ -52,6 +53,6 @@ def load(checkpoint: str, tensor_parallel: int = 1, max_length: int | None = Non
     model = load_model(checkpoint, mesh=mesh)
     vocab_ids = getattr(tokenizer, "_to_id", None)
     end_ids = tuple(i for i in (vocab_ids(t) for t in END_OF_TURN) if i is not None) if vocab_ids else ()
-    name = os.path.basename(os.path.abspath(run_dir).rstrip("/"))
+    name = run_dir.name
     length = max_length or getattr(recipe, "seq_len", None) or 2048
     return Served(model, tokenizer, find_chat_template(tokenizer, chat_template), end_ids, name, length, mesh)

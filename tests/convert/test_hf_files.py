@@ -63,6 +63,22 @@ def test_streamed_shards_read_back_with_safetensors_and_the_reader(tmp_path, hea
             np.testing.assert_array_equal(got, array)
 
 
+@pytest.mark.parametrize("shard_bytes", [50, 2**30])
+def test_shards_stream_into_and_out_of_a_bucket(fake_gcs, shard_bytes):
+    write_tensors("gs://bucket/hf", iter(MIXED.items()), shard_bytes=shard_bytes)  # staged, then uploaded
+    stored = fake_gcs / "bucket" / "hf"
+    files = sorted(p.name for p in stored.iterdir())
+    assert len(files) == (5 if shard_bytes == 50 else 1) and not [f for f in files if ".tmp" in f]
+    loaded = {}
+    for file in (f for f in files if f.endswith(".safetensors")):
+        loaded.update(load_file(stored / file))
+    reader = TensorReader("gs://bucket/hf")
+    for name, array in MIXED.items():
+        for got in (loaded[name], reader.get(name)):
+            assert got.dtype == array.dtype and got.shape == array.shape
+            np.testing.assert_array_equal(got, array)
+
+
 def test_a_damaged_safetensors_file_is_named_in_one_line(tmp_path):
     write_tensors(str(tmp_path), iter(MIXED.items()))
     path = tmp_path / "model.safetensors"
