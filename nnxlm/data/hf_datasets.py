@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from nnxlm.data.file_rows import PerProcessCache, one_line
 from nnxlm.data.sources import _check_split, _decode, _empty_split, split_mask
@@ -101,9 +102,8 @@ class HFDataset:
 
     def _open(self) -> _Loaded:
         datasets = _datasets()
-        saved = os.path.isdir(self.path) and any(
-            os.path.isfile(os.path.join(self.path, marker)) for marker in ("state.json", "dataset_dict.json")
-        )
+        folder = epath.Path(self.path)  # a save_to_disk directory, local or remote (datasets reads it by fsspec)
+        saved = folder.is_dir() and any((folder / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
         try:
             if saved:
                 dataset = datasets.load_from_disk(self.path)
@@ -143,7 +143,7 @@ class HFDataset:
             if not len(rows):
                 raise UserError(f"no rows of {self._name()} pass filters={self.filters} min_chars={self.min_chars}")
         if self.eval_fraction > 0.0:
-            key = "/".join(p for p in (os.path.basename(os.path.normpath(self.path)), self.name, self.hf_split) if p)
+            key = "/".join(p for p in (epath.Path(self.path).name, self.name, self.hf_split) if p)
             rows = np.asarray(rows, dtype=np.int64)
             rows = rows[split_mask(key, rows, self.split, self.eval_fraction)]
         if not len(rows):

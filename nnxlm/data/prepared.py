@@ -67,9 +67,19 @@ def _again(path: str) -> str:
     return f"delete {path} and run `nnxlm data prepare` again"
 
 
+def _local(path: str, what: str) -> str:
+    """``path``, a local directory: shards are ArrayRecord files, written and opened on local disk."""
+    if "://" in path:
+        raise UserError(
+            f"{what} {path} is not on a local file system: prepared shards are written and read as local "
+            "ArrayRecord files; prepare to local disk and mount or copy the directory where training runs"
+        )
+    return path
+
+
 def read_manifest(path: str) -> dict:
     """The validated manifest of the prepared directory ``path``; UserError when missing or bad."""
-    file = os.path.join(path, MANIFEST)
+    file = os.path.join(_local(os.fspath(path), "prepared data directory"), MANIFEST)
     try:
         with open(file, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -180,7 +190,7 @@ def prepare(source, tokenizer, output: str, *, split="train", workers=1, documen
     a new split ``ceil(n / 64)`` clamped to [100, 10000]. Returns the totals and time of this call:
     documents, tokens, bytes, seconds, shards_written.
     """
-    output = os.fspath(output)
+    output = _local(os.fspath(output), "--output")
     if split not in SPLITS:
         raise UserError(f"split {split!r}: use 'train' or 'eval'")
     if workers < 1 or (documents_per_shard is not None and documents_per_shard < 1):

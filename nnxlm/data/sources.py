@@ -22,6 +22,7 @@ scanning happens in ``documents()``. Every source has:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -114,10 +115,26 @@ def _glob(pattern: str) -> list[str]:
     if not _is_remote(pattern):  # the standard glob: hidden files stay out of wildcards, as in a shell
         return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     base = _glob_base(pattern)
-    relative = pattern[len(base) :].lstrip("/")
-    if not _WILDCARDS & set(relative):
-        return [pattern] if epath.Path(pattern).is_file() else []
-    return [os.fspath(p) for p in epath.Path(base).glob(relative) if p.is_file()]
+    parts = [part for part in pattern[len(base) :].split("/") if part]
+    return [os.fspath(p) for p in _walk(epath.Path(base), parts) if p.is_file()]
+
+
+def _walk(folder: epath.Path, parts: list[str]) -> list[epath.Path]:
+    """Paths under ``folder`` matching the glob ``parts`` ("**" = any depth), listing one folder at
+    a time (epath's own glob refuses "**" on object stores)."""
+    if not parts:
+        return [folder]
+    head, rest = parts[0], parts[1:]
+    if not _WILDCARDS & set(head):
+        child = folder / head
+        return _walk(child, rest) if child.exists() else []
+    if not folder.is_dir():
+        return []
+    children = sorted(folder.iterdir())
+    if head == "**":  # zero folders, or one more and still "**"
+        return _walk(folder, rest) + [p for c in children if c.is_dir() for p in _walk(c, parts)]
+    hits = [c for c in children if fnmatch.fnmatchcase(c.name, head) and not c.name.startswith(".")]
+    return [p for c in hits for p in _walk(c, rest)]
 
 
 def _match_files(owner: str, globs: tuple[str, ...]) -> list[tuple[str, str]]:
