@@ -4,6 +4,7 @@ Model-only recipes live in nnxlm.recipes.models, edits in nnxlm.recipes.fiddlers
 
 from nnxlm.recipes import fiddlers, models
 from nnxlm.recipes.experiments import (
+    bench_llama_1b,
     bench_llama_20m,
     bench_llama_57m,
     deepseek_v3,
@@ -37,6 +38,7 @@ RECIPES = {
     "tiny": tiny,
     "bench_llama_20m": bench_llama_20m,
     "bench_llama_57m": bench_llama_57m,
+    "bench_llama_1b": bench_llama_1b,
     "llama2_7b": llama2_7b,
     "llama3_8b": llama3_8b,
     "llama3_1_8b": llama3_1_8b,
@@ -64,6 +66,7 @@ RECIPES = {
 
 __all__ = [
     "RECIPES",
+    "bench_llama_1b",
     "bench_llama_20m",
     "bench_llama_57m",
     "deepseek_v3",
