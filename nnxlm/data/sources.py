@@ -219,7 +219,7 @@ def _filled(data: np.ndarray) -> bool:
 
 
 def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(byte offsets int64 [n], 1-based line numbers int64 [n]) of the non-blank lines of a file,
+    """(byte offsets int64 [n], 1-based line numbers int32 [n]) of the non-blank lines of a file,
     found with numpy a chunk at a time: ten million short lines take a few seconds."""
     offsets, lines = [], []
     base = line = 0
@@ -237,16 +237,22 @@ def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
                     nonblank[j] = _filled(data[starts[j] : ends[j]])
                 nonblank[0] = tail_filled or _filled(data[: ends[0]])
                 offsets.append((base + np.concatenate([[tail_start - base], ends[:-1] + 1]))[nonblank])
-                lines.append((line + 1 + np.arange(len(ends), dtype=np.int64))[nonblank])
+                lines.append((line + 1 + np.arange(len(ends), dtype=np.int32))[nonblank])
                 tail_start, tail_filled = base + int(ends[-1]) + 1, False
                 line += len(ends)
             tail_filled = tail_filled or _filled(data[int(ends[-1]) + 1 if len(ends) else 0 :])
             base += len(chunk)
     if tail_filled:  # a last line without a newline
         offsets.append(np.array([tail_start], dtype=np.int64))
-        lines.append(np.array([line + 1], dtype=np.int64))
-    empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(offsets) if offsets else empty), (np.concatenate(lines) if lines else empty)
+        lines.append(np.array([line + 1], dtype=np.int32))
+    return _joined(offsets, np.int64), _joined(lines, np.int32)
+
+
+def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """One array of the parts (the part itself when there is one: no copy of a large index)."""
+    if len(parts) == 1:
+        return parts[0].astype(dtype, copy=False)
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
 def _map(path: str) -> mmap.mmap:
@@ -281,8 +287,7 @@ class LineIndex(Sequence):
     def __init__(self, paths: list[str], offsets: list[np.ndarray], lines: list[np.ndarray]):
         self.paths = paths
         self.ends = np.cumsum([len(o) for o in offsets], dtype=np.int64)
-        self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-        self.lines = (np.concatenate(lines) if lines else np.zeros(0, np.int64)).astype(np.int32)
+        self.offsets, self.lines = _joined(offsets, np.int64), _joined(lines, np.int32)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -319,10 +324,12 @@ class JsonlFiles:
         paths, offsets, lines = [], [], []
         for path, key in _match_files("JsonlFiles", self.globs):
             file_offsets, file_lines = scan_lines(path)
-            keep = split_mask(key, file_lines, self.split, self.eval_fraction)
+            if self.eval_fraction > 0.0:
+                keep = split_mask(key, file_lines, self.split, self.eval_fraction)
+                file_offsets, file_lines = file_offsets[keep], file_lines[keep]
             paths.append(path)
-            offsets.append(file_offsets[keep])
-            lines.append(file_lines[keep])
+            offsets.append(file_offsets)
+            lines.append(file_lines)
         index = LineIndex(paths, offsets, lines)
         if not len(index):
             raise _empty_split(f"JsonlFiles({list(self.globs)})", self.split)
