@@ -31,6 +31,8 @@ CHANGEABLE_ON_RESUME = (
     "workdir",
     "name",
     "log_every",
+    "profile_steps",
+    "profile_skip_steps",
     "eval_every",
     "eval_batches",
     "eval_at_start",

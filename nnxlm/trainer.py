@@ -36,6 +36,7 @@ from nnxlm.modules.lora import adapted, lora_delta, lora_disabled
 from nnxlm.objectives import NextToken
 from nnxlm.optim import AdamW
 from nnxlm.preemption import StopRequests
+from nnxlm.profiling import StepProfiler
 from nnxlm.progress import Progress
 from nnxlm.recipes.serialization import as_config, to_json
 from nnxlm.resumption import check_same_recipe, checkpoint_damage, damaged, set_aside_newer
@@ -105,6 +106,9 @@ class Trainer:
       allow_recipe_change: resume a run directory although the recipe differs from the one it was
         trained with (beyond num_steps and how the run reports, evaluates and checkpoints).
       allow_data_restart: resume on another data layout (data_shards) by starting the data order over.
+      profile_steps: trace this many steps with the JAX profiler into <workdir>/profile/ (TensorBoard's
+        profile plugin, ui.perfetto.dev; nnxlm.profiling); 0 traces none. profile_skip_steps: the
+        steps skipped first, counted from where fit() starts (its first step compiles).
 
     fit(resume_step=N) resumes from checkpoint N instead of the newest (which may be damaged); the
     newer ones are moved to <workdir>/set_aside/, never deleted.
@@ -138,6 +142,8 @@ class Trainer:
         checkpoint_every: int = 100,
         keep_checkpoints: int = 3,
         log_every: int = 10,
+        profile_steps: int = 0,
+        profile_skip_steps: int = 1,
         mesh: dict[str, int] | None = None,
         sharding_rules: dict[str, Any] | None = None,
         num_workers: int = 0,
@@ -507,6 +513,7 @@ class Trainer:
         tokens_per_step = self.batch_size * self.seq_len
         history, pending, self.stopped_by, skipped_in_a_row = [], None, None, 0
         progress = Progress(self.num_steps, self.step, enabled=main)
+        profiler = StepProfiler(self.workdir, self.step, self.profile_skip_steps, self.profile_steps, enabled=main)
         if self.eval_at_start and self.step == 0 and self.eval_data is not None:
             self._report_start(writer, history, progress)
         last_time = time.perf_counter()
@@ -545,12 +552,14 @@ class Trainer:
         try:
             with StopRequests() as stop:
                 while self.step < self.num_steps:
-                    host_batch, sampled = next(self.train_iterator), {}
-                    if hasattr(self.objective, "prepare_batch"):  # GRPO samples completions here
-                        host_batch, sampled = self.objective.prepare_batch(self, host_batch, self.step)
-                    counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in self.objective.batch_fields}
-                    counts.update(sampled)
-                    self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
+                    with profiler.step(self.step + 1):  # the batch and the dispatch, as MaxText marks a step
+                        host_batch, sampled = next(self.train_iterator), {}
+                        if hasattr(self.objective, "prepare_batch"):  # GRPO samples completions here
+                            host_batch, sampled = self.objective.prepare_batch(self, host_batch, self.step)
+                        fields = self.objective.batch_fields
+                        counts = {k: int(np.sum(v)) for k, v in host_batch.items() if k not in fields}
+                        counts.update(sampled)
+                        self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
                     self.step += 1
                     if pending:  # fetch the previous step's metrics while this one runs
                         finish(*pending)
@@ -558,10 +567,14 @@ class Trainer:
                     stopping = stop.signal  # read once: a signal may arrive at any moment
                     saving = self.step == self.num_steps or stopping is not None
                     saving = saving or bool(self.checkpoint_every and self.step % self.checkpoint_every == 0)
-                    if saving or self._evaluates_at(self.step):
+                    trace_ends = profiler.ends_at(self.step)
+                    if saving or self._evaluates_at(self.step) or trace_ends:
                         # before the next step changes the parameters that evaluation and saving see
                         finish(*pending)  # (and time the step: saving is not step time)
                         pending = None
+                    if trace_ends:  # now that its last step is done; writing the trace is not step time
+                        profiler.stop()
+                        last_time = time.perf_counter()
                     if saving:
                         self.save()
                         last_time = time.perf_counter()
@@ -573,6 +586,7 @@ class Trainer:
                 self.checkpointer.wait()  # a signal now still lets the last checkpoint complete
         finally:
             progress.close()
+            profiler.close(self.step)
             if writer:
                 writer.close()
             self.checkpointer.wait()

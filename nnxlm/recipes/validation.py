@@ -348,6 +348,7 @@ RULES = {
         whole("seq_len", "batch_size", "grad_accum_steps", "num_steps", "eval_batches", "keep_checkpoints"),
         whole("log_every", "sample_max_new_tokens", "tokenizer_train_chars"),
         whole("eval_every", "checkpoint_every", "num_workers", "seed", least=0),
+        whole("profile_steps", "profile_skip_steps", least=0),
         whole("data_shards", optional=True),
         number("sample_temperature", **WEIGHT),
         number("sample_top_p", low=0, high=1, open_low=True, optional=True),
