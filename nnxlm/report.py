@@ -14,6 +14,7 @@ from nnxlm.modules.attention import Attention
 from nnxlm.modules.mla import MLA
 from nnxlm.modules.mlp import GatedMLP
 from nnxlm.modules.moe import MoE
+from nnxlm.modules.pipeline import bubble_fraction
 from nnxlm.modules.quantization import Quantization
 from nnxlm.sharding.memory import per_device_lines, size
 from nnxlm.train_state import trainable_count, trainable_filter
@@ -95,9 +96,36 @@ def describe(cfg: fdl.Config, compile_step: bool = False) -> str:
         + (f" (one micro-batch of {trainer.grad_accum_steps})" if trainer.grad_accum_steps > 1 else ""),
         f"  total {total / gib:.2f} GiB",
     ]
+    lines += pipeline_lines(trainer, model, activations)
     lines += inference_lines(cfg, trainer.seq_len)
     lines += per_device_lines(trainer, compile_step)
     return "\n".join(lines)
+
+
+def pipeline_lines(trainer, model: nnx.Module, activations: float) -> list[str]:
+    """With a `pipeline` mesh axis: the stages, the schedule's bubble fraction and what one stage
+    holds (nnxlm.modules.pipeline); nothing otherwise."""
+    stages = trainer.mesh_axes.get("pipeline", 1)
+    if stages <= 1:
+        return []
+    microbatches, repeats = trainer.pipeline.resolved(stages)
+    pipelined = model.num_layers - model.num_first_layers
+    rows = trainer.batch_size // trainer.grad_accum_steps // microbatches
+    stack = sum(p.size * jnp.dtype(p.dtype).itemsize for p in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+    rest = sum(p.size * jnp.dtype(p.dtype).itemsize for p in jax.tree.leaves(nnx.state(model, nnx.Param))) - stack
+    # the queue of micro-batches and the state buffer: one activation of every row and of one micro-batch
+    buffers = (microbatches + 1) * rows * trainer.seq_len * model.d_model * model.dtype.itemsize
+    idle, iterations = stages - 1, repeats * microbatches + stages - 1
+    kind = trainer.pipeline_schedule + (f", {repeats} rounds" if repeats > 1 else "")
+    return [
+        f"pipeline: {stages} stages of {pipelined // stages} layers in chunks of {pipelined // (stages * repeats)} "
+        f"({kind}), {microbatches} micro-batches of {rows} rows: bubble fraction (S - 1) / (R M + S - 1) = "
+        f"{idle}/{iterations} = {bubble_fraction(stages, microbatches, repeats):.1%}",
+        f"  per stage (its devices together): parameters {size(stack / stages + rest)} (its layers "
+        f"{size(stack / stages)}; embedding, head and norms {size(rest)} on every stage), activations about "
+        f"{size(activations / stages)} "
+        f"+ micro-batch queue {size(buffers)}",
+    ]
 
 
 def inference_lines(cfg: fdl.Config, seq_len: int) -> list[str]:

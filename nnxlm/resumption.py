@@ -26,6 +26,9 @@ CHANGEABLE_ON_RESUME = (
     "mesh",
     "sharding_rules",
     "grad_accum_steps",  # the same update, in micro-batches
+    "pipeline_microbatches",  # the same update, through pipeline stages
+    "pipeline_schedule",
+    "pipeline_repeats",
     "data_shards",  # checked on its own: the data position must fit (allow_data_restart)
     "num_steps",
     "workdir",

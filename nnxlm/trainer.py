@@ -33,6 +33,7 @@ from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
 from nnxlm.files import write_atomically
 from nnxlm.modules.lora import adapted, lora_delta, lora_disabled
+from nnxlm.modules.pipeline import PipelineSchedule, pipelining
 from nnxlm.objectives import NextToken
 from nnxlm.optim import AdamW
 from nnxlm.preemption import StopRequests
@@ -96,6 +97,10 @@ class Trainer:
         sample completions, so that a fine-tuning run shows where it began.
       mesh: mesh axis sizes (nnxlm.sharding.MESH_AXES), one may be -1; sharding_rules overrides
         entries of the logical-axis table.
+      pipeline_microbatches, pipeline_schedule, pipeline_repeats: with a `pipeline` mesh axis of S
+        stages, each step's rows (per gradient-accumulation step) are cut into this many
+        micro-batches (None: S) that flow through the stages by "gpipe" or "circular" (each
+        micro-batch going round the stages pipeline_repeats times); see nnxlm.modules.pipeline.
       sample_prompts: completed with sample_max_new_tokens tokens at the end of fit(), greedily or,
         with sample_temperature > 0, sampled (nucleus sampling when sample_top_p is set); the
         objective turns each into the model's input (SFT: a user turn in the chat template).
@@ -146,6 +151,9 @@ class Trainer:
         profile_skip_steps: int = 1,
         mesh: dict[str, int] | None = None,
         sharding_rules: dict[str, Any] | None = None,
+        pipeline_microbatches: int | None = None,
+        pipeline_schedule: str = "gpipe",
+        pipeline_repeats: int = 1,
         num_workers: int = 0,
         sample_prompts: Sequence[str] = (),
         sample_max_new_tokens: int = 64,
@@ -302,6 +310,11 @@ class Trainer:
         return "adapters" if self.trainable == "lora" else "copy"
 
     @property
+    def pipeline(self) -> PipelineSchedule:
+        """How micro-batches flow through the stages of a `pipeline` mesh axis."""
+        return PipelineSchedule(self.pipeline_microbatches, self.pipeline_schedule, self.pipeline_repeats)
+
+    @property
     def updates_per_step(self) -> int:
         """Optimizer updates a step makes on its batch (GRPO's iterations; 1 for the others)."""
         return getattr(self.objective, "iterations", 1)
@@ -446,7 +459,7 @@ class Trainer:
         dropout_key = train_state.next_key()
         learning_rate = self.schedule(train_state.optimizer.step[...])
         updates = self.updates_per_step
-        with activation_sharding(self.mesh, self.sharding_rules):
+        with activation_sharding(self.mesh, self.sharding_rules), pipelining(self.pipeline):
             batch = self._with_reference(train_state, batch)
             if hasattr(self.objective, "policy_fields"):  # the sampling policy's view (GRPO's pi_old)
                 batch = {**batch, **self.objective.policy_fields(train_state.model, batch)}
@@ -466,7 +479,7 @@ class Trainer:
 
     def _eval_step_fn(self, state, batch):
         train_state = nnx.merge(self.graphdef, state)
-        with activation_sharding(self.mesh, self.sharding_rules):
+        with activation_sharding(self.mesh, self.sharding_rules), pipelining(self.pipeline):
             batch = self._with_reference(train_state, batch)
             terms = self.objective.terms(train_state.model, batch, None)
         return terms.sums["loss"], self.objective.units(batch)

@@ -55,6 +55,8 @@ the structure of its state. Under the Transformer's nnx.scan over layers the val
 array with a leading layers axis; with unscanned layers, one scalar a layer.
 """
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -162,7 +164,11 @@ class MoE(nnx.Module):
         k = self.num_experts_per_token
         x_nd = x_btd.astype(self.dtype).reshape(batch * length, d_model)
         weights_nk, experts_nk, probs_ne = self.route(x_nd)
-        if hasattr(self, "__captures__"):  # only under nnx.capture: flax 0.12 would otherwise keep
+        in_stage = _IN_PIPELINE_STAGE.get()
+        if hasattr(self, "__captures__") and in_stage:  # one micro-batch of the whole batch
+            statistics = balance_statistics(experts_nk, probs_ne, self.num_experts)
+            self.sow(nnx.Intermediate, "moe_balance_statistics", statistics)
+        elif hasattr(self, "__captures__"):  # only under nnx.capture: flax 0.12 would otherwise keep
             # appending the loss to the module's own state on every call (inference included)
             self.sow(nnx.Intermediate, "moe_aux_loss", load_balancing_loss(experts_nk, probs_ne, self.num_experts))
         keys = [fold_key(dropout_key, i) for i in range(4)]
@@ -170,7 +176,7 @@ class MoE(nnx.Module):
         if self.capacity_factor is not None:
             rows_nk = rows_in_expert(experts_nk.reshape(batch, length * k)).reshape(batch * length, k)
         plan = None
-        if self.dispatch == "sorted" and not self._adapter_dropout(dropout_key):
+        if self.dispatch == "sorted" and not self._adapter_dropout(dropout_key) and not in_stage:
             plan = expert_parallel.plan(self.gate.kernel, x_btd.shape)
         if self.dispatch == "dense":
             y_nd = self._dense(x_nd, weights_nk, experts_nk, rows_nk, length, keys)
@@ -298,9 +304,33 @@ def rows_in_expert(experts_bs: jax.Array) -> jax.Array:
 def load_balancing_loss(experts_nk: jax.Array, probs_ne: jax.Array, num_experts: int) -> jax.Array:
     """num_experts * sum_e f_e * P_e: f_e the fraction of token-slots sent to expert e, P_e the mean
     router probability of e over tokens. A float32 scalar; gradients flow through P only."""
+    fraction_e, mean_probs_e = balance_statistics(experts_nk, probs_ne, num_experts)
+    return num_experts * jnp.sum(fraction_e * mean_probs_e)
+
+
+def balance_statistics(experts_nk: jax.Array, probs_ne: jax.Array, num_experts: int) -> jax.Array:
+    """float32 [2, num_experts]: f_e and P_e of load_balancing_loss. Means over equal numbers of
+    tokens, so that the statistics of equal micro-batches average to the whole batch's."""
     slots_e = jnp.sum(jax.nn.one_hot(experts_nk, num_experts, dtype=jnp.float32), axis=(0, 1))
-    fraction_e = slots_e / experts_nk.size
-    return num_experts * jnp.sum(fraction_e * jnp.mean(probs_ne.astype(jnp.float32), axis=0))
+    return jnp.stack([slots_e / experts_nk.size, jnp.mean(probs_ne.astype(jnp.float32), axis=0)])
+
+
+_IN_PIPELINE_STAGE = contextvars.ContextVar("nnxlm_moe_in_pipeline_stage", default=False)
+
+
+@contextlib.contextmanager
+def in_pipeline_stage():
+    """While tracing inside (a stage of nnxlm.modules.pipeline, which runs each layer on
+    micro-batches), a captured MoE sows "moe_balance_statistics" (balance_statistics) instead of
+    "moe_aux_loss", which the pipeline averages over the micro-batches into the whole batch's
+    loss; and the routed experts run as on one device, partitioned by GSPMD: the expert-parallel
+    shard_map does not trace under the pipeline's vmap over stages (loops inside it pick up the
+    stage axis), so a pipeline mesh takes no expert axis (checked with the recipe)."""
+    token = _IN_PIPELINE_STAGE.set(True)
+    try:
+        yield
+    finally:
+        _IN_PIPELINE_STAGE.reset(token)
 
 
 def _check(

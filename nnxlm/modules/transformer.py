@@ -5,6 +5,8 @@ nnx.scan: compiles in time independent of depth) or a plain list applied in a Py
 (`scan_layers=False`). Both hold the same numbers; checkpoints store the stacked layout so either
 model loads them. A model whose first layers differ from the rest (DeepSeek-V3: dense MLPs before
 the mixture-of-experts layers) holds two such stacks, `first_layers` and `layers`, applied in turn.
+Under a mesh with a `pipeline` axis the stacked `layers` run in pipeline stages over
+micro-batches (nnxlm.modules.pipeline).
 
 For decoding, the model also takes a KVCache (init_cache) and returns the updated one with the
 logits; features() and logits() split the forward pass so that a prefill computes the head only
@@ -19,12 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnxlm.errors import UserError
 from nnxlm.modules.dense import Dense
 from nnxlm.modules.embed import Embedder
 from nnxlm.modules.kv_cache import KVCache, write_slots
 from nnxlm.modules.lora import LoRA
 from nnxlm.modules.mtp import MultiTokenPrediction, shifted_ids
 from nnxlm.modules.norms import RMSNorm
+from nnxlm.modules.pipeline import pipeline_stages, run_pipeline
 from nnxlm.modules.quantization import Quantization
 from nnxlm.modules.rope import inverse_frequencies
 from nnxlm.modules.stack import stacked, unstacked
@@ -279,7 +283,24 @@ class Transformer(nnx.Module):
         values = self._layer_values()
         for layers, part in self._stacks():
             stack_keys, stack_values = _part(keys, part), _part(values, part)
+            if layers is self.layers and pipeline_stages() > 1:  # a mesh with a pipeline axis
+                x_btd = self._apply_pipelined(x_btd, positions_bt, segment_ids_bt, stack_keys, stack_values)
+                continue
             x_btd = self._apply_stack(layers, x_btd, positions_bt, segment_ids_bt, stack_keys, stack_values)
+        return x_btd
+
+    def _apply_pipelined(self, x_btd, positions_bt, segment_ids_bt, keys, values):
+        """The main stack in pipeline stages (nnxlm.modules.pipeline); the MoE balance losses of
+        its layers are sown here, formed from statistics of all micro-batches."""
+        if not self.scan_layers:
+            raise UserError("a mesh with a pipeline axis needs stacked layers: set model.scan_layers=True")
+        capture = hasattr(self, "__captures__")
+        policy = REMAT_POLICIES[self.remat_policy]
+        x_btd, losses = run_pipeline(
+            self.layers, x_btd, positions_bt, segment_ids_bt, keys, values, policy=policy, capture=capture
+        )
+        if losses is not None:
+            self.sow(nnx.Intermediate, "moe_aux_loss", losses)
         return x_btd
 
     def _apply_stack(self, layers, x_btd, positions_bt, segment_ids_bt, keys, values):

@@ -31,6 +31,7 @@ from nnxlm.modules.lora import TARGETS, LoRA
 from nnxlm.modules.mla import MLA, YARN_KEYS
 from nnxlm.modules.mlp import ACTIVATIONS
 from nnxlm.modules.moe import DISPATCHES, ROUTERS, MoE
+from nnxlm.modules.pipeline import SCHEDULES, PipelineSchedule, schedule_problem
 from nnxlm.modules.ring import CONTEXT_PARALLEL
 from nnxlm.modules.rope import SCALING_TYPES
 from nnxlm.modules.transformer import PATTERN_FIELDS, REMAT_POLICIES
@@ -309,6 +310,46 @@ def _batch(values, where, context):
             _fail(where, field, values[field], f"the mesh splits it over {split}; use a multiple of {multiple}")
 
 
+def _pipeline(values, where, context):
+    """What a `pipeline` mesh axis needs of the model and the batch (nnxlm.modules.pipeline)."""
+    stages = (values.get("mesh") or {}).get("pipeline", 1)
+    model = values.get("model")
+    if not isinstance(stages, int) or stages <= 1 or not isinstance(model, fdl.Buildable):
+        return
+    if values["mesh"].get("expert", 1) != 1:
+        fix = "expert parallelism does not run inside pipeline stages yet; drop one of the two axes"
+        _fail(where, "mesh.expert", values["mesh"]["expert"], fix)
+    layers = fdl.ordered_arguments(model, include_defaults=True)
+    if not isinstance(layers.get("num_layers"), int):
+        return
+    if not layers.get("scan_layers", True):
+        _fail(where, "model.scan_layers", False, f"the mesh's pipeline axis ({stages}) needs stacked layers; use True")
+    fields = ("pipeline_microbatches", "pipeline_schedule", "pipeline_repeats")
+    schedule = PipelineSchedule(*(values[field] for field in fields))
+    rows = values["batch_size"] // values["grad_accum_steps"]
+    pipelined = layers["num_layers"] - layers.get("num_first_layers", 0)
+    problem = schedule_problem(pipelined, rows, stages, schedule)
+    if problem is not None:
+        field, value, fix = problem
+        _fail(where, "model.num_layers" if field == "num_layers" else field, value, fix)
+    microbatches, _ = schedule.resolved(stages)
+    sizes = {axis: size for axis, size in values["mesh"].items() if size != -1}
+    batch_axes = mesh_axes_of(logical_to_spec(("batch",), values.get("sharding_rules"))[0])
+    axes = [axis for axis in batch_axes if sizes.get(axis, 1) > 1]
+    shards = math.prod(sizes[axis] for axis in axes)
+    if (rows // microbatches) % shards:
+        split = " x ".join(f"{axis} ({sizes[axis]})" for axis in axes)
+        fix = f"its micro-batches of {rows // microbatches} rows are split over {split}; use fewer micro-batches"
+        _fail(where, "pipeline_microbatches", microbatches, fix)
+
+
+def _ring_in_pipeline(values, where, context):
+    stages = (context.get("mesh") or {}).get("pipeline", 1)
+    if values.get("context_parallel") == "ring" and stages != 1:
+        fix = "ring attention does not run inside pipeline stages yet; use 'all_gather' or drop the pipeline axis"
+        _fail(where, "context_parallel", "ring", fix)
+
+
 def _data_vocabulary(values, where, context):
     model_vocab = getattr(values.get("model"), "vocab_size", None)
     if not isinstance(model_vocab, int) or model_vocab < 1:
@@ -357,6 +398,10 @@ RULES = {
         _mesh,
         one_of("on_nonfinite", ("stop", "skip")),
         _batch,
+        whole("pipeline_repeats"),
+        whole("pipeline_microbatches", optional=True),
+        one_of("pipeline_schedule", SCHEDULES),
+        _pipeline,
         _data_vocabulary,
     ),
     Transformer: (
@@ -379,6 +424,7 @@ RULES = {
         _heads,
         _rope_scaling,
         _kernel,
+        _ring_in_pipeline,
     ),
     MLA: (
         whole("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "block_size"),
@@ -388,6 +434,7 @@ RULES = {
         number("rope_theta", "norm_eps", **POSITIVE),
         _mla,
         _kernel,
+        _ring_in_pipeline,
     ),
     GatedMLP: (whole("hidden_dim"), one_of("activation", tuple(ACTIVATIONS))),
     MoE: (

@@ -9,12 +9,14 @@ from jax.sharding import AxisType, Mesh
 from nnxlm.errors import UserError
 
 # Mesh axes in order from the slowest-varying (across hosts) to the fastest (within a host):
+#   pipeline  the layer stack split into stages that pass micro-batches on (nnxlm.modules.pipeline):
+#             little traffic (one activation a stage a step), so it may cross the slowest links
 #   data      pure data parallelism (parameters replicated, gradients all-reduced)
 #   fsdp      data parallelism with parameters and optimizer state split (ZeRO-3)
 #   expert    mixture-of-experts weights split by expert; tokens split over it outside the experts
 #   sequence  activations split along the sequence (context parallelism); parameters split as fsdp
 #   tensor    Megatron-style: heads, MLP hidden units and the vocabulary split
-MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "sequence", "tensor")
 
 
 def resolve_axis_sizes(sizes: dict[str, int], device_count: int) -> dict[str, int]:

@@ -14,8 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # batch is split over every axis that holds different tokens; parameters are split over fsdp and
 # sequence along their `embed` axis (ZeRO-3 style: sequence-parallel devices would otherwise hold
-# full copies), over tensor along heads / mlp / vocab (Megatron style) and over expert along the
-# experts. Within one name's list a mesh axis already taken by an earlier name is skipped, so
+# full copies), over tensor along heads / mlp / vocab (Megatron style), over expert along the
+# experts and, stacked layers, over pipeline along `layers` (each stage holds a block of layers).
+# Within one name's list a mesh axis already taken by an earlier name is skipped, so
 # ("batch", "length", "embed") on activations leaves embed unsplit.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp", "expert"),
@@ -30,7 +31,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "q_lora": None,  # MLA query / key-value latent ranks (nnxlm.modules.mla)
     "kv_lora": None,
     "norm": None,
-    "layers": None,
+    "layers": "pipeline",  # stacked layers: stages of a pipeline (nnxlm.modules.pipeline)
     "lora_rank": None,  # LoRA's rank axis is never split (nnxlm.modules.lora)
     "quant_blocks": None,  # a quantized kernel's scale blocks (nnxlm.modules.quantization)
 }

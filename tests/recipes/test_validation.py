@@ -148,6 +148,46 @@ def _both(*edits):
             _set("model.block.mlp.capacity_factor", 0),
             "capacity_factor is 0: use a number > 0 (or None)",
         ),
+        # pipeline parallelism (nnxlm.modules.pipeline): tiny has 4 layers and 8 rows a step
+        (
+            "tiny",
+            _set("mesh", {"pipeline": 3, "data": -1}),
+            "model.num_layers is 4: the 4 pipelined layers must divide by stages (3) x repeats (1)",
+        ),
+        (
+            "tiny",
+            _both(_set("mesh", {"pipeline": 2}), _set("pipeline_microbatches", 3)),
+            "pipeline_microbatches is 3: the 8 rows of a step (per accumulation) must divide by it",
+        ),
+        (
+            "tiny",
+            _both(_set("mesh", {"pipeline": 2, "data": 4}), _set("pipeline_microbatches", 4)),
+            "pipeline_microbatches is 4: its micro-batches of 2 rows are split over data (4)",
+        ),
+        (
+            "tiny",
+            _both(_set("mesh", {"pipeline": 4}), _set("pipeline_schedule", "circular"), _set("pipeline_repeats", 2)),
+            "model.num_layers is 4: the 4 pipelined layers must divide by stages (4) x repeats (2)",
+        ),
+        (
+            "tiny",
+            _both(
+                _set("mesh", {"pipeline": 4, "data": 2}),
+                _set("model.num_layers", 8),
+                _set("pipeline_schedule", "circular"),
+                _set("pipeline_repeats", 2),
+                _set("pipeline_microbatches", 2),
+            ),
+            "pipeline_microbatches is 2: the circular schedule needs at least the 4 stages",
+        ),
+        ("tiny", _set("pipeline_schedule", "1f1b"), "pipeline_schedule is '1f1b': use one of 'gpipe', 'circular'"),
+        (
+            "tiny",
+            _both(_set("mesh", {"pipeline": 2}), _set("pipeline_repeats", 2)),
+            "pipeline_repeats is 2: repeats need pipeline_schedule='circular'",
+        ),
+        ("tiny", _both(_set("mesh", {"pipeline": 2}), _set("model.scan_layers", False)), "model.scan_layers is False"),
+        ("tiny", _set("mesh", {"pipeline": 2, "expert": 2}), "mesh.expert is 2: expert parallelism does not run"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_its_field(recipe, edit, message):

@@ -4,6 +4,7 @@ prints one JSON line."""
 
 import json
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,18 @@ MESHES = {
     "sequence=2 fsdp=4": {"sequence": 2, "fsdp": 4},
     "sequence=4 ring": {"sequence": 4, "fsdp": 2},  # ring attention (context_parallel="ring")
 }
+# Pipeline parallelism (nnxlm.modules.pipeline): mesh and Trainer fields; tiny has 4 layers.
+PIPELINES = {
+    "pipeline=2 data=4 gpipe": ({"pipeline": 2, "data": 4}, {}),
+    "pipeline=4 fsdp=2 gpipe accumulate": (  # 2 micro-batches of 2 rows for each of 2 accumulation steps
+        {"pipeline": 4, "fsdp": 2},
+        {"grad_accum_steps": 2, "pipeline_microbatches": 2},
+    ),
+    "pipeline=2 tensor=2 data=2 circular moe": (
+        {"pipeline": 2, "tensor": 2, "data": 2},
+        {"pipeline_schedule": "circular", "pipeline_repeats": 2, "pipeline_microbatches": 2},
+    ),
+}
 
 
 def _mesh_on_leading_devices(sizes):
@@ -46,9 +59,11 @@ _ring_attention = nnxlm.modules.attention.ring_attention
 nnxlm.modules.attention.ring_attention = lambda *a, **k: RING_TRACES.append(1) or _ring_attention(*a, **k)
 
 
-def recipe(workdir, mesh, *, moe=False, ring=False, steps=5, checkpoint_every=0):
+def recipe(workdir, mesh, *, moe=False, ring=False, steps=5, checkpoint_every=0, **trainer_fields):
     cfg = tiny()
     cfg.workdir, cfg.mesh, cfg.num_steps = workdir, mesh, steps
+    for field, value in trainer_fields.items():
+        setattr(cfg, field, value)
     cfg.eval_every, cfg.checkpoint_every, cfg.log_every = 0, checkpoint_every, 1000
     if ring:
         cfg.model.block.attention.context_parallel = "ring"
@@ -57,11 +72,21 @@ def recipe(workdir, mesh, *, moe=False, ring=False, steps=5, checkpoint_every=0)
     return cfg
 
 
-def train(cfg):
+def train(cfg, balance=None):
+    """(trainer, losses); the MoE balance losses are appended to the list `balance` if given."""
     trainer = fdl.build(cfg)
-    losses = [record["loss"] for record in trainer.fit()]
+    history = trainer.fit()
     trainer.checkpointer.close()
-    return trainer, losses
+    if balance is not None:
+        balance += [record["moe_balance_loss"] for record in history]
+    return trainer, [record["loss"] for record in history]
+
+
+def collectives(trainer) -> dict[str, int]:
+    """How many of each collective the compiled train step holds."""
+    text = trainer._train_step.lower(trainer._abstract_state, trainer.abstract_batch()).compile().as_text()
+    names = ("collective-permute", "all-to-all", "all-gather", "all-reduce", "reduce-scatter")
+    return {name: len(re.findall(rf" {name}(?:-start)?\(", text)) for name in names}
 
 
 def shard_shapes(trainer):
@@ -85,10 +110,19 @@ def device_bytes(trainer):
 def meshes(root):
     result = {}
     for moe in (False, True):
-        _, result[f"one device{' moe' if moe else ''}"] = train(recipe(f"{root}/one{moe}", {"data": 1}, moe=moe))
+        name, balance = f"one device{' moe' if moe else ''}", [] if moe else None
+        _, result[name] = train(recipe(f"{root}/one{moe}", {"data": 1}, moe=moe), balance)
+        result[name + " balance"] = balance
     for name, mesh in MESHES.items():
         trainer, losses = train(recipe(f"{root}/{name}", mesh, moe="moe" in name, ring="ring" in name))
         result[name] = {"losses": losses, "shards": shard_shapes(trainer), "bytes": device_bytes(trainer)}
+    for name, (mesh, fields) in PIPELINES.items():
+        balance = [] if "moe" in name else None
+        trainer, losses = train(recipe(f"{root}/{name}", mesh, moe="moe" in name, **fields), balance)
+        result[name] = {"losses": losses, "shards": shard_shapes(trainer), "bytes": device_bytes(trainer)}
+        result[name]["balance"] = balance
+        if name == "pipeline=2 tensor=2 data=2 circular moe":  # compiled once more, for its HLO
+            result[name]["collectives"] = collectives(trainer)
     result["ring attention traced"] = bool(RING_TRACES)
     result["expert parallel traced"] = sorted(set(EXPERT_PARALLEL_TRACES))  # before moe_checks adds its own
     result["moe layer"] = moe_checks()  # one layer's values and gradients under shard_map
@@ -106,6 +140,15 @@ def reshard(root):
     }.items():
         shutil.copytree(f"{root}/first/checkpoints/5", f"{root}/{name}/checkpoints/5")
         _, result[name] = train(recipe(f"{root}/{name}", mesh, steps=10, checkpoint_every=5))
+    # pipelines keep the stacked [layers, ...] layout: a checkpoint moves in and out of them
+    shutil.copytree(f"{root}/first/checkpoints/5", f"{root}/into pipeline/checkpoints/5")
+    into = recipe(f"{root}/into pipeline", {"pipeline": 2, "fsdp": 2, "data": 2}, steps=10, checkpoint_every=5)
+    _, result["into pipeline=2 fsdp=2 data=2 gpipe"] = train(into)
+    circular = dict(pipeline_schedule="circular", pipeline_repeats=2, pipeline_microbatches=2)
+    piped = recipe(f"{root}/piped", {"pipeline": 2, "data": 4}, steps=10, checkpoint_every=5, **circular)
+    _, result["pipeline=2 data=4 circular"] = train(piped)
+    shutil.copytree(f"{root}/piped/checkpoints/5", f"{root}/out of pipeline/checkpoints/5")
+    _, result["out of pipeline, one device"] = train(recipe(f"{root}/out of pipeline", {"data": 1}, steps=10))
     return result
 
 

@@ -53,6 +53,14 @@ EXPECTED_SHARDS = {
     "expert=2 fsdp=2 data=2 moe": {"layers.mlp.gate.kernel": [4, 2, 32, 32], "layers.mlp.router.kernel": [4, 32, 2]},
     "sequence=2 fsdp=4": {"layers.attention.q_proj.kernel": [4, 8, 4, 16], "embedder.embedding": [256, 8]},
     "sequence=4 ring": {"layers.attention.q_proj.kernel": [4, 8, 4, 16]},
+    # pipelines: each stage holds its block of the stacked layers; the rest is replicated over pipeline
+    "pipeline=2 data=4 gpipe": {"layers.attention.q_proj.kernel": [2, 64, 4, 16], "head.kernel": [64, 256]},
+    "pipeline=4 fsdp=2 gpipe accumulate": {"layers.mlp.gate.kernel": [1, 32, 192], "embedder.embedding": [256, 32]},
+    "pipeline=2 tensor=2 data=2 circular moe": {
+        "layers.attention.q_proj.kernel": [2, 64, 2, 16],
+        "layers.mlp.gate.kernel": [2, 4, 64, 16],
+        "head.kernel": [64, 128],
+    },
 }
 
 
@@ -65,6 +73,16 @@ def test_five_steps_match_one_device_and_parameters_are_split(meshes, mesh):
         assert shards[name][1] == shard_shape, (name, shards[name])
     held, reported = meshes[mesh]["bytes"]  # what nnxlm inspect reports per device is what a device holds
     assert held == reported
+
+
+def test_pipelines_match_one_device_moe_balance_loss_included_and_shift_stages_by_collective_permute(meshes):
+    """GPipe and circular schedules (nnxlm.modules.pipeline), the losses checked above; here the MoE
+    balance loss, formed from every micro-batch's statistics, equals the whole batch's on one
+    device, and the compiled step moves activations between stages by collective-permute (the
+    circular schedule's parameter view adds all-to-alls over the pipeline axis)."""
+    circular = meshes["pipeline=2 tensor=2 data=2 circular moe"]
+    assert_same_losses(meshes["one device moe balance"], circular["balance"])
+    assert circular["collectives"]["collective-permute"] >= 1 and circular["collectives"]["all-to-all"] >= 1
 
 
 def test_ring_attention_equals_dense_in_values_and_gradients_and_passes_chunks_around(meshes):
@@ -97,6 +115,10 @@ def test_a_checkpoint_from_one_mesh_resumes_on_another_and_on_one_device():
     continued = result["uninterrupted"][5:]
     assert_same_losses(continued, result["tensor=2 fsdp=2 data=2"])
     assert_same_losses(continued, result["one device"])
+    # into and out of a pipeline: the checkpoint layout does not depend on the mesh
+    assert_same_losses(continued, result["into pipeline=2 fsdp=2 data=2 gpipe"])
+    assert_same_losses(result["uninterrupted"], result["pipeline=2 data=4 circular"])
+    assert_same_losses(continued, result["out of pipeline, one device"])
 
 
 def test_gradient_accumulation_gives_the_large_batch_update():
