@@ -106,7 +106,16 @@ def interrupt(workdir: str, point: str) -> dict:
         "exitcode": process.exitcode,
         "latest_checkpoint": max(checkpoint_steps(checkpoints), default=None),
         "damaged": {s: why for s, why in damaged.items() if why},
+        "log_tail": _tail(os.path.join(workdir, "log.txt")),  # what the run printed last, for a failure
     }
+
+
+def _tail(path: str, chars: int = 1500) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-chars:]
+    except OSError:
+        return ""
 
 
 def run(workdir: str, points: list[str]) -> dict:
