@@ -12,7 +12,8 @@ from nnxlm.sharding.mesh import resolve_axis_sizes
 
 def test_logical_names_map_through_the_one_table():
     assert logical_to_spec(("embed", "mlp")) == P(("fsdp", "sequence"), "tensor")
-    assert logical_to_spec(("layers", "embed", "kv_heads", "head_dim")) == P(None, ("fsdp", "sequence"), "tensor", None)
+    layers = P("pipeline", ("fsdp", "sequence"), "tensor", None)  # the layer stack splits into pipeline stages
+    assert logical_to_spec(("layers", "embed", "kv_heads", "head_dim")) == layers
     assert logical_to_spec(("batch", "length")) == P(("data", "fsdp", "expert"), "sequence")
     assert logical_to_spec(("expert", "embed", "mlp")) == P("expert", ("fsdp", "sequence"), "tensor")
     assert logical_to_spec(("embed", "mlp"), {"mlp": None}) == P(("fsdp", "sequence"), None)
@@ -31,6 +32,7 @@ def test_a_dimension_the_mesh_does_not_divide_is_kept_whole_and_reported():
 
 def test_mesh_sizes_resolve_the_remaining_devices():
     assert resolve_axis_sizes({"data": -1, "tensor": 2}, 8) == {
+        "pipeline": 1,
         "data": 4,
         "fsdp": 1,
         "expert": 1,
