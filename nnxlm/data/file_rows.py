@@ -10,18 +10,17 @@ binary search over cumulative counts. Held-out rows (``eval_fraction > 0``) are 
 from __future__ import annotations
 
 import collections
-import operator
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from nnxlm.data.sources import _empty_split, _match_files, split_mask
+from nnxlm.data.sources import PartsIndex, _empty_split, _match_files, split_mask
 
 
-class FileRows(Sequence):
+class FileRows(PartsIndex):
     """The rows of several files as one sequence of ``(path, row)`` items (row numbers from 0).
 
     ``counts[k]`` documents come from file ``k``: its first ``counts[k]`` rows, or with ``rows``
@@ -36,21 +35,8 @@ class FileRows(Sequence):
         if rows is not None and len(rows) != len(self):
             raise ValueError(f"{len(rows)} row numbers for {len(self)} documents")
 
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = operator.index(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"document {i} of {len(self)}")
-        file = int(np.searchsorted(self.ends, i, side="right"))
-        if self.rows is not None:
-            return (self.paths[file], int(self.rows[i]))
-        return (self.paths[file], i - (int(self.ends[file - 1]) if file else 0))
+    def _item(self, part: int, i: int, local: int) -> tuple[str, int]:
+        return (self.paths[part], int(self.rows[i]) if self.rows is not None else local)
 
 
 def file_rows(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from nnxlm.data.sources import PartsIndex
 from nnxlm.errors import UserError
 
 
@@ -80,24 +81,15 @@ class Mixture:
                 source.check_tokenizer(tokenizer)
 
 
-class Components(Sequence):
+class Components(PartsIndex):
     """Several sources' document sequences as one lazy sequence of ``(k, item)``."""
 
     def __init__(self, parts: list[Sequence]):
         self.parts = parts
         self.ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
 
-    def __len__(self) -> int:
-        return int(self.ends[-1])
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i) + (len(self) if int(i) < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(f"document {i} of {len(self)}")
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        return (k, self.parts[k][i - (int(self.ends[k - 1]) if k else 0)])
+    def _item(self, part: int, i: int, local: int) -> tuple[int, Any]:
+        return (part, self.parts[part][local])
 
 
 class Tagged:

@@ -281,16 +281,15 @@ def _read_line(path: str, offset: int) -> bytes:
     return mapped[offset : len(mapped) if end < 0 else end + 1]
 
 
-class LineIndex(Sequence):
-    """The lines of several files as one lazy sequence of ``(path, offset, line)`` items."""
+class PartsIndex(Sequence):
+    """A lazy sequence of the documents of several parts (files, sources) one after another:
+    ``ends`` holds the cumulative counts, and a subclass says what item ``i`` (the ``local``-th
+    of part ``part``) is. Plain values and numpy arrays only, so grain can send it to workers."""
 
-    def __init__(self, paths: list[str], offsets: list[np.ndarray], lines: list[np.ndarray]):
-        self.paths = paths
-        self.ends = np.cumsum([len(o) for o in offsets], dtype=np.int64)
-        self.offsets, self.lines = _joined(offsets, np.int64), _joined(lines, np.int32)
+    ends: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -299,9 +298,24 @@ class LineIndex(Sequence):
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
-            raise IndexError(f"line {i} of {len(self)}")
-        file = int(np.searchsorted(self.ends, i, side="right"))
-        return (self.paths[file], int(self.offsets[i]), int(self.lines[i]))
+            raise IndexError(f"document {i} of {len(self)}")
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self._item(part, i, i - (int(self.ends[part - 1]) if part else 0))
+
+    def _item(self, part: int, i: int, local: int):
+        raise NotImplementedError
+
+
+class LineIndex(PartsIndex):
+    """The lines of several files as one lazy sequence of ``(path, offset, line)`` items."""
+
+    def __init__(self, paths: list[str], offsets: list[np.ndarray], lines: list[np.ndarray]):
+        self.paths = paths
+        self.ends = np.cumsum([len(o) for o in offsets], dtype=np.int64)
+        self.offsets, self.lines = _joined(offsets, np.int64), _joined(lines, np.int32)
+
+    def _item(self, part: int, i: int, local: int) -> tuple[str, int, int]:
+        return (self.paths[part], int(self.offsets[i]), int(self.lines[i]))
 
 
 @dataclasses.dataclass(frozen=True)
