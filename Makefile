@@ -47,11 +47,12 @@ grpo: $(VENV)/.installed
 # so two lanes finish well before one would. Lane A's output is printed when both are done.
 LANE_A := tests/modules tests/sharding tests/serving
 LANE_B := tests/convert tests/data tests/objectives tests/recipes tests/test_*.py
+PYTEST_FLAGS ?=  # e.g. make test PYTEST_FLAGS=--durations=20 to see where the time goes
 test: lint
 	@log=$$(mktemp); \
-	$(BIN)/pytest -q -p no:cacheprovider $(LANE_A) > $$log 2>&1 & lane_a=$$!; \
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_FLAGS) $(LANE_A) > $$log 2>&1 & lane_a=$$!; \
 	echo "lane B: $(LANE_B)"; \
-	$(BIN)/pytest -q -p no:cacheprovider $(LANE_B); status_b=$$?; \
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_FLAGS) $(LANE_B); status_b=$$?; \
 	wait $$lane_a; status_a=$$?; \
 	echo "lane A: $(LANE_A)"; cat $$log; rm -f $$log; \
 	test $$status_a -eq 0 && test $$status_b -eq 0
