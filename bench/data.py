@@ -23,17 +23,20 @@ from bench.common import emit, median
 SEQ_LEN, BATCH_SIZE, VOCAB_SIZE = 256, 4, 8192
 
 
-def tokens_per_second(source, tokenizer, seed: int, seconds: float) -> float:
+def tokens_per_second(
+    source, tokenizer, seed: int, seconds: float, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE
+) -> float:
+    """Tokens/s the pipeline delivers over `seconds`, after 5 warm-up batches."""
     from nnxlm.data import make_dataset
 
-    iterator = iter(make_dataset(source, tokenizer, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, seed=seed))
+    iterator = iter(make_dataset(source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed))
     for _ in range(5):
         next(iterator)
     batches, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         next(iterator)
         batches += 1
-    return batches * BATCH_SIZE * SEQ_LEN / (time.perf_counter() - start)
+    return batches * batch_size * seq_len / (time.perf_counter() - start)
 
 
 def run(seconds: float, runs: int) -> dict:

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit, median
+from bench.data import tokens_per_second
 
 SEQ_LEN, BATCH_SIZE, VOCAB_SIZE = 512, 4, 8192
 WORDS = "the of and to in is that for it as with was on be by this are from or an at which but not".split()
@@ -141,19 +142,6 @@ def stdlib_sources(directory: str, tokenizer) -> dict:
     }
 
 
-def tokens_per_second(source, tokenizer, seed: int, seconds: float) -> float:
-    from nnxlm.data import make_dataset
-
-    iterator = iter(make_dataset(source, tokenizer, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, seed=seed))
-    for _ in range(3):
-        next(iterator)
-    batches, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(iterator)
-        batches += 1
-    return batches * BATCH_SIZE * SEQ_LEN / (time.perf_counter() - start)
-
-
 def step_consumption(directory: str) -> float:
     """Median tokens/s of bench_llama_57m's train step (synthetic ids: no data cost), steps 3-8."""
     import fiddle as fdl
@@ -177,7 +165,8 @@ def throughput(directory: str, seconds: float, runs: int) -> dict:
     sources = stdlib_sources(directory, tokenizer)
     rates = {}
     for name, source in sources.items():
-        rates[name] = median([tokens_per_second(source, tokenizer, seed, seconds) for seed in range(runs)])
+        runs_s = [tokens_per_second(source, tokenizer, seed, seconds, SEQ_LEN, BATCH_SIZE) for seed in range(runs)]
+        rates[name] = median(runs_s)
         print(f"  {name}: {rates[name]:,.0f} tokens/s", file=sys.stderr)
     return dict(tokens_per_s=rates, step_tokens_per_s=step_consumption(directory))
 

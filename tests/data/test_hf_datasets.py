@@ -4,6 +4,7 @@ bad data, and the hf_dataset fiddler as a command line gives it."""
 import json
 import sys
 
+import datasets  # in the test extra: a missing one fails here, never skips
 import fiddle as fdl
 import numpy as np
 import pyarrow as pa
@@ -14,8 +15,6 @@ from nnxlm.data import HFDataset
 from nnxlm.errors import UserError
 from nnxlm.recipes.directives import resolve
 from tests.data import source_checks
-
-datasets = pytest.importorskip("datasets")
 
 TEXTS = [f"def f_{i}(x):\n    return x * {i}\n" + "# pad\n" * (i % 3) for i in range(24)]
 LANGS = ["en", "de", "en", "fr"] * 6
