@@ -181,7 +181,7 @@ class Attention(nnx.Module):
         if cache is None and use_blockwise(self.implementation, x.shape[1]):
             out_btnh = blockwise_attention(
                 q_btnh, k_btkh, v_btkh, segment_ids_bt, positions_bt, scale=self.scale, window=window,
-                softcap=self.softcap, block_q=self.block_size, block_k=self.block_size,
+                softcap=self.softcap, block_size=self.block_size,
             )  # fmt: skip
             return self.o_proj(out_btnh, fold_key(dropout_key, 3))
         if cache is None:

@@ -326,7 +326,7 @@ class MLA(nnx.Module):
             elif use_blockwise(self.implementation, x.shape[1]):
                 out_btnv = blockwise_attention(
                     q_btnh, k_btnh, v_btnv, segment_ids_bt, positions_bt, scale=self.scale,
-                    block_q=self.block_size, block_k=self.block_size,
+                    block_size=self.block_size,
                 )  # fmt: skip
             else:
                 out_btnv = self._attend(q_btnh, k_btnh, v_btnv, attention_mask(segment_ids_bt))

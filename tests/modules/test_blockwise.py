@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nnxlm.modules import flash
 from nnxlm.modules.flash import blockwise_attention
 from tests.modules.helpers import dense_attention
 
@@ -56,7 +57,7 @@ def test_blockwise_equals_dense_in_values_and_gradients(case, length, block):
 
     def ours(q, k, v):
         return blockwise_attention(
-            q, k, v, segment_ids, positions, scale=scale, window=window, softcap=softcap, block_q=block, block_k=block
+            q, k, v, segment_ids, positions, scale=scale, window=window, softcap=softcap, block_size=block
         )
 
     def reference(q, k, v):
@@ -72,9 +73,7 @@ def test_blockwise_equals_dense_in_values_and_gradients(case, length, block):
 def test_a_traced_window_per_layer_and_uneven_blocks():
     q, k, v, segment_ids, positions = inputs(30)
     run = jax.jit(
-        lambda window: blockwise_attention(
-            q, k, v, segment_ids, positions, scale=0.3, window=window, block_q=8, block_k=16
-        )
+        lambda window: blockwise_attention(q, k, v, segment_ids, positions, scale=0.3, window=window, block_size=8)
     )
     for window in (1, 4, 2**31 - 1):
         expected = dense_attention(q, k, v, segment_ids, positions, 0.3, None if window > 100 else window)
@@ -119,6 +118,36 @@ def test_models_computed_blockwise_equal_dense_in_logits_and_gradients(family):
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
     for got, want in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_blocks, chunk", [(1, 1), (5, 1), (5, 2), (6, 4), (4, 64)])
+def test_the_chunk_schedule_visits_every_causal_block_pair_once(num_blocks, chunk):
+    seen = []
+    for pairs, starts in flash.chunk_schedule(num_blocks, chunk):
+        assert pairs <= chunk and starts.dtype == np.int32
+        for first_query, first_key in starts:
+            seen += [(first_query + i, first_key + i) for i in range(pairs)]
+    assert sorted(seen) == [(i, j) for i in range(num_blocks) for j in range(i + 1)]
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 2 * 4 * 8 * 8 * 3])  # one pair a chunk; runs of 3, 2 and 1
+def test_small_chunks_equal_dense(monkeypatch, chunk_elements):
+    """With the scores of only one or three block pairs allowed at once (what a large model gets),
+    the pairs are walked in runs of several lengths: still the dense values and gradients."""
+    monkeypatch.setattr(flash, "CHUNK_ELEMENTS", chunk_elements)
+    q, k, v, segment_ids, positions = inputs(37, packed=True)
+
+    def ours(q, k, v):
+        return blockwise_attention(q, k, v, segment_ids, positions, scale=0.3, window=6, block_size=8)
+
+    def reference(q, k, v):
+        return dense_attention(q, k, v, segment_ids, positions, 0.3, 6)
+
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-5)
+    grads = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
