@@ -35,11 +35,25 @@ class StopRequests:
     def _handle(self, number, frame) -> None:
         name = signal.Signals(number).name
         if self.signal is not None:
-            print(f"\nnnxlm: {name} again: exiting now; the last complete checkpoint stays the latest", file=sys.stderr)
-            sys.stderr.flush()
+            _say(f"\nnnxlm: {name} again: exiting now; the last complete checkpoint stays the latest\n")
             os._exit(128 + number)
         self.signal = number
-        print(
-            f"\nnnxlm: {name}: finishing this step and saving a checkpoint (send it again to exit at once)",
-            file=sys.stderr,
-        )
+        _say(f"\nnnxlm: {name}: finishing this step and saving a checkpoint (send it again to exit at once)\n")
+
+
+def _say(text: str) -> None:
+    """Writes to stderr from a signal handler, in one write straight to the file descriptor: the
+    handler runs between two bytecodes of the main thread, which may be in the middle of a write to
+    sys.stderr itself (progress output, or the first signal's message when a second signal arrives),
+    where another write to the same buffered stream raises RuntimeError (reentrant call) instead of
+    stopping or exiting."""
+    try:
+        sys.stderr.flush()  # what was printed before
+    except (RuntimeError, OSError, ValueError):
+        pass  # the interrupted write holds the buffer
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a file (io.StringIO)
+        print(text, end="", file=sys.stderr)
+        return
+    os.write(fd, text.encode())

@@ -58,6 +58,41 @@ def test_a_second_signal_exits_at_once():
     assert "SIGTERM again: exiting now" in done.stderr
 
 
+def test_signals_that_arrive_in_the_middle_of_a_write_to_stderr_still_stop_and_exit():
+    """The handler runs between two bytecodes of the main thread, which may be inside a write to
+    stderr (progress output; the first signal's own message when the second one comes quickly):
+    its message must not write to that stream again (RuntimeError: reentrant call, exit code 1)."""
+    script = (
+        "import io, os, signal, sys, time\n"
+        "from nnxlm.preemption import StopRequests\n"
+        "class Raw(io.RawIOBase):  # stderr, where a SIGTERM arrives inside the buffered stream's write\n"
+        "    signals = 0\n"
+        "    def writable(self):\n"
+        "        return True\n"
+        "    def fileno(self):\n"
+        "        return 2\n"
+        "    def write(self, data):\n"
+        "        if self.signals:\n"
+        "            self.signals -= 1\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            time.sleep(0.1)  # the handler runs here, while the stream holds its lock\n"
+        "        return os.write(2, data)\n"
+        "raw = Raw()\n"
+        "sys.stderr = io.TextIOWrapper(io.BufferedWriter(raw), line_buffering=True)\n"
+        "with StopRequests() as stop:\n"
+        "    raw.signals = 1\n"
+        "    print('progress', file=sys.stderr)\n"
+        "    assert stop.signal == signal.SIGTERM\n"
+        "    raw.signals = 1\n"
+        "    print('more progress', file=sys.stderr)\n"
+        "    time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 143 and "not reached" not in done.stdout, done.stderr[-3000:]
+    assert "SIGTERM: finishing this step" in done.stderr and "SIGTERM again: exiting now" in done.stderr
+
+
 def test_outside_fit_the_signal_handlers_are_the_ones_before():
     from nnxlm.preemption import StopRequests
 
