@@ -12,6 +12,14 @@ os.environ.setdefault("NNXLM_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="nnxlm-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# XLA:CPU's code generation at LLVM's -O0 (XLA's HLO passes, sharding, collectives and buffer
+# assignment are unchanged): the suite is mostly compilation of hundreds of small programs, each run
+# a few times, and this cuts `make test` by about a third. Results may differ from -O2 programs in
+# the last bits (e.g. where -O2 fuses a multiply and an add): within the tests' tolerances, and the
+# exact comparisons are between programs compiled alike.
+# Subprocesses inherit the flag; the tests that set XLA_FLAGS for fake devices append to it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 from pathlib import Path  # noqa: E402
 

@@ -115,7 +115,11 @@ def test_serve_of_a_missing_run_is_one_line(capsys, tmp_path):
 
 
 def test_a_tensor_parallel_engine_gives_the_unsharded_greedy_tokens_in_float_and_int8():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "tests.serving.tensor_parallel"],
         cwd=ROOT,

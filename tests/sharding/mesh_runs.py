@@ -1,6 +1,7 @@
 """Training runs on 8 fake CPU devices, compared with one device. Run by test_meshes.py as
-`python -m tests.sharding.mesh_runs CASE` in a subprocess (the device count is fixed at JAX start);
-prints one JSON line."""
+`python -m tests.sharding.mesh_runs CASE...` in one subprocess for every case (the device count is
+fixed at JAX start, and the process start and JAX's own warm-up are paid once); prints one JSON
+line, {case: {"result": what the case returned} or {"error": its traceback}}."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import re
 import shutil
 import sys
 import tempfile
+import traceback
 
 import fiddle as fdl
 import jax
@@ -162,7 +164,18 @@ def accumulation(root):
     return result
 
 
+def run(cases: list[str]) -> dict:
+    """Each case in its own directory; a case that raises fails alone (its tests get its traceback)."""
+    functions = {"meshes": meshes, "reshard": reshard, "accumulation": accumulation}
+    results = {}
+    for case in cases:
+        with tempfile.TemporaryDirectory() as root:
+            try:
+                results[case] = {"result": functions[case](root)}
+            except Exception:
+                results[case] = {"error": traceback.format_exc()}
+    return results
+
+
 if __name__ == "__main__":
-    case = {"meshes": meshes, "reshard": reshard, "accumulation": accumulation}[sys.argv[1]]
-    with tempfile.TemporaryDirectory() as root:
-        print("RESULT " + json.dumps(case(root)))
+    print("RESULT " + json.dumps(run(sys.argv[1:])))

@@ -1,6 +1,6 @@
 """Every parallelism gives the one-device losses, with parameters split as the rules say.
 
-Each case runs tests/sharding/mesh_runs.py once in a subprocess with 8 fake CPU devices."""
+Every case runs in one subprocess of tests/sharding/mesh_runs.py with 8 fake CPU devices."""
 
 import json
 import os
@@ -12,15 +12,31 @@ import pytest
 from tests.sharding import ring_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CASES = ("meshes", "reshard", "accumulation")
 
 
-def run_case(case: str) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+def run_cases(*cases: str) -> dict:
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "tests.sharding.mesh_runs", case], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tests.sharding.mesh_runs", *cases], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULT ")[-1])
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every case's result, from one subprocess (one start-up and warm-up of JAX for all of them)."""
+    return run_cases(*CASES)
+
+
+def result_of(runs: dict, case: str) -> dict:
+    assert "error" not in runs[case], runs[case]["error"][-3000:]  # that case raised: its traceback
+    return runs[case]["result"]
 
 
 def assert_same_losses(reference, losses):
@@ -29,8 +45,8 @@ def assert_same_losses(reference, losses):
 
 
 @pytest.fixture(scope="module")
-def meshes():
-    return run_case("meshes")
+def meshes(runs):
+    return result_of(runs, "meshes")
 
 
 # (global shape, first device's shard shape) of a few parameters; tiny: width 64, 4 layers
@@ -110,8 +126,8 @@ def test_moe_on_an_expert_axis_sends_tokens_by_all_to_all_and_matches_one_device
         assert check["value"] < 1e-5 and check["grads"] < 1e-5, (case, check)
 
 
-def test_a_checkpoint_from_one_mesh_resumes_on_another_and_on_one_device():
-    result = run_case("reshard")
+def test_a_checkpoint_from_one_mesh_resumes_on_another_and_on_one_device(runs):
+    result = result_of(runs, "reshard")
     continued = result["uninterrupted"][5:]
     assert_same_losses(continued, result["tensor=2 fsdp=2 data=2"])
     assert_same_losses(continued, result["one device"])
@@ -121,6 +137,6 @@ def test_a_checkpoint_from_one_mesh_resumes_on_another_and_on_one_device():
     assert_same_losses(continued, result["out of pipeline, one device"])
 
 
-def test_gradient_accumulation_gives_the_large_batch_update():
-    result = run_case("accumulation")
+def test_gradient_accumulation_gives_the_large_batch_update(runs):
+    result = result_of(runs, "accumulation")
     assert_same_losses(result["grad_accum_steps=1"], result["grad_accum_steps=4"])
