@@ -2,7 +2,7 @@
 with PyTorch's scaled_dot_product_attention, at 2048 and 4096 tokens a row, on CPU.
 
     python -m bench.long_context [--lengths 2048 4096] [--rounds 3] [--steps 3] [--probes 2]
-                                 [--block_size 512] [--no_hf] [--quick] [--json] [--output PATH]
+                                 [--block_size 256] [--no_hf] [--quick] [--json] [--output PATH]
 
 The model: a 3.95 M-parameter Llama (hidden 256, 4 layers, 4 query / 2 key-value heads of 64, MLP
 688, vocabulary 2048, untied head, fp32), small enough that the dense path at 4096 tokens steps in
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of steps")
     parser.add_argument("--steps", type=int, default=3, help="timed steps a block (after 2 warm-up steps)")
     parser.add_argument("--probes", type=int, default=2, help="untimed steps whose RSS rise is measured")
-    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
     parser.add_argument("--quick", action="store_true", help="a check run: 1 round of 2 steps, 1 probe")
     parser.add_argument("--json", action="store_true", help="end with the result as one JSON line (python -m bench)")

@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         softcap: float | None = None,
         query_pre_attn_scalar: float | None = None,
         implementation: str = "auto",
-        block_size: int = 512,
+        block_size: int = 256,
         context_parallel: str = "all_gather",
         dtype="float32",
         param_dtype="float32",

@@ -47,7 +47,7 @@ def check_implementation(implementation: str, block_size: int) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
     if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"attention block_size {block_size!r}: use a positive number of tokens (e.g. 512)")
+        raise ValueError(f"attention block_size {block_size!r}: use a positive number of tokens (e.g. 256)")
 
 
 def use_blockwise(implementation: str, length: int, cached: bool = False) -> bool:

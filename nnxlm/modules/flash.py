@@ -43,7 +43,7 @@ def blockwise_attention(
     scale: float,
     window=None,
     softcap: float | None = None,
-    block_size: int = 512,
+    block_size: int = 256,
 ) -> jax.Array:
     """Causal self-attention of q [batch, length, heads, head_dim] over k [batch, length, kv_heads,
     head_dim] and v [batch, length, kv_heads, v_head_dim] (heads a multiple of kv_heads: GQA / MQA)

@@ -102,7 +102,7 @@ def fused_attention(
     scale: float,
     window=None,
     softcap: float | None = None,
-    block_size: int = 512,
+    block_size: int = 256,
 ) -> jax.Array:
     """Causal self-attention through the kernel `implementation` ("cudnn" or "splash"), shapes as
     nnxlm.modules.flash.blockwise_attention's; UserError when this platform lacks the kernel."""
@@ -199,7 +199,7 @@ def splash_attention(
     scale: float,
     window=None,
     softcap: float | None = None,
-    block_size: int = 512,
+    block_size: int = 256,
     interpret: bool = False,
 ) -> jax.Array:
     """Splash attention over each batch row (a vmap of the single-device kernel). Under a mesh

@@ -177,7 +177,7 @@ class MLA(nnx.Module):
         rope_interleave: bool = True,
         norm_eps: float = 1e-6,
         implementation: str = "auto",
-        block_size: int = 512,
+        block_size: int = 256,
         context_parallel: str = "all_gather",
         dtype="float32",
         param_dtype="float32",

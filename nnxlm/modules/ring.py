@@ -68,7 +68,7 @@ def ring_attention(
     scale: float,
     window=None,
     softcap: float | None = None,
-    block_size: int = 512,
+    block_size: int = 256,
 ) -> jax.Array:
     """blockwise_attention's result (causal self-attention of q [batch, length, heads, head_dim]
     over k [batch, length, kv_heads, head_dim] and v [..., v_head_dim]; returns [batch, length,
