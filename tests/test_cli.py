@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from nnxlm.cli import main
+from tests import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,9 +154,7 @@ def test_decode_of_a_run_without_its_tokenizer_is_a_one_line_error(capsys, tmp_p
 
 def inspect_in_subprocess(*args, recipe="tiny"):
     """nnxlm inspect in a fresh process: it picks the CPU device count before JAX starts."""
-    # no inherited device count; the other XLA flags the tests run with (tests/conftest.py) stay
-    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in flag]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    env = cpu_env()  # no inherited device count
     command = [sys.executable, "-m", "nnxlm", "inspect", "--recipe", recipe, *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 

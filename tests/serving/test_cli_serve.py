@@ -13,6 +13,7 @@ import urllib.request
 import openai
 import pytest
 
+from tests import cpu_env
 from tests.test_cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,15 +116,10 @@ def test_serve_of_a_missing_run_is_one_line(capsys, tmp_path):
 
 
 def test_a_tensor_parallel_engine_gives_the_unsharded_greedy_tokens_in_float_and_int8():
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
-    }
     result = subprocess.run(
         [sys.executable, "-m", "tests.serving.tensor_parallel"],
         cwd=ROOT,
-        env=env,
+        env=cpu_env(2),
         capture_output=True,
         text=True,
         timeout=300,

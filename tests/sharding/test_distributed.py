@@ -13,16 +13,10 @@ import pytest
 
 from nnxlm.errors import UserError
 from nnxlm.sharding import distributed
+from tests import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def fake_devices(count: int) -> str:
-    """XLA_FLAGS with `count` CPU devices (and the flags the tests run with, tests/conftest.py)."""
-    return os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
-
-
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": fake_devices(1)}
+ENV = cpu_env(1)
 RECIPE = ["--recipe", "tiny", "--recipe", "set:eval_every=3", "--recipe", "set:checkpoint_every=3"]
 
 
@@ -131,7 +125,7 @@ def test_process_flags_are_checked_before_anything_starts(monkeypatch):
 
 
 def test_a_mesh_that_splits_rows_across_processes_is_refused_with_one_line(tmp_path):
-    env = {**ENV, "XLA_FLAGS": fake_devices(2)}
+    env = cpu_env(2)
     port, processes = free_port(), []
     for i in range(2):
         hosts = ["--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)]

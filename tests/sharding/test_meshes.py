@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests import cpu_env
 from tests.sharding import ring_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,13 +17,12 @@ CASES = ("meshes", "reshard", "accumulation")
 
 
 def run_cases(*cases: str) -> dict:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-    }
     result = subprocess.run(
-        [sys.executable, "-m", "tests.sharding.mesh_runs", *cases], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tests.sharding.mesh_runs", *cases],
+        cwd=ROOT,
+        env=cpu_env(8),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULT ")[-1])
