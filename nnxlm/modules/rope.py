@@ -54,8 +54,13 @@ def apply_rope(
     if inv_freq is None:
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
     angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq.astype(jnp.float32)
-    sin = jnp.sin(angles_bth)[:, :, None, :]  # broadcast over heads
-    cos = jnp.cos(angles_bth)[:, :, None, :]
-    x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    sin, cos = jnp.sin(angles_bth), jnp.cos(angles_bth)
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) as x * [cos, cos] + [x2, x1] * [-sin, sin]: the
+    # halves swapped on the input, not the two products concatenated, which XLA:CPU ran 6x slower
+    # (forward and backward)
+    cos_bt1d = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]  # broadcast over heads
+    sin_bt1d = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+    x = x_bthd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = x * cos_bt1d + jnp.concatenate([x2, x1], axis=-1) * sin_bt1d
     return rotated.astype(x_bthd.dtype)
