@@ -50,10 +50,14 @@ def test_results_table_puts_each_figure_beside_its_peer_with_the_ratio_pointing_
 
 
 def test_huge_pages_are_added_to_the_users_glibc_tunables_or_turned_off(monkeypatch):
+    ours = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+    assert launch.with_huge_pages({})["GLIBC_TUNABLES"] == ours
     assert launch.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
-        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+        "glibc.malloc.arena_max=2:" + ours
     )
-    assert launch.with_huge_pages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    # a setting of the user's is kept, not doubled
+    mine = launch.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"})["GLIBC_TUNABLES"]
+    assert mine == "glibc.malloc.trim_threshold=0:glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432"
     monkeypatch.setenv("NNXLM_HUGE_PAGES", "0")
     assert not launch.huge_pages_apply()
     monkeypatch.setenv("NNXLM_HUGE_PAGES", "1")

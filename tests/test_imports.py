@@ -60,6 +60,9 @@ def test_the_launch_module_imports_without_jax():
     assert result.returncode == 0, result.stderr
 
 
+OURS = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
 def test_the_command_line_restarts_train_with_huge_pages_and_nothing_else(tmp_path):
     env = _clean_environment(PYTHONPATH=str(tmp_path))
     if not launch.huge_pages_apply():
@@ -70,7 +73,7 @@ def test_the_command_line_restarts_train_with_huge_pages_and_nothing_else(tmp_pa
         f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(os.environ.get('GLIBC_TUNABLES', '-') + '\\n')\n"
     )
     for args, starts in [
-        (["-m", "nnxlm", "train", "--help"], ["-", "glibc.malloc.hugetlb=1"]),
+        (["-m", "nnxlm", "train", "--help"], ["-", OURS]),
         (["-m", "nnxlm", "inspect", "--help"], ["-"]),
     ]:
         log.unlink(missing_ok=True)
@@ -87,7 +90,7 @@ def test_the_command_line_restarts_train_with_huge_pages_and_nothing_else(tmp_pa
         env=env,
     )
     assert result.returncode == 0 and "usage: nnxlm train" in result.stdout, result.stderr
-    assert log.read_text().split() == ["-", "glibc.malloc.hugetlb=1"]
+    assert log.read_text().split() == ["-", OURS]
 
 
 def test_every_module_imports_first_in_a_fresh_nnxlm():
