@@ -60,7 +60,7 @@ def test_the_launch_module_imports_without_jax():
     assert result.returncode == 0, result.stderr
 
 
-OURS = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+OURS = launch.with_huge_pages({})["GLIBC_TUNABLES"]  # its exact value: tests/test_bench.py
 
 
 def test_the_command_line_restarts_train_with_huge_pages_and_nothing_else(tmp_path):
