@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model_name", help="the model's name in the API (default: the run directory's name)")
-    serve.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot before 429s")
+    serve.add_argument("--max_queue", type=int, default=64, help="choices (prompts x n) waiting for a slot before 429s")
 
     chat = commands.add_parser("chat", help="chat with a trained model in the terminal (its chat template)")
     _serving_arguments(chat)

@@ -20,11 +20,14 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nnxlm.serving import requests as parse
 from nnxlm.serving.engine import Engine, QueueFull, ShuttingDown, Update
 from nnxlm.serving.metrics import CONTENT_TYPE
 from nnxlm.serving.requests import APIError
+
+DISCONNECT_CHECK_S = 0.5  # how often a request's client is checked for having gone away
 
 
 def create_app(engine: Engine, model_name: str, template=None) -> FastAPI:
@@ -36,6 +39,12 @@ def create_app(engine: Engine, model_name: str, template=None) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
         return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, error: StarletteHTTPException):  # no such route or method: OpenAI's body too
+        message = f"{error.detail}: see GET /v1/models, POST /v1/completions and POST /v1/chat/completions"
+        code = "not_found" if error.status_code == 404 else None
+        return APIError(error.status_code, message, code=code, headers=error.headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(_, error: Exception):  # one request's failure; the server goes on
@@ -77,13 +86,17 @@ async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[i
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     notify = lambda: loop.call_soon_threadsafe(wake.set)  # noqa: E731
-    submitted = []
+    choices = len(prompts) * settings[0].n
+    if choices > engine.capacity:  # a 429 would have the client retry what can never start
+        param = "n" if len(prompts) == 1 else "prompt"
+        raise parse.bad(
+            param,
+            f"{len(prompts)} prompt(s) x n={settings[0].n} ask for {choices} choices at once; this server takes "
+            f"at most {engine.capacity} (--slots {engine.num_slots} and --max_queue {engine.max_queue})",
+        )
     try:
-        for prompt, s in zip(prompts, settings, strict=True):
-            submitted.append(engine.submit(prompt, s, notify))
+        submitted = engine.submit_all(prompts, settings, notify)
     except QueueFull as e:
-        for request in submitted:
-            request.cancel()
         raise APIError(
             429, f"the server is busy: {e}; retry later", type="rate_limit_error", headers={"Retry-After": "1"}
         ) from None
@@ -116,16 +129,17 @@ async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[i
 async def _updates(requests, n: int, wake: asyncio.Event, http: Request):
     """(choice index across prompts, update) as they arrive, until every choice has finished;
     an APIError if one failed. Watches for a client that went away while waiting."""
-    open_choices = len(requests) * n
+    open_choices, checked = len(requests) * n, time.monotonic()
     while open_choices:
         wake.clear()
+        if time.monotonic() - checked > DISCONNECT_CHECK_S:  # also while tokens flow
+            if await http.is_disconnected():
+                return
+            checked = time.monotonic()
         arrived = [(i * n + u.choice, u, r) for i, r in enumerate(requests) for u in r.poll()]
         if not arrived:
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=1.0)
-            except TimeoutError:
-                if await http.is_disconnected():
-                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=DISCONNECT_CHECK_S)
             continue
         for index, update, request in arrived:
             if update.finish_reason == "error":

@@ -209,18 +209,38 @@ class Engine:
 
     def submit(self, prompt_ids, settings: Settings, notify: Callable | None = None) -> Request:
         """Queues a prompt (token ids). ValueError when it does not fit, QueueFull, ShuttingDown."""
-        prompt_ids = [int(i) for i in prompt_ids]
-        self.check(len(prompt_ids), settings)
-        request = Request(self, prompt_ids, settings, notify)
+        return self.submit_all([prompt_ids], [settings], notify)[0]
+
+    def submit_all(self, prompts, settings: list[Settings], notify: Callable | None = None) -> list[Request]:
+        """Queues prompts (token ids) together, each with its settings: all of them or none.
+        ValueError when one does not fit the context or when their choices together are more than
+        the slots and the queue hold (they never could start); QueueFull when they do not fit now;
+        ShuttingDown."""
+        prompts = [[int(i) for i in prompt_ids] for prompt_ids in prompts]
+        for prompt_ids, s in zip(prompts, settings, strict=True):
+            self.check(len(prompt_ids), s)
+        choices = sum(s.n for s in settings)
+        if choices > self.capacity:
+            raise ValueError(
+                f"{choices} choices (prompts x n) at once, but this engine takes at most {self.capacity} "
+                f"({self.num_slots} slots and a queue of {self.max_queue}): send fewer prompts or a smaller n"
+            )
+        requests = [Request(self, p, s, notify) for p, s in zip(prompts, settings, strict=True)]
         with self._wake:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) + settings.n > self.max_queue + self.free_slots():
-                raise QueueFull(f"{len(self._waiting)} requests are waiting for one of {self.num_slots} slots")
-            self._waiting.extend((request, i) for i in range(settings.n))
+            if len(self._waiting) + choices > self.max_queue + self.free_slots():
+                raise QueueFull(f"{len(self._waiting)} choices are waiting for one of {self.num_slots} slots")
+            for request in requests:
+                self._waiting.extend((request, i) for i in range(request.settings.n))
             self.metrics.queue_depth.set(len(self._waiting))
             self._wake.notify()
-        return request
+        return requests
+
+    @property
+    def capacity(self) -> int:
+        """The most choices one submission may hold: every slot and the whole queue."""
+        return self.num_slots + self.max_queue
 
     def check(self, prompt_length: int, settings: Settings) -> None:
         if prompt_length < 1:

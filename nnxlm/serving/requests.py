@@ -1,8 +1,8 @@
 """Reading OpenAI requests: every field checked, every mistake a 400 with OpenAI's error body.
 
 Fields nnxlm does not know are accepted and ignored, as OpenAI's clients expect. Fields it knows
-but does not implement (penalties, logit_bias, echo, tools) are refused when set to anything but
-their neutral value, rather than silently ignored.
+but does not implement (penalties, logit_bias, echo, tools, JSON response formats, best_of) are
+refused when set to anything but their neutral value, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ NEUTRAL = {  # known fields nnxlm does not implement, and the values that ask fo
     "suffix": (None, ""),
     "tools": (None, []),
     "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1),
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -55,6 +57,8 @@ async def json_body(http) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     for field, neutral in NEUTRAL.items():
@@ -66,8 +70,8 @@ async def json_body(http) -> dict:
 def check_model(body: dict, model_name: str) -> None:
     model = body.get("model")
     if model is not None and model != model_name:
-        raise APIError(
-            400,
+        raise APIError(  # 404, as OpenAI answers: its client raises NotFoundError
+            404,
             f"model {model!r} does not exist: this server serves {model_name!r}",
             param="model",
             code="model_not_found",
@@ -112,12 +116,24 @@ def settings(body: dict, prompt_length: int, engine, chat: bool) -> Settings:
         temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
         top_k=max(top_k, 0),
-        seed=None if body.get("seed") is None else _number(body, "seed", 0, -(2**63), 2**64 - 1, integer=True) % 2**32,
+        seed=None if body.get("seed") is None else seed32(_number(body, "seed", 0, -(2**63), 2**64 - 1, integer=True)),
         n=_number(body, "n", 1, 1, min(MAX_N, engine.num_slots), integer=True),
         stop=_stops(body.get("stop")),
         stop_token_ids=_token_ids(body.get("stop_token_ids") or [], "stop_token_ids", engine.tokenizer),
         top_logprobs=top_logprobs,
     )
+
+
+def seed32(seed: int) -> int:
+    """The engine's 32-bit seed of a request's seed: itself from 0 to 2^32 - 1; any other 64-bit
+    value (a negative one, or 2^32 and above) hashed (splitmix64's finalizer), so that seeds
+    differing only in their upper bits do not give the same tokens."""
+    z = seed % 2**64
+    if z < 2**32:
+        return z
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+    return (z ^ (z >> 31)) >> 32
 
 
 def wants_logprobs(body: dict, chat: bool) -> bool:

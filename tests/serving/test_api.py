@@ -152,7 +152,9 @@ def post(url, payload, raw=None):
 BAD_REQUESTS = {
     "malformed JSON": (b'{"prompt": "x", ', "completions"),
     "not an object": (b"[1, 2]", "completions"),
-    "unknown model": ({"model": "gpt-4", "prompt": "x"}, "completions"),
+    "JSON nested too deeply": (b"[" * 100_000 + b"]" * 100_000, "completions"),
+    "a JSON response format": ({"prompt": "x", "response_format": {"type": "json_object"}}, "completions"),
+    "best_of 2": ({"prompt": "x", "best_of": 2}, "completions"),
     "negative max_tokens": ({"prompt": "x", "max_tokens": -1}, "completions"),
     "absurd max_tokens": ({"prompt": "x", "max_tokens": 10**12}, "completions"),
     "temperature 5": ({"prompt": "x", "temperature": 5}, "completions"),
@@ -193,6 +195,28 @@ def test_a_bad_request_gets_a_400_in_openais_shape_and_the_server_goes_on(tiny, 
     assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
     r = client.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0, extra_body={"unknown_field": 1})
     assert r.usage.completion_tokens >= 1  # unknown fields are accepted and ignored
+
+
+def test_an_unknown_model_or_route_is_a_404_and_a_wrong_method_a_405_in_openais_shape(tiny):
+    _, _, client, url = tiny
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    status, body, _ = post(f"{url}/v1/embeddings", {"input": "x"})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    try:
+        urllib.request.urlopen(f"{url}/v1/completions", timeout=10)
+    except urllib.error.HTTPError as e:
+        status, body = e.code, json.loads(e.read())
+    assert status == 405 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_seeds_past_32_bits_are_hashed_not_cut():
+    from nnxlm.serving.requests import seed32
+
+    assert [seed32(s) for s in (0, 5, 2**32 - 1)] == [0, 5, 2**32 - 1]  # the engine's seeds as they were
+    wide = [seed32(s) for s in (2**32 + 5, -1, -5, 2**63 - 1, 2**64 - 2)]
+    assert len(set(wide)) == len(wide) and all(0 <= s < 2**32 for s in wide)
+    assert seed32(2**32 + 5) != 5 and seed32(-1) != 2**32 - 1 and seed32(-1) == seed32(2**64 - 1)
 
 
 def test_health_and_prometheus_metrics(tiny):
@@ -277,3 +301,35 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(script
         assert 'outcome="cancelled"' in engine.metrics.text().decode()
         after = client.completions.create(model="scripted", prompt=prompt, max_tokens=4, temperature=0)
     assert after.choices[0].finish_reason == "length"
+
+
+def counted(engine, outcome: str) -> float:
+    return engine.metrics.requests.labels(outcome)._value.get()
+
+
+def test_a_request_that_could_never_start_is_a_400_not_a_429(scripted):
+    engine, client, url, _ = scripted  # 1 slot and a queue of 1: 2 choices at most
+    before = counted(engine, "cancelled")
+    status, body, _ = post(f"{url}/v1/completions", {"prompt": ["a", "b", "c"], "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "prompt" and "at most 2" in body["error"]["message"]
+    assert counted(engine, "cancelled") == before  # nothing was queued, so nothing was withdrawn
+    with engine:
+        two = client.completions.create(model="scripted", prompt=["a", "b"], max_tokens=2, temperature=0)
+    assert len(two.choices) == 2
+
+
+def test_a_client_that_leaves_a_request_that_is_not_streamed_frees_its_slot(scripted):
+    engine, _, url, script = scripted
+    prompt = [5] * (len(script) + 1)
+    impatient = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=0.5)
+    cancelled, ok = counted(engine, "cancelled"), counted(engine, "ok")
+    with engine:
+        with pytest.raises(openai.APITimeoutError):  # tokens keep flowing while the client is gone
+            impatient.completions.create(model="scripted", prompt=prompt, max_tokens=60_000, temperature=0)
+        deadline = time.monotonic() + 30
+        while counted(engine, "cancelled") == cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counted(engine, "cancelled") == cancelled + 1 and counted(engine, "ok") == ok
+        while engine.free_slots() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.free_slots() == 1

@@ -86,6 +86,11 @@ def test_a_full_queue_refuses_and_a_cancelled_request_frees_its_slot(model, prom
     queued = engine.submit(prompts[1][:10], Settings(max_tokens=5))
     with pytest.raises(QueueFull):
         engine.submit(prompts[2][:10], Settings(max_tokens=5))
+    # more choices than the slot and the queue could ever hold: refused for good, nothing queued
+    waiting = len(engine._waiting)
+    with pytest.raises(ValueError, match="3 choices .* at most 2"):
+        engine.submit_all([prompts[2][:10]] * 3, [Settings(max_tokens=5)] * 3)
+    assert len(engine._waiting) == waiting == 2
     with engine:
         next(long.updates(timeout=60))  # decoding has started
         long.cancel()
