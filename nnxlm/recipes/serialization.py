@@ -7,9 +7,11 @@ the recipe's source file.
 
 Loading a recipe JSON runs no code from it: a recipe names the functions and classes it builds,
 and importing or calling an attacker's choice of them is running their code. So `from_json` reads
-the names first and refuses, before importing anything, every one that is not a public function or
-class of nnxlm (outside the modules that load or run other code: the command line, recipe files)
-or one of the few container types fiddle writes itself. A run directory, checkpoint or recipe JSON
+the names first and refuses, before importing anything, every one that is not a public name of the
+packages recipes build from (RECIPE_MODULES: the modules, data sources, objectives, optimizer,
+trainer, sharding and rewards) or one of the few container types fiddle writes itself; once
+imported, each must be a class (or a reward function): a public *function* of nnxlm could do what
+its caller asks, e.g. write a file. A run directory, checkpoint or recipe JSON
 from someone else can thus be inspected, decoded and converted safely; `trust_recipe_code()` (the
 command line's --trust_recipe_code) lifts the restriction for recipes whose source you trust.
 """
@@ -67,6 +69,17 @@ ALLOWED = {
 # nnxlm modules that import, execute or load other code (recipe files, the command line, a
 # trusted JSON load, a process restart): a recipe naming them could run anything.
 RUNS_CODE = ("nnxlm.cli", "nnxlm.launch", "nnxlm.recipes.directives", "nnxlm.recipes.serialization")
+# what recipes are built from: their classes (and nnxlm.rewards' functions, which score completions)
+RECIPE_MODULES = (
+    "nnxlm.modules",
+    "nnxlm.data",
+    "nnxlm.objectives",
+    "nnxlm.optim",
+    "nnxlm.trainer",
+    "nnxlm.sharding",
+    "nnxlm.rewards",
+)
+FUNCTIONS_ALLOWED = ("nnxlm.rewards",)
 _PUBLIC_DOTTED = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 _trusted = False
 
@@ -153,8 +166,14 @@ def _check_name(module: str, name: str) -> None:
         raise _refused(what, "is not part of nnxlm")
     if not (_PUBLIC_DOTTED.fullmatch(module) and _PUBLIC_DOTTED.fullmatch(name)):
         raise _refused(what, "is not a public name of nnxlm")
-    if any(module == m or module.startswith(m + ".") for m in RUNS_CODE):
+    if _within(module, RUNS_CODE):
         raise _refused(what, "loads or runs other code")
+    if not _within(module, RECIPE_MODULES):
+        raise _refused(what, f"is outside the packages recipes are built from ({', '.join(RECIPE_MODULES)})")
+
+
+def _within(module: str, packages) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in packages)
 
 
 class _Trusted(serialization.DefaultPyrefPolicy):
@@ -186,7 +205,10 @@ class _NnxlmOnly(_Trusted):
             return False
         if not (isinstance(module, str) and _in_nnxlm(module)):
             return False
-        if any(module == m or module.startswith(m + ".") for m in RUNS_CODE):
+        if _within(module, RUNS_CODE):
             self.why = "loads or runs other code"
+            return False
+        if not (isinstance(value, type) or _within(module, FUNCTIONS_ALLOWED)):
+            self.why = "is a function, and a recipe builds classes only (and nnxlm.rewards' functions)"
             return False
         return True

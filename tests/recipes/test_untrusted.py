@@ -1,5 +1,6 @@
-"""Recipe JSON from someone else runs none of their code: every name it holds outside nnxlm (and a
-few container types fiddle writes) is refused, in one line naming it, before anything is imported;
+"""Recipe JSON from someone else runs none of their code: every name it holds but the classes of the
+packages recipes are built from (and a few container types fiddle writes) is refused, in one line
+naming it, before anything is imported or called;
 --trust_recipe_code / trust_recipe_code() lifts that. Every shipped recipe loads untrusted."""
 
 import importlib.util
@@ -67,6 +68,8 @@ REFUSED = [
     ("nnxlm.cli", "main"),  # nnxlm code that runs other code
     ("nnxlm.recipes.directives", "resolve"),  # imports recipe files
     ("nnxlm.checkpointing", "from_json"),  # could load with trust
+    ("nnxlm.files", "write_atomically"),  # public nnxlm, but it writes whatever file it is given
+    ("nnxlm.data.prepared", "prepare"),  # in a package recipes build from, but a function: writes shards
 ]
 
 
