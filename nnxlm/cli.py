@@ -187,11 +187,27 @@ def train(args) -> int:
     if args.workdir:
         cfg.workdir = args.workdir
     trainer = fdl.build(cfg)
+    _make_run_directory(trainer.workdir)
     _cache_compilations(f"{trainer.workdir}/jax_cache")
     trainer.fit(resume_step=args.resume_step)
     if trainer.stopped_by:  # SIGTERM or Ctrl-C: the checkpoint is written, the run is not done
         return 128 + signal.Signals[trainer.stopped_by].value
     return 0
+
+
+def _make_run_directory(workdir: str) -> None:
+    """The run directory, made now: one that cannot be is one line, before any compiling."""
+    from etils import epath
+
+    path = epath.Path(workdir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"the run directory {workdir} is a file: give a directory with --workdir")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot make the run directory {workdir} ({e.strerror or e}): give --workdir a writable path"
+        ) from None
 
 
 def _cache_compilations(directory: str) -> None:
@@ -275,6 +291,7 @@ def _prepare(trainer, args) -> None:
 
 def tokenizer(args) -> int:
     import fiddle as fdl
+    from etils import epath
 
     from nnxlm.data import JsonlFiles, SentencePieceTokenizer, TextFiles
     from nnxlm.recipes.directives import resolve
@@ -282,6 +299,8 @@ def tokenizer(args) -> int:
     for name in ("max_chars", "vocab_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} is not positive: give a positive number")
+    if epath.Path(args.output).exists():  # perhaps the tokenizer a run was trained with, or the text itself
+        raise UserError(f"--output {args.output} exists: give a new file name (nnxlm never writes over it)")
     if args.recipe:
         cfg = resolve(args.recipe)
         source = fdl.build(cfg.train_data)
@@ -297,8 +316,17 @@ def tokenizer(args) -> int:
             raise UserError("--vocab_size is required with --data")
     texts = (source.load(doc) for doc in source.documents())
     model = SentencePieceTokenizer.train(texts, vocab_size, max_chars=args.max_chars)
-    model.save(args.output)  # a local path or gs://...; the directory is made
+    try:
+        model.save(args.output)  # a local path or gs://...; the directory is made
+    except OSError as e:
+        raise UserError(f"cannot write --output {args.output} ({e.strerror or e}): give a writable path") from None
     print(f"wrote {args.output}: {model.vocab_size} tokens")
+    if model.vocab_size < vocab_size:
+        print(
+            f"nnxlm: the text gave {model.vocab_size} of the {vocab_size} tokens asked (every merge it has): "
+            "train on more text for a larger vocabulary",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -309,6 +337,7 @@ def decode(args) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise UserError(f"--{e}") from None
+    prompts = [_utf8(prompt, "--prompt") for prompt in args.prompt or []]
 
     from etils import epath
 
@@ -335,21 +364,36 @@ def decode(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
 
-    for prompt in args.prompt or _interactive_prompts():
+    for prompt in prompts or _interactive_prompts():
         complete(prompt)
     return 0
+
+
+def _utf8(text: str, where: str) -> str:
+    """text, if it is valid UTF-8: bytes that are not arrive from the command line or a pipe as
+    lone surrogates, which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where} is not valid UTF-8 text (at character {e.start}): give UTF-8") from None
+    return text
 
 
 def _interactive_prompts(blank_ends: bool = True):
     """Lines typed at a `> ` prompt, until end of input, or a blank line when blank_ends (else
     blank lines are skipped)."""
     while True:
+        if sys.stdin is None:  # started with stdin closed: nothing to read
+            return
         try:
             line = input("> ")
         except EOFError:
             if sys.stdin.isatty():
                 print()
             return
+        except UnicodeDecodeError as e:
+            raise UserError(f"the input is not valid UTF-8 text ({e.reason} at byte {e.start}): type UTF-8") from None
+        line = _utf8(line, "the input")
         if line.strip():
             yield line
         elif blank_ends:
@@ -427,7 +471,7 @@ def chat(args) -> int:
     if not 0.0 <= args.temperature or not 0.0 < args.top_p <= 1.0:
         raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
     engine, served = _engine(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages = [{"role": "system", "content": _utf8(args.system, "--system")}] if args.system else []
     print("nnxlm chat: type a message; Ctrl-D ends the conversation.", file=sys.stderr)
     with engine:
         for line in _interactive_prompts(blank_ends=False):

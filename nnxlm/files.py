@@ -18,6 +18,8 @@ import shutil
 
 from etils import epath
 
+from nnxlm.errors import UserError
+
 PathLike = str | os.PathLike
 
 
@@ -75,3 +77,15 @@ def copy_atomically(source: PathLike, destination: PathLike) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def require_empty_directory(p: PathLike, option: str) -> epath.Path:
+    """`p`, absolute, where a command may write a new directory: absent or an empty directory.
+    UserError naming `option` otherwise: writing among other files would mix them with what is
+    written (a stale safetensors index beside new weights) or overwrite them (a run's own files,
+    when `p` is the run being read or one of its checkpoints)."""
+    out = absolute(p)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a file" if not out.is_dir() else "a directory that is not empty"
+        raise UserError(f"{option} {p} is {what}: give a new or empty directory")
+    return out

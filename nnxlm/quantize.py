@@ -42,7 +42,7 @@ def quantize_run(source: str, destination: str, settings: Quantization) -> str:
     `destination` (checkpoint at the same step, recipe, tokenizer files) and returns destination."""
     from nnxlm.checkpointing import find_checkpoint, load_model, load_recipe, save_model_checkpoint
     from nnxlm.data.tokenizer import TOKENIZER_FILES
-    from nnxlm.files import absolute, copy_atomically, write_atomically
+    from nnxlm.files import absolute, copy_atomically, require_empty_directory, write_atomically
     from nnxlm.recipes.serialization import as_config, to_json
 
     directory, step = find_checkpoint(source)
@@ -50,14 +50,14 @@ def quantize_run(source: str, destination: str, settings: Quantization) -> str:
     current = recipe.model.quantization if "quantization" in recipe.model.__arguments__ else None
     if current is not None and (settings.weights and current.weights or settings.kv and current.kv):
         raise UserError(f"{source} is already quantized ({fdl.build(current)}): quantize its float run instead")
-    out = absolute(destination)
+    out, run_dir = absolute(destination), epath.Path(directory).parent
     if (out / "checkpoints").exists():
         raise UserError(f"{destination} already holds checkpoints: quantize into a new directory")
+    require_empty_directory(destination, "the destination")
     model = load_model(source)
     settings.apply(model)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     recipe.model.quantization = as_config(model.quantization)
-    run_dir = epath.Path(directory).parent
     out.mkdir(parents=True, exist_ok=True)
     copied = [name for name in TOKENIZER_FILES if (run_dir / name).exists()]
     for name in copied:

@@ -145,3 +145,37 @@ def test_serve_bench_streams_to_concurrent_clients_and_times_the_transformers_lo
         assert tiny["hf"]["tokens_per_s"] > 0 and tiny["hf"]["same_tokens"].endswith("/16")
     table = serve.table(result)
     assert "| 0.2 M | 1 (one at a time) | 4 |" in table and ("transformers `generate`" in table) == with_hf
+
+
+def test_matmul_bench_times_every_product_of_the_long_context_step_once_per_use():
+    import numpy as np
+
+    from bench import long_context, matmul
+    from nnxlm.modules.flash import chunk_schedule
+    from nnxlm.recipes import models
+
+    seq_len, layers = 2048, long_context.MODEL["num_layers"]
+    table = matmul.products(seq_len)
+    model = nnx.eval_shape(lambda: fdl.build(models.llama(**long_context.MODEL))(rngs=nnx.Rngs(0)))
+    kernels = sum(math.prod(x.shape) for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param)) if "kernel" in path)
+    # forward, input gradient and weight gradient: 6 FLOPs a kernel parameter a token
+    weights = sum(p["flops"] * p["count"] for p in table if p["part"] != "attention blocks")
+    assert weights == 6 * seq_len * kernels
+    # the attention's block products: 3 + 2 + 2 a chunk of 2 causal block pairs, as flash walks them
+    pairs = sum(size * len(starts) for size, starts in chunk_schedule(seq_len // matmul.BLOCK, 2))
+    assert pairs == 36
+    assert [p["count"] for p in table if p["part"] == "attention blocks"] == [
+        3 * layers * pairs / 2,
+        2 * layers * pairs / 2,
+        2 * layers * pairs / 2,
+    ]
+    # in each framework's layout, the same product; PyTorch's run as one matmul of transposed views
+    rng, small = np.random.default_rng(0), dict(zip("tiobrsh", (6, 5, 7, 2, 4, 3, 5), strict=True))
+    for p in table:
+        (ours, *_), (theirs, *_) = p["nnxlm"], p["torch"]
+        for spec in (ours, theirs):
+            a, b = (rng.standard_normal([small[c] for c in side]) for side in spec.split("->")[0].split(","))
+            flip_a, flip_b = matmul.operands_transposed(spec)
+            as_matmul = (a.swapaxes(-1, -2) if flip_a else a) @ (b.swapaxes(-1, -2) if flip_b else b)
+            assert np.allclose(np.einsum(spec, a, b), as_matmul), spec
+        assert sorted(theirs.replace(",", "").replace("->", "")) == sorted(ours.replace(",", "").replace("->", ""))

@@ -119,6 +119,10 @@ CASES = [
     (["train", *TINY, "--recipe", "fiddler:sft('data.jsonl', loss_on='everything')"], "SFT loss_on is 'everything'"),
     (["train", *TINY, "--recipe", "fiddler:sft('data.jsonl', overlong='cut')"], "SFT overlong is 'cut'"),
     (["train", *TINY, *_set("num_steps='many'")], "holds int 20, not str"),  # set:'s own type check
+    (["train", *TINY, *_set("model=None")], "holds the recipe's Transformer part, not a value"),
+    (["train", *TINY, *_set("model.block.attention=3")], "holds the recipe's Attention part"),
+    (["train", *TINY, *_set("optimizer.learning_rate=1e999")], "optimizer.learning_rate is inf"),
+    (["train", *TINY, "--workdir", "a.txt"], "the run directory a.txt is a file"),
     (["train", "--recipe", "bad_recipe.py"], "num_kv_heads is 3"),  # a recipe file
     (["train", "--recipe", "bad_recipe.json"], "optimizer.learning_rate is 0.0"),  # a saved recipe
     # inspect: the published recipes' mixture-of-experts, latent attention and layer patterns
@@ -145,6 +149,8 @@ CASES = [
     ),
     (["tokenizer", "train", "--data", "a.txt", "--data", "data.jsonl", "--output", "t.model"], "mixes .jsonl"),
     (["tokenizer", "train", "--data", "none/*.txt", "--vocab_size", "600", "--output", "t.model"], "no files match"),
+    (["tokenizer", "train", "--data", "a.txt", "--vocab_size", "600", "--output", "a.txt"], "--output a.txt exists"),
+    (["tokenizer", "train", *TINY, "--output", "runs/good/tokenizer.model"], "exists: give a new file name"),
     # decode: sampling settings, then the checkpoint's own recipe
     (["decode", "--checkpoint", "runs/good", "--max_new_tokens", "-3"], "--max_new_tokens must be a positive"),
     (["decode", "--checkpoint", "runs/good", "--temperature", "1", "--top_p", "0"], "--top_p must be in (0, 1]"),
@@ -152,6 +158,11 @@ CASES = [
     (["decode", "--checkpoint", "runs/tiny", "--prompt", "x"], "no checkpoint found at"),
     (["decode", "--checkpoint", "runs/bad_heads", "--prompt", "x"], "num_kv_heads is 3"),
     (["decode", "--checkpoint", "runs/not_a_recipe", "--prompt", "x"], "has no readable recipe"),
+    (["decode", "--checkpoint", "runs/good", "--prompt", "1+\udcff="], "--prompt is not valid UTF-8 text"),
+    (["decode", "--checkpoint", "runs/empty_tokenizer", "--prompt", "x"], "runs/empty_tokenizer/tokenizer.model"),
+    # quantize: never inside the run it reads
+    (["quantize", "runs/good", "runs/good/checkpoints/1"], "checkpoints/1 is a directory that is not empty"),
+    (["quantize", "runs/good", "hf"], "is a directory that is not empty"),
     # convert from-hf: the HF directory, then the model its config.json describes
     (["convert", "from-hf", "hf/empty", "out"], "has no config.json"),
     (["convert", "from-hf", "hf/bad_json", "out"], "is not valid JSON"),
@@ -160,11 +171,14 @@ CASES = [
     (["convert", "from-hf", "hf/gelu", "out"], "hidden_act='gelu' is not supported"),
     (["convert", "from-hf", "hf/quantized", "out"], "quantization_config (fp8) is not supported"),
     (["convert", "from-hf", "hf/bad_heads", "out"], "num_kv_heads is 3"),
+    (["convert", "from-hf", "hf/bad_theta", "out"], "config.json holds a field nnxlm cannot read"),
     # convert to-hf
     (["convert", "to-hf", "runs/nothing_here", "out"], "no checkpoint found at"),
     (["convert", "to-hf", "runs/good", "out", "--adapter", "--merged"], "not allowed with argument"),
     (["convert", "to-hf", "runs/good", "out", "--adapter"], "the model has no LoRA adapters"),
     (["convert", "to-hf", "runs/bad_lr", "out"], "optimizer.learning_rate is -1.0"),
+    (["convert", "to-hf", "runs/good", "runs/good"], "runs/good is a directory that is not empty"),
+    (["convert", "to-hf", "runs/good", "hf/gelu"], "hf/gelu is a directory that is not empty"),
 ]
 
 
@@ -200,6 +214,9 @@ def workspace(tmp_path_factory):
     bad_lr.optimizer.learning_rate = -1.0
     checkpoint("bad_lr", json.dumps(to_json(bad_lr)))
     checkpoint("not_a_recipe", "{}")  # JSON, but not a fiddle recipe
+    checkpoint("empty_tokenizer", json.dumps(to_json(nnxlm.recipes.tiny())))
+    write("runs/empty_tokenizer/tokenizer.model", b"")
+    write("runs/good/tokenizer.model", b"a run's tokenizer")
     write(
         "bad_recipe.py",
         "import nnxlm\n\ndef bad_recipe():\n    cfg = nnxlm.recipes.tiny()\n"
@@ -213,6 +230,7 @@ def workspace(tmp_path_factory):
         "gelu": {"hidden_act": "gelu"},
         "quantized": {"quantization_config": {"quant_method": "fp8"}},
         "bad_heads": {"num_key_value_heads": 3},
+        "bad_theta": {"rope_theta": "abc"},
     }
     for name, changes in variants.items():
         write(f"hf/{name}/config.json", _hf_config(**changes))
@@ -252,3 +270,27 @@ def test_a_bad_input_exits_2_with_one_line_and_changes_no_file(capsys, monkeypat
     assert message in captured.err, captured.err
     assert "Traceback" not in captured.out + captured.err
     assert _snapshot(workspace) == before  # nothing written, nothing changed
+
+
+def test_a_closed_stdin_ends_the_prompts_and_bytes_that_are_not_utf8_are_one_line(monkeypatch):
+    import io
+    import sys
+
+    from nnxlm.cli import _interactive_prompts
+    from nnxlm.errors import UserError
+
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed (<&-)
+    assert list(_interactive_prompts()) == []
+    stdin = io.TextIOWrapper(io.BytesIO(b"1+\xff=\n"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with pytest.raises(UserError, match="not valid UTF-8 text"):
+        list(_interactive_prompts())
+
+
+def test_a_tokenizer_smaller_than_asked_is_written_and_said(capsys, monkeypatch, tmp_path):
+    (tmp_path / "a.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tokenizer", "train", "--data", "a.txt", "--vocab_size", "4000", "--output", "t.model"]) == 0
+    captured = capsys.readouterr()
+    written = int(captured.out.split(": ")[1].split()[0])
+    assert written < 4000 and f"the text gave {written} of the 4000 tokens asked" in captured.err

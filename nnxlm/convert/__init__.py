@@ -18,7 +18,7 @@ from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
 from nnxlm.data.tokenizer import TOKENIZER_FILES
 from nnxlm.errors import UserError
-from nnxlm.files import absolute, copy_atomically, write_atomically
+from nnxlm.files import absolute, copy_atomically, require_empty_directory, write_atomically
 from nnxlm.modules.moe import RoutingBias
 from nnxlm.modules.quantization import quantized
 from nnxlm.recipes.serialization import as_config, to_json
@@ -41,7 +41,13 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     adapter = source if (epath.Path(source) / peft.CONFIG_FILE).exists() else None
     model_dir = _base_directory(adapter, base) if adapter else source
     config, family, reader = _open_hf(model_dir)
-    model_recipe = family.recipe(config)
+    try:
+        model_recipe = family.recipe(config)
+    except (TypeError, ValueError, KeyError) as e:  # e.g. "rope_theta": "abc" (a UserError passes)
+        raise UserError(
+            f"{model_dir}/config.json holds a field nnxlm cannot read ({type(e).__name__}: {e}): "
+            "the config is malformed, or not the architecture it names"
+        ) from None
     if adapter:
         adapter_config = peft.read_adapter_config(adapter)
         rules = peft.targeted(adapter_config, [t for ts in family.tensors(config) for t in ts if _is_linear(t)])
@@ -207,6 +213,7 @@ def to_hf(model_or_path, destination: str, *, adapter: bool = False, merged: boo
     adapter_model.safetensors, loaded with peft onto the base model)."""
     if adapter and merged:
         raise UserError("choose one of --adapter and --merged")
+    require_empty_directory(destination, "the destination")
     if isinstance(model_or_path, nnx.Module):
         _write_hf(model_or_path, None, destination, adapter, merged)
         return destination

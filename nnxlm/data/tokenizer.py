@@ -61,11 +61,13 @@ class SentencePieceTokenizer:
         """Wraps a serialized SentencePiece ModelProto; ``ValueError`` when it is not one."""
         self.chat_template = chat_template
         self._proto = bytes(model_proto)
+        if not self._proto:  # SentencePiece takes an empty proto, then fails at its first use
+            raise ValueError("it is empty")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+            self._n = self._sp.get_piece_size()
         except (RuntimeError, OSError, TypeError) as e:
             raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        self._n = self._sp.get_piece_size()
         byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
         self._mark_ids = byte_ids if self._sp.unk_id() not in byte_ids else None
         self._skip = {i for i in (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()) if i >= 0}

@@ -161,7 +161,15 @@ def apply_set(cfg: fdl.Config, directive: str) -> None:
 
 
 def _check_type(current, value, directive: str) -> None:
-    """Rejects a value of another kind than the field's current one (a string for a number, ...)."""
+    """Rejects a value of another kind than the field's current one (a string for a number, ...),
+    and a literal in place of a part of the recipe (None only drops a part built as an object, such
+    as eval_data; a part that is called later, such as the model, must stay)."""
+    if isinstance(current, fdl.Partial) or (isinstance(current, fdl.Config) and value is not None):
+        name = getattr(fdl.get_callable(current), "__name__", "?")
+        raise UserError(
+            f"{directive!r}: the field holds the recipe's {name} part, not a value: "
+            f"set its fields instead (set:{directive[4:].partition('=')[0]}.FIELD=VALUE)"
+        )
     if current is None or value is None or isinstance(current, fdl.Buildable):
         return
     if isinstance(current, bool) or isinstance(value, bool):
