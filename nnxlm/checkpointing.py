@@ -18,6 +18,7 @@ import ast
 import contextlib
 import ctypes
 import json
+import sys
 
 import fiddle as fdl
 import jax
@@ -191,10 +192,10 @@ class Checkpointer:
         if (epath.Path(self.directory) / str(step) / "data").is_dir():
             items["data"] = ocp.args.JsonRestore()
         try:
+            _quiet_failed_reads()
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            reason = f"it cannot be restored: {type(e).__name__}: {_first_line(e)}"
-            raise damaged(self.directory, step, reason, resuming=True) from e
+            raise damaged(self.directory, step, _read_failed(e, "restored"), resuming=True) from e
         return from_stored_layout(restored["state"], target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
@@ -283,7 +284,33 @@ def save_model_checkpoint(directory: str, step: int, model: dict, recipe: dict) 
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else ""
+    return text[0].split(" See full TensorStore details")[0][:200] if text else ""
+
+
+def _read_failed(error: Exception, verb: str = "read") -> str:
+    """The reason a checkpoint read failed, for its one-line error."""
+    return f"it cannot be {verb}: {type(error).__name__}: {_first_line(error)}"
+
+
+def _quiet_failed_reads() -> None:
+    """Orbax reads a checkpoint's arrays concurrently and gives up at the first that fails; the
+    others still pending then fail on its closed event loop, and Python would print each of them
+    ("Event loop is closed", "Exception ignored in: <coroutine _read_array_index_and_device_put>")
+    around the one-line error that reports the failure. Those reports are dropped (installed once,
+    before reads); any other goes to the hook there was."""
+    previous = sys.unraisablehook
+    if getattr(previous, "__name__", "") == "quiet_failed_reads":
+        return
+
+    def quiet_failed_reads(unraisable) -> None:
+        where = getattr(unraisable.object, "__qualname__", None) or repr(unraisable.object)
+        if "_read_array_index_and_device_put" in where or (
+            isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = quiet_failed_reads
 
 
 def find_checkpoint(path) -> tuple[str, int]:
@@ -333,6 +360,7 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
     item = {"model": stored_layout(target)}
     manager = ocp.CheckpointManager(directory)
     try:
+        _quiet_failed_reads()
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -342,9 +370,7 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
             ),
         )
     except Exception as e:
-        raise damaged(
-            directory, step, f"it cannot be read: {type(e).__name__}: {_first_line(e)}", resuming=False
-        ) from e
+        raise damaged(directory, step, _read_failed(e), resuming=False) from e
     finally:
         manager.close()
     return from_stored_layout(restored["state"], {"model": target})["model"]
@@ -405,10 +431,10 @@ class ModelReader:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
         try:
+            _quiet_failed_reads()
             restored = self._manager.restore(self.step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:
-            reason = f"it cannot be read: {type(e).__name__}: {_first_line(e)}"
-            raise damaged(self.directory, self.step, reason, resuming=False) from e
+            raise damaged(self.directory, self.step, _read_failed(e), resuming=False) from e
         for key in ("model", *path):
             restored = restored[key]
         return restored

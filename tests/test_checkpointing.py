@@ -47,3 +47,29 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_earlier_ones_the_l
     resumed = fdl.build(cfg).setup()  # and what the failed write left is no checkpoint
     assert resumed.step == 5
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("10")]
+
+
+def test_the_aftermath_of_a_failed_read_is_not_printed_around_its_one_line(monkeypatch):
+    import sys
+    import types
+
+    from nnxlm import checkpointing
+
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)  # the hook before; restored after the test
+    checkpointing._quiet_failed_reads()
+    checkpointing._quiet_failed_reads()  # installed once
+
+    def report(exc_value, obj=None):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=exc_value, object=obj))
+
+    async def _read_array_index_and_device_put():  # orbax's pending reads, closed after the failure
+        pass
+
+    pending = _read_array_index_and_device_put()
+    report(Exception("Encountered error while reading array index"), pending)
+    pending.close()
+    report(RuntimeError("Event loop is closed"))  # a tensorstore callback on orbax's closed loop
+    assert passed_on == []
+    report(ValueError("anything else"))
+    assert [str(u.exc_value) for u in passed_on] == ["anything else"]
