@@ -62,9 +62,8 @@ def quantize_run(source: str, destination: str, settings: Quantization) -> str:
     copied = [name for name in TOKENIZER_FILES if (run_dir / name).exists()]
     for name in copied:
         copy_atomically(run_dir / name, out / name)
-    tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
-    if tokenizers:  # the copy, not the source's: the new run directory stands alone
-        recipe.tokenizer_path = str(out / tokenizers[0])
+    if any(name in copied for name in ("tokenizer.model", "tokenizer.json")):
+        recipe.tokenizer_path = None  # the copy in the run directory, found there wherever it moves
     recipe.name = out.name
     save_model_checkpoint(out / "checkpoints", step, params, to_json(recipe))
     write_atomically(out / "recipe.json", json.dumps(to_json(recipe), indent=1))

@@ -118,6 +118,15 @@ def prepare_tokenizer(trainer, pretrained: bool):
         return None
     workdir = trainer.workdir
     path = find_tokenizer(workdir, trainer.tokenizer_path)
+    if (
+        trainer.tokenizer_path
+        and jax.process_index() == 0
+        and epath.Path(path).exists()
+        and not _has_tokenizer(workdir)
+    ):
+        # a copy beside the checkpoints, which exports (to-hf) and moved or copied run directories take
+        # along; this run reads tokenizer_path, so no other process waits for it
+        copy_tokenizer(path, workdir)
     if not epath.Path(path).exists() and not trainer.tokenizer_path:
         source = trainer.load_parameters_path or trainer.load_full_state_path
         if source:
@@ -180,6 +189,10 @@ def _tokenizer_of(source: str) -> str:
             "or tokenizer.json (a model is never given another vocabulary)"
         )
     return path
+
+
+def _has_tokenizer(run_dir: str) -> bool:
+    return any((epath.Path(run_dir) / name).exists() for name in ("tokenizer.model", "tokenizer.json"))
 
 
 def copy_tokenizer(tokenizer_path: str, destination: str) -> None:

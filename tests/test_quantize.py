@@ -3,6 +3,7 @@ model, decode and serve from int8 checkpoints, QLoRA equal to LoRA over the dequ
 
 import json
 import os
+import shutil
 
 import fiddle as fdl
 import jax
@@ -84,10 +85,17 @@ def test_nnxlm_quantize_writes_a_run_that_decodes_and_serves(trained_run, tmp_pa
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(at_load)), strict=True):
         np.testing.assert_array_equal(a, b)
 
+    # the run trained with a tokenizer_path elsewhere keeps a copy, which the quantized run takes
+    # along and finds wherever it is moved
+    assert os.path.exists(os.path.join(trained_run, "tokenizer.model")) and recipe["objects"]
+    assert nnxlm.checkpointing.load_recipe(out).tokenizer_path is None
+    moved = str(tmp_path / "moved")
+    shutil.move(out, moved)
     prompt = "def main(args):\n"
     capsys.readouterr()
-    assert main(["decode", "--checkpoint", out, "--prompt", prompt, "--max_new_tokens", "12"]) == 0
+    assert main(["decode", "--checkpoint", moved, "--prompt", prompt, "--max_new_tokens", "12"]) == 0
     assert len(capsys.readouterr().out) > len(prompt) + 5
+    shutil.move(moved, out)
 
     from nnxlm.serving import Engine, Settings
     from nnxlm.serving.load import load

@@ -71,9 +71,8 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft) sets it
     if adapter:
         recipe.trainable = "lora"
-    tokenizers = [name for name in ("tokenizer.model", "tokenizer.json") if name in copied]
-    if tokenizers:  # the model's own tokenizer, wherever the run directory later trains
-        recipe.tokenizer_path = str(out / tokenizers[0])
+    # no tokenizer_path: the run directory's own copy is found there, wherever the directory moves,
+    # and a run that starts from it (load_parameters_path) copies it into its own directory
     save_model_checkpoint(out / "checkpoints", 0, params, to_json(recipe))
     write_atomically(out / "recipe.json", json.dumps(to_json(recipe), indent=1))
     return destination
