@@ -50,7 +50,8 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
         ) from None
     if adapter:
         adapter_config = peft.read_adapter_config(adapter)
-        rules = peft.targeted(adapter_config, [t for ts in family.tensors(config) for t in ts if _is_linear(t)])
+        linear = [t for ts in family.tensors(config) for t in ts if _is_linear(t)]
+        rules = peft.targeted(adapter_config, linear, int(config.get("num_hidden_layers", 0)))
         if not rules:
             raise UserError(f"{adapter}: target_modules {adapter_config.get('target_modules')} match no module")
         model_recipe.lora = as_config(peft.lora_of(adapter_config, sorted({r.path[-1] for r in rules})))

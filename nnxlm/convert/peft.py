@@ -13,6 +13,7 @@ parameters, not linear modules): a model with adapters there exports with --merg
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 from etils import epath
@@ -124,19 +125,33 @@ def lora_of(config: dict, targets: list[str]) -> LoRA:
     )
 
 
-def targeted(config: dict, rules) -> list:
-    """The rules whose HF module peft's target_modules selects (a list of module-name suffixes, or a
-    regular expression matched against the whole module name, as peft does)."""
-    import re
-
+def targeted(config: dict, rules, layers: int) -> list:
+    """The rules whose HF module peft's target_modules selects, as peft selects them: a list of
+    module names, each matching a module's whole name or its last dotted parts ("q_proj",
+    "self_attn.q_proj", "model.layers.0.self_attn.q_proj", as target_modules="all-linear" is
+    saved), or a regular expression matched against whole module names, in any of the `layers`
+    layers."""
     targets = config.get("target_modules")
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        return [rule for rule in rules if pattern.fullmatch(module_name(rule).replace("{i}", "0").replace("{e}", "0"))]
     if not targets:
         raise UserError(f"{CONFIG_FILE} names no target_modules")
-    names = set(targets)
-    return [rule for rule in rules if module_name(rule).rsplit(".", 1)[-1] in names]
+
+    def selected(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == key or name.endswith("." + key) for key in targets)
+
+    chosen = []
+    for rule in rules:
+        template = module_name(rule).replace("{e}", "0")
+        if "{i}" not in template:
+            if selected(template):
+                chosen.append(rule)
+            continue
+        # any layer: a stack may hold only some of the layers (DeepSeek-V3's dense ones come first),
+        # and an adapter that leaves out some of a stack's layers is refused where its tensors are read
+        if any(selected(template.replace("{i}", str(i))) for i in range(max(layers, 1))):
+            chosen.append(rule)
+    return chosen
 
 
 def adapter_reader(directory: str) -> TensorReader:

@@ -129,3 +129,24 @@ def test_exports_say_what_to_choose(tmp_path):
     )
     with pytest.raises(UserError, match="'org/not-here'.*is not a local directory: give the base model's directory"):
         from_hf(str(tmp_path / "lonely"), str(tmp_path / "y"))
+
+
+def test_a_peft_adapter_on_all_linear_layers_imports_with_peft_logits(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "base_hf"
+    llama().save_pretrained(base)
+    # peft saves "all-linear" as every projection's full module name (model.layers.0.mlp.up_proj, ...)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False),
+    ).eval()
+    peft_model.save_pretrained(tmp_path / "peft_saved")
+    saved = json.loads((tmp_path / "peft_saved" / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(saved, list) and all(name.startswith("model.layers.") for name in saved)
+    from_hf(str(tmp_path / "peft_saved"), str(tmp_path / "imported"), base=str(base))
+    imported = nnxlm.load_model(str(tmp_path / "imported"))
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(PROMPT)).logits.numpy()
+    assert_close(np.asarray(imported(np.array(PROMPT, np.int32))), expected)
+    assert set(imported.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"}
