@@ -17,8 +17,11 @@ built-in ones below, configured with fdl.Partial, or a function defined in the r
 
 import functools
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from nnxlm.errors import UserError
 
@@ -70,6 +73,8 @@ def score(fn: Callable, prompts: list[str], completions: list[str], fields: dict
             f"step {step}: reward function {name} raised {type(e).__name__}: {e}{where}; fix the function "
             f"(it is called as {name}(prompts=[...], completions=[...], <record fields>=[...]))"
         ) from e
+    if isinstance(rewards, np.ndarray) and rewards.ndim == 1:  # as TRL takes them
+        rewards = rewards.tolist()
     if isinstance(rewards, str | bytes) or not isinstance(rewards, Sequence) or len(rewards) != len(completions):
         got = f"{len(rewards)} values" if isinstance(rewards, Sequence) else repr(rewards)[:60]
         raise UserError(
@@ -77,10 +82,11 @@ def score(fn: Callable, prompts: list[str], completions: list[str], fields: dict
             "list with one number per completion"
         )
     for prompt, reward in zip(prompts, rewards, strict=True):
-        if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+        # any real number: bools (a check passed: 1.0) and NumPy's scalars too, as TRL takes them
+        if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
             raise UserError(
                 f"step {step}: reward function {name} returned {reward!r} for a completion of prompt {prompt!r}: "
-                "a reward is a finite number"
+                "a reward is a finite number (or a bool)"
             )
     return [float(r) for r in rewards]
 

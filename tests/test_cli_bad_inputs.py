@@ -137,6 +137,7 @@ CASES = [
         "rope_scaling.type is 'linear': MLA takes 'yarn'",
     ),
     (["inspect", "--recipe", "gemma2_2b", *_set("model.layer_pattern=({'window': 64},)")], "layer_pattern.0.window"),
+    (["inspect", "--recipe", "gemma2_2b", "--recipe", "fiddler:lora(targets=('q', 'head'))"], "the head is tied"),
     # data show
     (["data", "show", *TINY, *_set("batch_size=0")], "batch_size is 0"),
     (["data", "show", *TINY, "--n", "-1"], "--n is -1"),

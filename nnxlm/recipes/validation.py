@@ -378,6 +378,18 @@ def _lora_targets(values, where, context):
             _fail(where, "targets", target, f"use names of {', '.join(TARGETS)}")
 
 
+def _tied_head_lora(values, where, context):
+    """A tied model's head is its embedding, which LoRA does not adapt: asking for it would train nothing there."""
+    lora = values.get("lora")
+    if not (isinstance(lora, fdl.Buildable) and values.get("tie_embeddings")):
+        return
+    targets = lora.targets if "targets" in lora.__arguments__ else ()
+    if "head" in ((targets,) if isinstance(targets, str) else tuple(targets or ())):
+        _fail(
+            where, "lora.targets", "head", "the head is tied to the embedding, which LoRA does not adapt: leave it out"
+        )
+
+
 PROBABILITY = dict(low=0, high=1, open_high=True)
 POSITIVE = dict(low=0, open_low=True)
 WEIGHT = dict(low=0)
@@ -412,6 +424,7 @@ RULES = {
         number("final_logit_softcap", **POSITIVE, optional=True),
         _layers,
         _pattern_kernel,
+        _tied_head_lora,
     ),
     DecoderBlock: (number("dropout_rate", **PROBABILITY),),
     Attention: (

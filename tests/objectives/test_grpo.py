@@ -115,6 +115,18 @@ def test_bad_settings_are_one_clear_error():
             GRPO(**{"rewards": [rewards.exact_match], **bad})
 
 
+def test_rewards_as_trl_takes_them_bools_numpy_scalars_and_arrays():
+    prompts, completions = ["p", "q"], ["a", "b"]
+    as_bools = lambda prompts, completions: [c == "a" for c in completions]  # noqa: E731
+    assert rewards.score(as_bools, prompts, completions, {}, step=0) == [1.0, 0.0]
+    as_array = lambda prompts, completions: np.array([0.5, 2.0], np.float32)  # noqa: E731
+    assert rewards.score(as_array, prompts, completions, {}, step=0) == [0.5, 2.0]
+    as_scalars = lambda prompts, completions: [np.float64(1.5), np.int64(3)]  # noqa: E731
+    assert rewards.score(as_scalars, prompts, completions, {}, step=0) == [1.5, 3.0]
+    with pytest.raises(UserError, match="returned nan for a completion of prompt 'q'"):
+        rewards.score(lambda prompts, completions: [1.0, float("nan")], prompts, completions, {}, step=0)
+
+
 def test_built_in_rewards():
     prompts, completions = ["p"] * 3, [" 42 ", "41", "def f(): pass"]
     assert rewards.exact_match(prompts, completions, answer=[42, "42", "x"]) == [1.0, 0.0, 0.0]
