@@ -76,6 +76,18 @@ def run_worker(args: list[str], *, timeout: float = 600, env: dict | None = None
     return result
 
 
+def report(result: dict, markdown: str, output: str | None, as_json: bool) -> None:
+    """A benchmark's ending: its results.md section written to `output` (if given), then the result
+    as the JSON line `python -m bench` reads (as_json) or the section printed."""
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(markdown)
+    if as_json:
+        emit(result)
+    else:
+        print(markdown)
+
+
 def emit(result: dict) -> None:
     """A worker's last line: its result as JSON, with this process's peak resident memory."""
     result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

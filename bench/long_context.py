@@ -48,7 +48,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Row, emit, machine_line, median
+from bench.common import Row, machine_line, median, report
 from bench.train import Server, hf_model, hf_training_step, serve
 
 MODEL = dict(vocab_size=2048, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=688)
@@ -330,14 +330,7 @@ def main(argv=None) -> int:
     result["date"] = f"{datetime.datetime.now():%Y-%m-%d}"
     result["machine"] = machine_line()
     result["wall_s"] = time.perf_counter() - started
-    markdown = section(result)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(markdown)
-    if args.json:
-        emit(result)
-    else:
-        print(markdown)
+    report(result, section(result), args.output, args.json)
     return 0
 
 

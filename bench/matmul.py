@@ -24,7 +24,7 @@ import json
 import sys
 import time
 
-from bench.common import emit, machine_line, median, run_worker
+from bench.common import machine_line, median, report, run_worker
 from bench.long_context import MODEL
 
 BLOCK = 256  # flash's default block_size; 2 pairs a chunk (CHUNK_ELEMENTS at batch 1, 4 heads)
@@ -189,14 +189,7 @@ def main(argv=None) -> int:
 
     result = bench(args.seq_len, args.rounds, log)
     result.update(date=f"{datetime.datetime.now():%Y-%m-%d}", machine=machine_line(skip=("flax", "transformers")))
-    markdown = section(result)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(markdown)
-    if args.json:
-        emit(result)
-    else:
-        print(markdown)
+    report(result, section(result), args.output, args.json)
     return 0
 
 

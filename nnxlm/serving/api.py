@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nnxlm.serving import requests as parse
-from nnxlm.serving.engine import Engine, QueueFull, ShuttingDown, Update
+from nnxlm.serving.engine import Engine, QueueFull, ShuttingDown, TooManyChoices, Update
 from nnxlm.serving.metrics import CONTENT_TYPE
 from nnxlm.serving.requests import APIError
 
@@ -86,14 +86,6 @@ async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[i
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     notify = lambda: loop.call_soon_threadsafe(wake.set)  # noqa: E731
-    choices = len(prompts) * settings[0].n
-    if choices > engine.capacity:  # a 429 would have the client retry what can never start
-        param = "n" if len(prompts) == 1 else "prompt"
-        raise parse.bad(
-            param,
-            f"{len(prompts)} prompt(s) x n={settings[0].n} ask for {choices} choices at once; this server takes "
-            f"at most {engine.capacity} (--slots {engine.num_slots} and --max_queue {engine.max_queue})",
-        )
     try:
         submitted = engine.submit_all(prompts, settings, notify)
     except QueueFull as e:
@@ -102,6 +94,8 @@ async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[i
         ) from None
     except ShuttingDown as e:
         raise APIError(503, str(e), type="unavailable") from None
+    except TooManyChoices as e:  # a 400: a 429 would have the client retry what can never start
+        raise parse.bad("n" if len(prompts) == 1 else "prompt", str(e)) from None
     except ValueError as e:
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     n = settings[0].n

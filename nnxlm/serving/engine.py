@@ -52,6 +52,10 @@ class QueueFull(Exception):
     """Every slot is busy and the queue of waiting requests is full: try again later."""
 
 
+class TooManyChoices(ValueError):
+    """A submission of more choices than the slots and the queue together hold: it could never start."""
+
+
 class ShuttingDown(Exception):
     """The engine is draining or closed."""
 
@@ -213,15 +217,15 @@ class Engine:
 
     def submit_all(self, prompts, settings: list[Settings], notify: Callable | None = None) -> list[Request]:
         """Queues prompts (token ids) together, each with its settings: all of them or none.
-        ValueError when one does not fit the context or when their choices together are more than
-        the slots and the queue hold (they never could start); QueueFull when they do not fit now;
-        ShuttingDown."""
+        ValueError when one does not fit the context, TooManyChoices (a ValueError) when their
+        choices together are more than the slots and the queue hold (they never could start);
+        QueueFull when they do not fit now; ShuttingDown."""
         prompts = [[int(i) for i in prompt_ids] for prompt_ids in prompts]
         for prompt_ids, s in zip(prompts, settings, strict=True):
             self.check(len(prompt_ids), s)
         choices = sum(s.n for s in settings)
         if choices > self.capacity:
-            raise ValueError(
+            raise TooManyChoices(
                 f"{choices} choices (prompts x n) at once, but this engine takes at most {self.capacity} "
                 f"({self.num_slots} slots and a queue of {self.max_queue}): send fewer prompts or a smaller n"
             )
