@@ -60,7 +60,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     target = stored_layout(nnx.to_pure_dict(nnx.state(abstract)))
     params = _read_params(family.tensors(config), reader, target)
     if adapter:
-        _read_adapter(rules, peft.adapter_reader(adapter), params)
+        _read_adapter(rules, peft.adapter_reader(adapter), params, reader)
     out = absolute(destination)
     if (out / "checkpoints").exists():
         raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
@@ -149,8 +149,11 @@ def _read_params(tensors, reader: TensorReader, target: dict) -> dict:
     return params
 
 
-def _read_adapter(rules, reader: TensorReader, params: dict) -> None:
-    """Fills the adapters of `params` (stored layout) from a peft adapter's tensors."""
+def _read_adapter(rules, reader: TensorReader, params: dict, base: TensorReader) -> None:
+    """Fills the adapters of `params` (stored layout) from a peft adapter's tensors. peft also saves
+    copies of the base model's embedding and head weights with an adapter that targets them
+    (lm_head.base_layer.weight) or whose vocabulary was resized: copies equal to the `base` model's
+    own tensors are passed over, others refused."""
     used = set()
     for rule in rules:
         adapter = _get(params, (*rule.stack, *rule.path, "adapter") if "{i}" in rule.hf else (*rule.path, "adapter"))
@@ -163,8 +166,24 @@ def _read_adapter(rules, reader: TensorReader, params: dict) -> None:
             a[index], b[index] = peft.nnx_arrays(rule, lora_a, lora_b, a[index].shape, b[index].shape)
             used.update((module + ".lora_A.weight", module + ".lora_B.weight"))
     unused = sorted(reader.names() - used)
-    if unused:
-        raise UserError(f"adapter tensor {unused[0]} (and {len(unused) - 1} more) has no place in the nnxlm model")
+    embedding = [name for name in unused if "lora_embedding_" in name]
+    if embedding:
+        raise UserError(
+            f"adapter tensor {embedding[0]} is a LoRA on an embedding, which nnxlm's LoRA does not have: "
+            "leave embed_tokens out of target_modules, or merge the adapter in peft (merge_and_unload) and "
+            "convert the merged model"
+        )
+    for name in unused:
+        base_name = name.removeprefix(peft.PREFIX).replace(".base_layer.", ".")
+        if base_name not in base.names():
+            raise UserError(f"adapter tensor {name} (and {len(unused) - 1} more) has no place in the nnxlm model")
+        copy, original = reader.get(name), base.get(base_name)
+        if copy.shape != original.shape or not np.array_equal(copy.astype(np.float32), original.astype(np.float32)):
+            raise UserError(
+                f"adapter tensor {name} is not the base model's {base_name} (a resized vocabulary, or "
+                "another base): convert the adapter with its own base model (--base DIR), or merge it in "
+                "peft (merge_and_unload) and convert the merged model"
+            )
 
 
 def _layer_names(tensor, num_layers: int, layer_shape) -> list[tuple[tuple[int, ...], str]]:

@@ -150,3 +150,39 @@ def test_a_peft_adapter_on_all_linear_layers_imports_with_peft_logits(tmp_path):
         expected = peft_model(torch.tensor(PROMPT)).logits.numpy()
     assert_close(np.asarray(imported(np.array(PROMPT, np.int32))), expected)
     assert set(imported.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"}
+
+
+def test_a_peft_adapter_on_the_head_imports_with_peft_logits_and_its_base_copies_are_checked(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file, save_file
+
+    base = tmp_path / "base_hf"
+    llama().save_pretrained(base)
+
+    def peft_save(targets, name):
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False),
+        ).eval()
+        model.save_pretrained(tmp_path / name)  # with the head or embedding's base weights: peft's save_embedding_layers
+        return model, tmp_path / name
+
+    peft_model, saved = peft_save(["q_proj", "lm_head"], "head")
+    weights = load_file(saved / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in weights
+    from_hf(str(saved), str(tmp_path / "imported"), base=str(base))
+    imported = nnxlm.load_model(str(tmp_path / "imported"))
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(PROMPT)).logits.numpy()
+    assert_close(np.asarray(imported(np.array(PROMPT, np.int32))), expected)
+    assert set(imported.lora.targets) == {"q_proj", "head"}
+
+    # a copy of the head that is not the base's (another base, a resized vocabulary) is refused
+    weights["base_model.model.lm_head.base_layer.weight"][0, 0] += 1.0
+    save_file(weights, saved / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="lm_head.base_layer.weight is not the base model's lm_head.weight"):
+        from_hf(str(saved), str(tmp_path / "other"), base=str(base))
+
+    _, saved = peft_save(["q_proj", "embed_tokens"], "embedding")
+    with pytest.raises(UserError, match="lora_embedding_A is a LoRA on an embedding.*leave embed_tokens out"):
+        from_hf(str(saved), str(tmp_path / "embedding_run"), base=str(base))
