@@ -164,7 +164,7 @@ def test_a_peft_adapter_on_the_head_imports_with_peft_logits_and_its_base_copies
             AutoModelForCausalLM.from_pretrained(base),
             LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False),
         ).eval()
-        model.save_pretrained(tmp_path / name)  # with the head or embedding's base weights: peft's save_embedding_layers
+        model.save_pretrained(tmp_path / name)  # with copies of the targeted head or embedding
         return model, tmp_path / name
 
     peft_model, saved = peft_save(["q_proj", "lm_head"], "head")
