@@ -1,13 +1,15 @@
 """Reward functions for GRPO, and how a run calls them.
 
-A reward function takes the batch's prompts and completions (lists of strings, one entry per
-completion: a prompt repeats for each of its group's completions) and, as keyword arguments, the
-other fields of each prompt's record (e.g. `answer`), also one entry per completion, and returns one
-number per completion:
+A reward function takes the batch's prompts and completions (one entry per completion: a prompt
+repeats for each of its group's completions) and, as keyword arguments, the other fields of each
+prompt's record (e.g. `answer`), also one entry per completion, and returns one number per
+completion:
 
     def my_reward(prompts, completions, answer, **fields) -> list[float]: ...
 
-(the signature TRL's GRPOTrainer uses). A recipe names reward functions as Python callables: the
+(the signature TRL's GRPOTrainer uses). As in TRL, a text prompt's completion is a string and a
+conversation's (a prompt given as a list of messages) is a list of one assistant message,
+[{"role": "assistant", "content": text}]; the built-in functions take either. A recipe names reward functions as Python callables: the
 built-in ones below, configured with fdl.Partial, or a function defined in the recipe's own file.
 
     exact_match    1.0 where the completion, stripped, equals the record's `answer` field
@@ -26,11 +28,23 @@ import numpy as np
 from nnxlm.errors import UserError
 
 
+def as_conversation(completion: str) -> list[dict]:
+    """A conversation's completion as TRL passes it to reward functions: one assistant message."""
+    return [{"role": "assistant", "content": completion}]
+
+
+def text(completion) -> str:
+    """A completion's text: itself, or the content of a conversation's assistant message."""
+    if isinstance(completion, list):
+        return "".join(str(message.get("content") or "") for message in completion)
+    return completion
+
+
 def exact_match(prompts: list[str], completions: list[str], answer: list, **fields) -> list[float]:
     """1.0 where the completion, without surrounding whitespace, is the record's `answer`, else 0.0."""
     del prompts, fields
     return [
-        float(completion.strip() == str(expected).strip())
+        float(text(completion).strip() == str(expected).strip())
         for completion, expected in zip(completions, answer, strict=True)
     ]
 
@@ -40,14 +54,14 @@ def regex_match(prompts: list[str], completions: list[str], pattern: str = r".",
     del prompts, fields
     compiled = re.compile(pattern, re.DOTALL)
     match = compiled.fullmatch if full else compiled.search
-    return [float(match(completion) is not None) for completion in completions]
+    return [float(match(text(completion)) is not None) for completion in completions]
 
 
 def length(prompts: list[str], completions: list[str], target: int = 100, **fields) -> list[float]:
     """1 - |len(completion) - target| / target, at least 0: 1.0 for a completion of exactly `target`
     characters, falling linearly to 0 at 0 and at twice the target."""
     del prompts, fields
-    return [max(0.0, 1.0 - abs(len(c) - target) / target) for c in completions]
+    return [max(0.0, 1.0 - abs(len(text(c)) - target) / target) for c in completions]
 
 
 BUILTIN = {"exact_match": exact_match, "regex_match": regex_match, "length": length}

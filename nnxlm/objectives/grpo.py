@@ -38,7 +38,7 @@ from nnxlm.loss import token_logps
 from nnxlm.objectives.base import TOKEN_FIELDS, Terms
 from nnxlm.objectives.next_token import NextToken
 from nnxlm.objectives.sft import chat_template, user_turn_ids
-from nnxlm.rewards import check_reward_functions, reward_name, score
+from nnxlm.rewards import as_conversation, check_reward_functions, reward_name, score
 
 AGGREGATIONS = ("token", "sequence")
 EVAL_SEED = 2**30  # evaluation samples with this seed, the same at every evaluation
@@ -177,6 +177,9 @@ class GRPO:
         repeated = [record for record in prompt_records for _ in range(self.group_size)]
         fields = {key: [r.get(key) for r in repeated] for key in dict.fromkeys(k for r in repeated for k in r)}
         prompts = fields.pop("prompt")
+        completions = [
+            as_conversation(c) if isinstance(p, list) else c for p, c in zip(prompts, completions, strict=True)
+        ]
         columns = [score(fn, prompts, completions, fields, step) for fn in self.rewards]
         return np.asarray(columns, np.float64).T
 

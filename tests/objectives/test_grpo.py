@@ -135,6 +135,29 @@ def test_built_in_rewards():
     assert rewards.length(prompts, ["ab", "abcd", "a" * 8], target=4) == [0.5, 1.0, 0.0]
 
 
+def test_a_conversations_completions_reach_reward_functions_as_trl_passes_them():
+    """A prompt given as messages: each completion is [{"role": "assistant", "content": text}], as
+    TRL passes it, so a TRL reward function runs unchanged; the built-in functions read its text."""
+    seen = {}
+
+    def trl_style(prompts, completions, answer, **fields):
+        seen.update(prompts=prompts, completions=completions)
+        return [float(c[0]["content"] == a) for c, a in zip(completions, answer, strict=True)]
+
+    conversation = [{"role": "user", "content": "1 + 1?"}]
+    records = [{"prompt": conversation, "answer": "2"}, {"prompt": [*conversation, *conversation], "answer": "4"}]
+    got = GRPO(rewards=[trl_style], group_size=2).score(records, ["2", "3", "4", " 4 "], step=0)
+    assert seen["prompts"] == [conversation, conversation, records[1]["prompt"], records[1]["prompt"]]
+    assert seen["completions"][:2] == [[{"role": "assistant", "content": "2"}], [{"role": "assistant", "content": "3"}]]
+    assert got[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+    built_in = GRPO(rewards=[rewards.exact_match, rewards.length], group_size=2)
+    mixed = [records[0], {"prompt": "2 + 2 =", "answer": "4"}]
+    got = built_in.score(mixed, ["2", "3", "4", " 4 "], step=0)
+    assert got[:, 0].tolist() == [1.0, 0.0, 1.0, 1.0]  # exact_match on a message's content and on text
+    assert np.allclose(got[:, 1], [0.01, 0.01, 0.01, 0.03])  # length (target 100) of the same
+
+
 # Reward functions of the kind a recipe file defines (importable: recipes are saved as JSON).
 def answer_in_completion(prompts, completions, answer, **fields):
     return [float(str(a) in c) + 0.1 * min(len(c), 5) / 5 for c, a in zip(completions, answer, strict=True)]
