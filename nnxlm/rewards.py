@@ -9,8 +9,10 @@ completion:
 
 (the signature TRL's GRPOTrainer uses). As in TRL, a text prompt's completion is a string and a
 conversation's (a prompt given as a list of messages) is a list of one assistant message,
-[{"role": "assistant", "content": text}]; the built-in functions take either. A recipe names reward functions as Python callables: the
-built-in ones below, configured with fdl.Partial, or a function defined in the recipe's own file.
+[{"role": "assistant", "content": text}]; the built-in functions take either.
+
+A recipe names reward functions as Python callables: the built-in ones below, configured with
+fdl.Partial, or a function defined in the recipe's own file.
 
     exact_match    1.0 where the completion, stripped, equals the record's `answer` field
     regex_match    1.0 where a regular expression matches the completion (`pattern=`)
