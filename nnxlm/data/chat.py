@@ -126,33 +126,41 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens)
         self._compiled = _compile(template)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return "".join(self._chunks(messages, add_generation_prompt, []))
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        """The conversation as text; `tools` (JSON schemas of functions the model may call) reach the
+        template as transformers' apply_chat_template passes them."""
+        return "".join(self._chunks(messages, add_generation_prompt, tools, []))
 
-    def _chunks(self, messages, add_generation_prompt: bool, chunks: list[str]) -> list[str]:
+    def _chunks(self, messages, add_generation_prompt: bool, tools, chunks: list[str]) -> list[str]:
         import jinja2
 
-        variables = dict(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+        if self.template == BUILTIN_TEMPLATE and (tools or any("tool_calls" in m for m in messages)):
+            raise UserError(
+                "nnxlm's built-in chat template has no tool calls: train with a tokenizer whose chat template "
+                "renders tools (one converted from a model that calls tools), or leave tools out of the data"
+            )
+        variables = dict(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt)
         try:
             for chunk in self._compiled.generate(**variables, **self.special_tokens):
                 chunks.append(chunk)
-        except jinja2.exceptions.TemplateError as e:
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
             raise UserError(
-                f"the chat template does not render this conversation ({e}): fix the template or the data"
+                f"the chat template does not render this conversation ({type(e).__name__}: {e}): fix the template "
+                "or the data"
             ) from None
         return chunks
 
-    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def assistant_spans(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
         """(the rendered conversation, [(start, end) character range of each assistant turn])."""
         if "generation" in self.template and "endgeneration" in self.template:
-            return self._marked_spans(messages)
-        text = self.render(messages)
+            return self._marked_spans(messages, tools)
+        text = self.render(messages, tools=tools)
         spans = []
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self.render(messages[:k], add_generation_prompt=True)
-            upto = self.render(messages[: k + 1])
+            prompt = self.render(messages[:k], add_generation_prompt=True, tools=tools)
+            upto = self.render(messages[: k + 1], tools=tools)
             if not (upto.startswith(prompt) and text.startswith(upto)):
                 raise UserError(
                     "the chat template does not render a conversation turn by turn (the text up to an assistant "
@@ -163,28 +171,59 @@ class ChatTemplate:
             spans.append((len(prompt), end))
         return text, spans
 
-    def _marked_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def _marked_spans(self, messages: list[dict], tools) -> tuple[str, list[tuple[int, int]]]:
         chunks, spans = [], []
         token = _GENERATION_SPANS.set((chunks, spans))
         try:
-            self._chunks(messages, False, chunks)
+            self._chunks(messages, False, tools, chunks)
         finally:
             _GENERATION_SPANS.reset(token)
         return "".join(chunks), [span for span in spans if span[1] > span[0]]
 
 
 def check_messages(messages, where: str) -> list[dict]:
-    """The messages of one example, each {"role": one of ROLES, "content": str}; UserError naming
-    `where` (file:line) otherwise."""
+    """The messages of one example, each {"role": one of ROLES, "content": str}, as transformers'
+    chat templates take them; UserError naming `where` (file:line) otherwise. Content given as a
+    list of text parts ([{"type": "text", "text": ...}]) is joined into one string; an assistant
+    message with `tool_calls` (a list of objects) may have no content, as in OpenAI's format."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     checked = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or "role" not in message:
             raise UserError(f"{where}: message {i} must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
             raise UserError(f"{where}: message {i} has unknown role {message['role']!r}: use one of {', '.join(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise UserError(f"{where}: message {i} content is {type(message['content']).__name__}, not a string")
+        calls, content = message.get("tool_calls"), message.get("content")
+        if calls is not None and (
+            message["role"] != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)
+        ):
+            raise UserError(f"{where}: message {i} has tool_calls: they are a list of objects, on an assistant message")
         checked.append({key: value for key, value in message.items() if value is not None})
+        if isinstance(content, list):
+            checked[-1]["content"] = _text_parts(content, f"{where}: message {i}")
+        elif content is None and calls:
+            checked[-1]["content"] = None  # kept, as transformers passes it: templates test `content is none`
+        elif not isinstance(content, str):
+            got = "no content" if content is None else f"content of type {type(content).__name__}"
+            raise UserError(f"{where}: message {i} has {got}: give a string (or a list of text parts)")
     return checked
+
+
+def check_tools(tools, where: str) -> list[dict] | None:
+    """An example's `tools` (function schemas for the chat template), None when it has none."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise UserError(f"{where}: 'tools' must be a list of objects (JSON schemas of functions)")
+    return tools
+
+
+def _text_parts(parts: list, where: str) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise UserError(f"{where} has a content part of type {kind!r}: nnxlm's models read text parts alone")
+        texts.append(part["text"])
+    return "".join(texts)

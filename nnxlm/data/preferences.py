@@ -1,5 +1,7 @@
 """Preference data: {"prompt", "chosen", "rejected"} pairs -> two rows a pair, for DPO.
 
+A pair without "prompt" holds it implicitly, as the start both responses share (implicit_prompt).
+
 A record's prompt is text or a list of messages; chosen and rejected are text, or lists of
 (assistant) messages that continue the prompt's conversation. The prompt is tokenized once and
 shared by both rows, and each response is tokenized on its own: the boundary between prompt and
@@ -24,7 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nnxlm.data.chat import ChatTemplate, check_messages
+from nnxlm.data.chat import ChatTemplate, check_messages, check_tools
 from nnxlm.data.pipeline import ordered_documents
 from nnxlm.data.prompts import ROW_FIELDS as FIELDS
 from nnxlm.data.prompts import prompt_tokens, response_row
@@ -34,20 +36,26 @@ from nnxlm.errors import UserError
 def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "example"):
     """(prompt ids, chosen ids, rejected ids), lists of ints, of one preference record; UserError
     naming `where` for a malformed one."""
-    if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
+    if not isinstance(record, dict) or not {"chosen", "rejected"} <= set(record):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{where}: a preference example needs 'prompt', 'chosen' and 'rejected'; it has {keys}")
-    prompt = record["prompt"]
-    responses = record["chosen"], record["rejected"]
+        raise UserError(
+            f"{where}: a preference example needs 'chosen' and 'rejected', and 'prompt' unless both start with "
+            f"it; it has {keys}"
+        )
+    if "prompt" in record:
+        prompt, responses = record["prompt"], (record["chosen"], record["rejected"])
+    else:
+        prompt, responses = implicit_prompt(record["chosen"], record["rejected"], where)
+    tools = check_tools(record.get("tools"), where)
     if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
         prompt_ids, _ = prompt_tokens(prompt, tokenizer, template, where)
         return (prompt_ids, *(tokenizer.encode_with_offsets(r)[0] + [tokenizer.eos_id] for r in responses))
     if isinstance(prompt, list) and all(isinstance(r, list) and r for r in responses):
         prompt = check_messages(prompt, where)
-        prompt_ids, head = prompt_tokens(prompt, tokenizer, template, where)
+        prompt_ids, head = prompt_tokens(prompt, tokenizer, template, where, tools)
         ids = [prompt_ids]
         for response in responses:
-            text = template.render(check_messages(prompt + response, where))
+            text = template.render(check_messages(prompt + response, where), tools=tools)
             if not text.startswith(head):
                 raise UserError(f"{where}: the chat template renders the response's turns before its header")
             ids.append(tokenizer.encode_with_offsets(text[len(head) :])[0])
@@ -56,6 +64,28 @@ def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "ex
         f"{where}: 'prompt', 'chosen' and 'rejected' must be strings, or a list of messages and two "
         "non-empty lists of the messages that follow"
     )
+
+
+def implicit_prompt(chosen: Any, rejected: Any, where: str):
+    """(prompt, (chosen, rejected) after it) of a pair given whole, as TRL's implicit-prompt format
+    holds it: two conversations (the prompt is the messages both start with) or two texts (the
+    prompt is their common start up to its last whitespace, which stays with the responses, so no
+    word is split between prompt and response)."""
+    if not (
+        isinstance(chosen, list) and isinstance(rejected, list) or isinstance(chosen, str) and isinstance(rejected, str)
+    ):
+        raise UserError(f"{where}: 'chosen' and 'rejected' must both be strings or both be lists of messages")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if isinstance(chosen, str):
+        shared = max((i for i in range(shared) if chosen[i].isspace()), default=0)
+    if not shared or shared in (len(chosen), len(rejected)):
+        raise UserError(
+            f"{where}: without 'prompt', 'chosen' and 'rejected' must start with the same prompt (whole messages, or "
+            "words) and differ after it: add the 'prompt' field"
+        )
+    return chosen[:shared], (chosen[shared:], rejected[shared:])
 
 
 class PairRows(grain.transforms.Map):

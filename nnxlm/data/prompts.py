@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nnxlm.data.chat import ChatTemplate, check_messages
+from nnxlm.data.chat import ChatTemplate, check_messages, check_tools
 from nnxlm.data.pipeline import ordered_documents
 from nnxlm.errors import UserError
 
@@ -29,13 +29,16 @@ ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 PROMPT_FIELDS = ("prompt_ids", "prompt_length", "record")  # a prompt batch's; the rest are counts
 
 
-def prompt_tokens(prompt: Any, tokenizer, template: ChatTemplate, where: str = "example") -> tuple[list[int], str]:
-    """(ids the model is given, the prompt as text) of a text or messages prompt."""
+def prompt_tokens(
+    prompt: Any, tokenizer, template: ChatTemplate, where: str = "example", tools: list | None = None
+) -> tuple[list[int], str]:
+    """(ids the model is given, the prompt as text) of a text or messages prompt (with the
+    record's `tools` for the chat template)."""
     if isinstance(prompt, str):
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         return bos + tokenizer.encode_with_offsets(prompt)[0], prompt
     if isinstance(prompt, list):
-        text = template.render(check_messages(prompt, where), add_generation_prompt=True)
+        text = template.render(check_messages(prompt, where), add_generation_prompt=True, tools=tools)
         return tokenizer.encode_with_offsets(text)[0], text
     raise UserError(f"{where}: 'prompt' must be a string or a list of messages, not {type(prompt).__name__}")
 
@@ -65,7 +68,8 @@ class PromptItem(grain.transforms.Map):
         if not isinstance(record, dict) or "prompt" not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise UserError(f"{where}: a prompt example is a JSON object with 'prompt'; it has {keys}")
-        ids, _ = prompt_tokens(record["prompt"], self.tokenizer, self.template, where)
+        tools = check_tools(record.get("tools"), where)
+        ids, _ = prompt_tokens(record["prompt"], self.tokenizer, self.template, where, tools)
         truncated = len(ids) > self.max_prompt_len
         ids = ids[-self.max_prompt_len :]  # the end of a long prompt: what the response follows
         padded = np.zeros(self.max_prompt_len, np.int32)

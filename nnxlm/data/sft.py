@@ -36,7 +36,7 @@ import grain
 import numpy as np
 from grain import experimental as gx
 
-from nnxlm.data.chat import ChatTemplate, check_messages
+from nnxlm.data.chat import ChatTemplate, check_messages, check_tools
 from nnxlm.data.pipeline import ordered_documents
 from nnxlm.errors import UserError
 
@@ -52,9 +52,10 @@ def example_tokens(
     example (see the module docstring); UserError naming `where` for a malformed one."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: an SFT example must be a JSON object with 'messages' or 'prompt'/'completion'")
+    tools = check_tools(record.get("tools"), where)
     if "messages" in record:
         messages = check_messages(record["messages"], where)
-        text, spans = template.assistant_spans(messages)
+        text, spans = template.assistant_spans(messages, tools)
         if loss_on == "assistant" and not spans:
             raise UserError(f"{where}: the conversation has no assistant message to train on")
         return _tokens(tokenizer, text, spans, loss_on)
@@ -62,8 +63,8 @@ def example_tokens(
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):
             messages = check_messages(prompt + completion, where)
-            text, spans = template.assistant_spans(messages)
-            cut = len(template.render(messages[: len(prompt)], add_generation_prompt=True))
+            text, spans = template.assistant_spans(messages, tools)
+            cut = len(template.render(messages[: len(prompt)], add_generation_prompt=True, tools=tools))
             spans = [(start, end) for start, end in spans if start >= cut]
             if loss_on == "assistant" and not spans:
                 raise UserError(f"{where}: the completion has no assistant message to train on")

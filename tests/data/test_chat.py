@@ -7,7 +7,7 @@ import pytest
 
 from nnxlm import UserError
 from nnxlm.data import load_tokenizer
-from nnxlm.data.chat import BUILTIN_TEMPLATE, ChatTemplate
+from nnxlm.data.chat import BUILTIN_TEMPLATE, ChatTemplate, check_messages
 from nnxlm.data.sft import example_tokens
 
 CHATML = (  # Qwen 2.5's shape: a default system turn when the conversation has none
@@ -51,14 +51,50 @@ CHATML_MARKED = (  # with transformers' {% generation %} markers around what the
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "chatml-marked": CHATML_MARKED}
+CHATML_TOOLS = (  # Qwen 2.5's tool calling: the tools in the system turn, calls in <tool_call> tags
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- set f = call.function if call.function is defined else call %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' }}'
+    "{{- (f.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TEMPLATES = {
+    "chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "chatml-marked": CHATML_MARKED, "chatml-tools": CHATML_TOOLS,
+}  # fmt: skip
 SPECIAL = {
     "chatml": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+    "chatml-tools": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
     "chatml-marked": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
     "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
     "gemma": dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
 }
-END_OF_TURN = {"chatml": "<|im_end|>", "chatml-marked": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+END_OF_TURN = {
+    "chatml": "<|im_end|>", "chatml-marked": "<|im_end|>", "chatml-tools": "<|im_end|>", "llama3": "<|eot_id|>",
+    "gemma": "<end_of_turn>",
+}  # fmt: skip
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
     "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>",
@@ -188,9 +224,13 @@ def test_the_builtin_template_suits_nnxlm_sentencepiece_tokenizers(small_tokeniz
     "record, message",
     [
         ({"messages": [{"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
-        ({"messages": [{"role": "user"}]}, "must be an object with 'role' and 'content'"),
+        ({"messages": [{"role": "user"}]}, "message 0 has no content: give a string"),
+        ({"messages": [{"content": "hi"}]}, "must be an object with 'role' and 'content'"),
         ({"messages": []}, "non-empty list"),
-        ({"messages": [{"role": "user", "content": 3}]}, "content is int"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content of type int"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]}, "part of type 'image'"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, "tool_calls: .* on an assistant"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": {"name": "f"}}, "'tools' must be a list"),
         ({"messages": [{"role": "user", "content": "no answer"}]}, "no assistant message"),
         ({"prompt": "only a prompt"}, "needs 'messages', or 'prompt' and 'completion'"),
         ({"prompt": "text", "completion": [{"role": "assistant", "content": "x"}]}, "both be strings"),
@@ -212,3 +252,63 @@ def test_a_template_that_does_not_render_is_one_clear_error(tokenizer_dirs):
         template.render(twice)
     with pytest.raises(UserError, match="does not parse"):
         ChatTemplate("{% for m in messages %}", {})
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    },
+    {"role": "tool", "name": "get_weather", "content": '{"temperature": 18}'},
+    {"role": "assistant", "content": "Sunny, 18 degrees."},
+]
+
+
+def test_tool_calls_render_as_transformers_renders_them_and_the_calls_are_trained(tokenizer_dirs):
+    """TRL's tool-calling SFT data: an example's `tools` reach the template, an assistant turn
+    may be tool calls alone (content null), and the loss covers the calls and the answer, not the
+    tool's result."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(tokenizer_dirs["chatml-tools"]))
+    tokenizer = load_tokenizer(str(tokenizer_dirs["chatml-tools"] / "tokenizer.json"))
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens())
+    for upto in (2, 4):
+        expected = reference.apply_chat_template(TOOL_CONVERSATION[:upto], tools=TOOLS, tokenize=False)
+        assert template.render(check_messages(TOOL_CONVERSATION[:upto], "x"), tools=TOOLS) == expected
+    assert '"name": "get_weather"' in expected and "<tool_response>" in expected
+    ids, trained = example_tokens({"messages": TOOL_CONVERSATION, "tools": TOOLS}, tokenizer, template)
+    trained_text = tokenizer.decode(ids[trained].tolist())  # without its special tokens
+    assert trained_text == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' + (
+        "Sunny, 18 degrees."
+    )
+    assert np.sum(ids[trained] == tokenizer.eos_id) == 2  # each assistant turn's <|im_end|>
+
+    builtin = ChatTemplate(BUILTIN_TEMPLATE, tokenizer.special_tokens())
+    with pytest.raises(UserError, match="built-in chat template has no tool calls"):
+        example_tokens({"messages": TOOL_CONVERSATION}, tokenizer, builtin)
+
+
+def test_content_given_as_text_parts_is_their_text(small_tokenizer):
+    template = ChatTemplate(BUILTIN_TEMPLATE, small_tokenizer.special_tokens())
+    parts = [{"type": "text", "text": "Sort "}, {"type": "text", "text": "[3, 1, 2]."}]
+    as_parts = [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "[1]"}]}]
+    as_text = [{"role": "user", "content": "Sort [3, 1, 2]."}, {"role": "assistant", "content": "[1]"}]
+    for got, expected in zip(
+        example_tokens({"messages": as_parts}, small_tokenizer, template),
+        example_tokens({"messages": as_text}, small_tokenizer, template),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, expected)

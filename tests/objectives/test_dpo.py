@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nnxlm.data import JsonlFiles
+from nnxlm.errors import UserError
 from nnxlm.modules.lora import LoRA
 from nnxlm.objectives.dpo import DPO, dpo_loss
 from nnxlm.recipes import models
@@ -34,7 +35,6 @@ def test_closed_form_losses_on_fixed_log_probabilities():
 
 
 def test_bad_settings_are_one_clear_error():
-    from nnxlm.errors import UserError
 
     cases = [
         ({"loss": "hinge"}, "loss is 'hinge'"),
@@ -81,6 +81,29 @@ def test_rows_share_the_prompt_and_only_responses_carry_loss(pairs, small_tokeni
     first = int(np.flatnonzero(batch["loss_mask"][12])[0])
     np.testing.assert_array_equal(chosen[: first + 1], rejected[: first + 1])
     assert tok.bos_id not in batch["targets"][12][batch["loss_mask"][12] > 0]
+
+
+def test_pairs_with_an_implicit_prompt_are_the_pairs_with_it_explicit(small_tokenizer):
+    """TRL's implicit-prompt format: chosen and rejected given whole, the prompt being what both
+    start with (whole messages of a conversation; whole words of a text)."""
+    from nnxlm.data.chat import BUILTIN_TEMPLATE, ChatTemplate
+    from nnxlm.data.preferences import pair_tokens
+
+    template = ChatTemplate(BUILTIN_TEMPLATE, small_tokenizer.special_tokens())
+    user = [{"role": "user", "content": "Say hi."}]
+    good, bad = [{"role": "assistant", "content": "hi"}], [{"role": "assistant", "content": "hide"}]
+    cases = [
+        ({"chosen": user + good, "rejected": user + bad}, {"prompt": user, "chosen": good, "rejected": bad}),
+        ({"chosen": "Q: 2 + 2?\nA: four", "rejected": "Q: 2 + 2?\nA: five"},
+         {"prompt": "Q: 2 + 2?\nA:", "chosen": " four", "rejected": " five"}),
+    ]  # fmt: skip
+    for implicit, explicit in cases:
+        assert pair_tokens(implicit, small_tokenizer, template) == pair_tokens(explicit, small_tokenizer, template)
+    for same_start in ({"chosen": user, "rejected": user + bad}, {"chosen": "no space", "rejected": "nothing alike"}):
+        with pytest.raises(UserError, match="must start with the same prompt .* add the 'prompt' field"):
+            pair_tokens(same_start, small_tokenizer, template, where="pairs.jsonl:3")
+    with pytest.raises(UserError, match="pairs.jsonl:3: a preference example needs 'chosen' and 'rejected'"):
+        pair_tokens({"prompt": "x", "chosen": "y"}, small_tokenizer, template, where="pairs.jsonl:3")
 
 
 def _dpo_recipe(workdir, pairs, small_tokenizer, **changes):
