@@ -23,6 +23,7 @@ whitespace after the end-of-turn token is left out (generation stops at that tok
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import functools
@@ -65,6 +66,19 @@ def find_template(directory: str) -> str | None:
     if template is not None and not isinstance(template, str):
         raise UserError(f"{config_path}: chat_template is {type(template).__name__}, not a template string")
     return template
+
+
+class TemplateFailure(UserError):
+    """A chat template that cannot render a conversation; `located` names the example."""
+
+
+@contextlib.contextmanager
+def located(where: str):
+    """Template failures inside name `where` (the example's file:line), as data errors do."""
+    try:
+        yield
+    except TemplateFailure as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 _GENERATION_SPANS: contextvars.ContextVar = contextvars.ContextVar("nnxlm_generation_spans", default=None)
@@ -135,7 +149,7 @@ class ChatTemplate:
         import jinja2
 
         if self.template == BUILTIN_TEMPLATE and (tools or any("tool_calls" in m for m in messages)):
-            raise UserError(
+            raise TemplateFailure(
                 "nnxlm's built-in chat template has no tool calls: train with a tokenizer whose chat template "
                 "renders tools (one converted from a model that calls tools), or leave tools out of the data"
             )
@@ -144,7 +158,7 @@ class ChatTemplate:
             for chunk in self._compiled.generate(**variables, **self.special_tokens):
                 chunks.append(chunk)
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
-            raise UserError(
+            raise TemplateFailure(
                 f"the chat template does not render this conversation ({type(e).__name__}: {e}): fix the template "
                 "or the data"
             ) from None
@@ -162,7 +176,7 @@ class ChatTemplate:
             prompt = self.render(messages[:k], add_generation_prompt=True, tools=tools)
             upto = self.render(messages[: k + 1], tools=tools)
             if not (upto.startswith(prompt) and text.startswith(upto)):
-                raise UserError(
+                raise TemplateFailure(
                     "the chat template does not render a conversation turn by turn (the text up to an assistant "
                     "turn is not a prefix of the whole), so its assistant tokens cannot be found: add "
                     "{% generation %} markers to the template or train on every token (loss_on='all')"

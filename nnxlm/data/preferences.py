@@ -26,7 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nnxlm.data.chat import ChatTemplate, check_messages, check_tools
+from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
 from nnxlm.data.pipeline import ordered_documents
 from nnxlm.data.prompts import ROW_FIELDS as FIELDS
 from nnxlm.data.prompts import prompt_tokens, response_row
@@ -36,6 +36,11 @@ from nnxlm.errors import UserError
 def pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str = "example"):
     """(prompt ids, chosen ids, rejected ids), lists of ints, of one preference record; UserError
     naming `where` for a malformed one."""
+    with located(where):
+        return _pair_tokens(record, tokenizer, template, where)
+
+
+def _pair_tokens(record: Any, tokenizer, template: ChatTemplate, where: str):
     if not isinstance(record, dict) or not {"chosen", "rejected"} <= set(record):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise UserError(

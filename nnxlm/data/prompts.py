@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nnxlm.data.chat import ChatTemplate, check_messages, check_tools
+from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
 from nnxlm.data.pipeline import ordered_documents
 from nnxlm.errors import UserError
 
@@ -38,7 +38,8 @@ def prompt_tokens(
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         return bos + tokenizer.encode_with_offsets(prompt)[0], prompt
     if isinstance(prompt, list):
-        text = template.render(check_messages(prompt, where), add_generation_prompt=True, tools=tools)
+        with located(where):
+            text = template.render(check_messages(prompt, where), add_generation_prompt=True, tools=tools)
         return tokenizer.encode_with_offsets(text)[0], text
     raise UserError(f"{where}: 'prompt' must be a string or a list of messages, not {type(prompt).__name__}")
 

@@ -36,7 +36,7 @@ import grain
 import numpy as np
 from grain import experimental as gx
 
-from nnxlm.data.chat import ChatTemplate, check_messages, check_tools
+from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
 from nnxlm.data.pipeline import ordered_documents
 from nnxlm.errors import UserError
 
@@ -50,6 +50,11 @@ def example_tokens(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(token ids int32 [n], loss mask bool [n]: whether token i carries loss as a target) of one
     example (see the module docstring); UserError naming `where` for a malformed one."""
+    with located(where):
+        return _example_tokens(record, tokenizer, template, loss_on, where)
+
+
+def _example_tokens(record: Any, tokenizer, template: ChatTemplate, loss_on: str, where: str):
     if not isinstance(record, dict):
         raise UserError(f"{where}: an SFT example must be a JSON object with 'messages' or 'prompt'/'completion'")
     tools = check_tools(record.get("tools"), where)

@@ -250,6 +250,9 @@ def test_a_template_that_does_not_render_is_one_clear_error(tokenizer_dirs):
     twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(UserError, match="does not render this conversation.*roles must alternate"):
         template.render(twice)
+    answered = [*twice, {"role": "assistant", "content": "c"}]
+    with pytest.raises(UserError, match="^data/chat.jsonl:3: the chat template does not render.*must alternate"):
+        example_tokens({"messages": answered}, tokenizer, template, where="data/chat.jsonl:3")
     with pytest.raises(UserError, match="does not parse"):
         ChatTemplate("{% for m in messages %}", {})
 
