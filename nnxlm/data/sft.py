@@ -113,7 +113,8 @@ def overlapping(offsets, spans) -> list[bool]:
 
 class Tokenize(grain.transforms.Map):
     """Example item -> {"inputs", "targets", "loss_mask"} [n - 1] of its tokens (targets shifted
-    by one), cut to seq_len (or emptied, counted as dropped) when longer."""
+    by one), cut to seq_len (or emptied, counted as dropped) when longer; emptied and counted as
+    dropped too when no token of what is kept carries loss."""
 
     def __init__(self, source, tokenizer, template: ChatTemplate, seq_len: int, loss_on: str, overlong: str):
         self.source, self.tokenizer, self.template = source, tokenizer, template
