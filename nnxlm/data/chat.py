@@ -217,7 +217,7 @@ def check_messages(messages, where: str) -> list[dict]:
         if isinstance(content, list):
             checked[-1]["content"] = _text_parts(content, f"{where}: message {i}")
         elif content is None and calls:
-            checked[-1]["content"] = None  # kept, as transformers passes it: templates test `content is none`
+            pass  # no content key, as transformers (5.x) passes a tool-call turn whose content is null
         elif not isinstance(content, str):
             got = "no content" if content is None else f"content of type {type(content).__name__}"
             raise UserError(f"{where}: message {i} has {got}: give a string (or a list of text parts)")

@@ -292,6 +292,12 @@ def test_tool_calls_render_as_transformers_renders_them_and_the_calls_are_traine
         expected = reference.apply_chat_template(TOOL_CONVERSATION[:upto], tools=TOOLS, tokenize=False)
         assert template.render(check_messages(TOOL_CONVERSATION[:upto], "x"), tools=TOOLS) == expected
     assert '"name": "get_weather"' in expected and "<tool_response>" in expected
+    # a template that prints every turn's content prints nothing for a null one, as transformers does
+    llama3 = ChatTemplate(LLAMA3, SPECIAL["llama3"])
+    expected = AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama3"])).apply_chat_template(
+        TOOL_CONVERSATION, tokenize=False
+    )
+    assert llama3.render(check_messages(TOOL_CONVERSATION, "x")) == expected and "None" not in expected
     ids, trained = example_tokens({"messages": TOOL_CONVERSATION, "tools": TOOLS}, tokenizer, template)
     trained_text = tokenizer.decode(ids[trained].tolist())  # without its special tokens
     assert trained_text == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' + (
