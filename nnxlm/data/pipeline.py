@@ -108,6 +108,16 @@ def ordered_documents(
 ) -> grain.MapDataset:
     """The items of ``source``'s documents in training order: shuffled (a new order every epoch),
     repeated, and this data shard's share; UserError for settings no pipeline can use."""
+    return ordered_and_counted(
+        source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
+        num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+    )[0]  # fmt: skip
+
+
+def ordered_and_counted(
+    source: Any, *, seq_len, batch_size, seed, shuffle, repeat, num_workers, shard_index, shard_count
+) -> tuple[grain.MapDataset, int]:
+    """(ordered_documents, how many documents one pass over this shard's share holds)."""
     for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
         if int(value) < low:
             raise UserError(f"{name} is {value}: use a positive integer")
@@ -121,13 +131,15 @@ def ordered_documents(
     if not 0 <= seed < 2**32:
         raise UserError(f"data seed is {seed}: use an integer in [0, 2**32)")
     if isinstance(source, Mixture):  # each source ordered on its own, then drawn by weight
+        documents = [Tagged(k, inner.documents()) for k, inner in enumerate(source.sources)]
         parts = [
-            _order(Tagged(k, inner.documents()), type(inner).__name__, (seed + k) % 2**32, shuffle, repeat,
-                   shard_index, shard_count)
-            for k, inner in enumerate(source.sources)
-        ]  # fmt: skip
-        return grain.MapDataset.mix(parts, source.proportions)
-    return _order(source.documents(), type(source).__name__, seed, shuffle, repeat, shard_index, shard_count)
+            _order(docs, type(inner).__name__, (seed + k) % 2**32, shuffle, repeat, shard_index, shard_count)
+            for k, (inner, docs) in enumerate(zip(source.sources, documents, strict=True))
+        ]
+        return grain.MapDataset.mix(parts, source.proportions), sum(map(len, documents)) // shard_count
+    documents = source.documents()
+    ds = _order(documents, type(source).__name__, seed, shuffle, repeat, shard_index, shard_count)
+    return ds, len(documents) // shard_count
 
 
 def _order(docs, owner: str, seed: int, shuffle: bool, repeat: bool, shard_index: int, shard_count: int):

@@ -37,7 +37,7 @@ import numpy as np
 from grain import experimental as gx
 
 from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
-from nnxlm.data.pipeline import ordered_documents
+from nnxlm.data.pipeline import ordered_and_counted
 from nnxlm.errors import UserError
 
 LOSS_ON = ("assistant", "all")
@@ -116,9 +116,13 @@ class Tokenize(grain.transforms.Map):
     by one), cut to seq_len (or emptied, counted as dropped) when longer; emptied and counted as
     dropped too when no token of what is kept carries loss."""
 
-    def __init__(self, source, tokenizer, template: ChatTemplate, seq_len: int, loss_on: str, overlong: str):
+    def __init__(
+        self, source, tokenizer, template: ChatTemplate, seq_len: int, loss_on: str, overlong: str, patience: int
+    ):
         self.source, self.tokenizer, self.template = source, tokenizer, template
         self.seq_len, self.loss_on, self.overlong = seq_len, loss_on, overlong
+        # dropped examples pack as nothing: a whole pass of them in a row would never fill a row
+        self.patience, self.dropped_in_a_row = patience, 0
 
     def map(self, item) -> dict[str, np.ndarray]:
         where = self.source.where(item) if hasattr(self.source, "where") else str(item)
@@ -131,6 +135,13 @@ class Tokenize(grain.transforms.Map):
         dropped = too_long and self.overlong == "drop" or not trained[1:].any()
         if dropped:  # packs as zero tokens: only the count remains
             ids, trained = ids[:0], trained[:0]
+        self.dropped_in_a_row = self.dropped_in_a_row + 1 if dropped else 0
+        if self.dropped_in_a_row >= self.patience:
+            cause = "longer, and overlong='drop'" if self.overlong == "drop" else "their answers lie past the cut"
+            raise UserError(
+                f"none of the last {self.dropped_in_a_row} SFT examples (up to {where}) keeps a token that carries "
+                f"loss within seq_len {self.seq_len} ({cause}): raise seq_len, or shorten the examples"
+            )
         return {
             "inputs": ids[:-1],
             "targets": ids[1:],
@@ -177,11 +188,12 @@ def make_sft_dataset(
     seq_len] inputs, targets, segment_ids, positions, loss_mask and [batch_size] example counts."""
     if tokenizer is None:
         raise UserError("SFT data is text: the run needs a tokenizer (set tokenizer_path)")
-    ds = ordered_documents(
+    ds, per_pass = ordered_and_counted(
         source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
     )  # fmt: skip
-    ds = ds.map(Tokenize(source, tokenizer, template, seq_len, loss_on, overlong))
+    # as many examples in a row as a pass over this shard holds, none kept: the run stops, not loops
+    ds = ds.map(Tokenize(source, tokenizer, template, seq_len, loss_on, overlong, max(1, per_pass)))
     length = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     it = gx.FirstFitPackIterDataset(
         ds.to_iter_dataset(),

@@ -81,3 +81,15 @@ def test_a_malformed_line_names_its_file_and_line(tmp_path, small_tokenizer):
     path.write_text(json.dumps({"text": "no fields"}) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=f"{path}:1: an SFT example needs 'messages'"):
         list(dataset(path, small_tokenizer))
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_examples_none_of_which_keeps_a_trained_token_stop_the_run_instead_of_looping(
+    tmp_path, small_tokenizer, overlong
+):
+    path = tmp_path / "long.jsonl"
+    long = chat("Tell me everything. " + "word " * 100, "Nothing.")  # the answer lies past seq_len 64
+    path.write_text(json.dumps(long) + "\n" + json.dumps(long) + "\n", encoding="utf-8")
+    batches = iter(dataset(path, small_tokenizer, overlong=overlong, repeat=True))
+    with pytest.raises(UserError, match="none of the last 2 SFT examples .*long.jsonl:2.* seq_len 64.*raise seq_len"):
+        next(batches)
