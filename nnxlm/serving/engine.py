@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxlm.generation import _jit_for_decoding
+from nnxlm.generation import _jit_for_decoding, check_sampling
 from nnxlm.serving import steps as device
 from nnxlm.serving.metrics import Metrics
 from nnxlm.serving.text import Completion, TokenInfo
@@ -74,6 +74,17 @@ class Settings:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0  # how many of the most likely tokens to report with each token
+
+    def __post_init__(self):
+        """ValueError naming a setting out of its range (the API checks requests before; this is
+        for the engine used from Python)."""
+        for name, low in (("max_tokens", 1), ("n", 1), ("top_k", 0), ("top_logprobs", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_sampling(self.max_tokens, self.temperature, None, self.top_p)
+        if not self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite, got {self.temperature!r}")
 
 
 @dataclasses.dataclass

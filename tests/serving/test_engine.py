@@ -120,3 +120,22 @@ def test_prompts_that_do_not_fit_are_refused(model):
         engine.submit(list(range(120)), Settings(max_tokens=9))
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], Settings(max_tokens=1))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"temperature": float("inf")}, "temperature must be finite"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -3}, "top_k must be an integer >= 0"),
+        ({"n": 0}, "n must be an integer >= 1"),
+    ],
+)
+def test_settings_out_of_range_are_refused_not_run(bad, message):
+    # the engine used from Python: max_tokens=0 generated a token, top_p=0 masked every logit
+    with pytest.raises(ValueError, match=message):
+        Settings(**{"max_tokens": 4, **bad})
+    Settings(max_tokens=4, temperature=0.7, top_k=0, top_p=1.0)  # 0 and 1 keep every token
