@@ -356,6 +356,8 @@ def decode(args) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def complete(prompt: str) -> None:
+        if not prompt and tokenizer.bos_id is None:
+            raise UserError("a prompt is empty and the tokenizer has no bos token to start from: give some text")
         sys.stdout.write(prompt)
         sys.stdout.flush()
         for piece in stream_text(model, tokenizer, prompt, args.max_new_tokens, **sampling):

@@ -66,7 +66,7 @@ def test_inspect_shows_the_objective_and_what_trains(capsys, sft_base):
     [
         (
             [GOOD, {"messages": [{"role": "user"}]}],
-            "chat.jsonl:2: message 0 must be an object with 'role' and 'content'",
+            "chat.jsonl:2: message 0 has no content: give a string",
         ),
         ([{"messages": [{"role": "robot", "content": "beep"}]}], "chat.jsonl:1: message 0 has unknown role 'robot'"),
         ([GOOD, GOOD, "{not json"], "chat.jsonl:3 is not valid JSON"),

@@ -1,7 +1,8 @@
 """Hugging Face `tokenizer.json` files behind nnxlm's tokenizer interface (optional `tokenizers`).
 
 The bos / eos / pad ids come from the special tokens named in tokenizer_config.json (or
-special_tokens_map.json, or the model's config.json) beside the file, and the chat template from
+special_tokens_map.json, or the model's config.json) beside the file (bos only where the
+tokenizer's post-processor prepends it, as transformers encodes a text), and the chat template from
 chat_template.jinja or tokenizer_config.json (nnxlm.data.chat).
 """
 
@@ -70,6 +71,10 @@ class HFTokenizer:
         self._ids = {key: self._to_id(value) for key, value in special.items()}
         self._skip = {i for key, i in self._ids.items() if i is not None and key in ("bos", "eos", "pad")}
         self.chat_template = find_template(directory)
+        # a bos token is prepended where the tokenizer's own post-processor prepends it, as
+        # transformers' tokenizer(text) does: a tokenizer may name a bos token it never adds
+        probe = self._tokenizer.encode("a", add_special_tokens=True).ids
+        self._adds_bos = self._ids.get("bos") is not None and probe[:1] == [self._ids["bos"]]
 
     def _to_id(self, token) -> int | None:
         return token if isinstance(token, int) else self._tokenizer.token_to_id(token)
@@ -80,8 +85,9 @@ class HFTokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        """None when the model uses no bos token (Qwen): nothing is prepended then."""
-        return self._ids.get("bos")
+        """The token prepended to a text; None when the tokenizer prepends none (Qwen, or a bos
+        token named but not added by the tokenizer's post-processor): nothing is prepended then."""
+        return self._ids["bos"] if self._adds_bos else None
 
     @property
     def eos_id(self) -> int:

@@ -117,7 +117,7 @@ def tokenizer_dirs(tmp_path_factory, stdlib_files):
     """One HF tokenizer (byte-level BPE with the specials of the three families) per template."""
     from pathlib import Path
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     texts = [Path(p).read_text(encoding="utf-8")[:4000] for p in stdlib_files[:40]]
     texts += [m["content"] for c in CONVERSATIONS for m in c]
@@ -130,6 +130,12 @@ def tokenizer_dirs(tmp_path_factory, stdlib_files):
     dirs = {}
     for name, template in TEMPLATES.items():
         directory = tmp_path_factory.mktemp(name)
+        bos = SPECIAL[name].get("bos_token")  # prepended by the tokenizer, as Llama 3's and Gemma's are
+        tokenizer.post_processor = (
+            processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+            if bos
+            else None
+        )
         tokenizer.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **SPECIAL[name]}
         (directory / "tokenizer_config.json").write_text(json.dumps(config))

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from nnxlm.data import load_tokenizer
 from nnxlm.errors import UserError
@@ -14,6 +14,7 @@ def tokenizer_json(tmp_path):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tokenizer.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 50, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
@@ -27,6 +28,25 @@ def test_tokenizer_json_loads_behind_the_same_interface(tokenizer_json):
     ids = tokenizer.encode("def add(a, b):")
     assert ids and tokenizer.bos_id not in ids
     assert tokenizer.decode([tokenizer.bos_id, *ids, tokenizer.eos_id]) == "def add(a, b):"
+
+
+def test_a_bos_token_is_prepended_only_where_the_tokenizer_itself_prepends_it(tokenizer_json):
+    """As transformers encodes a text: a tokenizer may name a bos token that its post-processor
+    never adds (SmolLM2's <|im_start|>), and then no bos is prepended to prompts or documents."""
+    from transformers import AutoTokenizer
+
+    from nnxlm.generation import prompt_ids
+
+    (tokenizer_json.parent / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    for adds_bos in (True, False):
+        if not adds_bos:
+            data = json.loads(tokenizer_json.read_text())
+            tokenizer_json.write_text(json.dumps({**data, "post_processor": None}))
+        tokenizer = load_tokenizer(str(tokenizer_json))
+        expected = AutoTokenizer.from_pretrained(str(tokenizer_json.parent))("def add(a").input_ids
+        assert prompt_ids(tokenizer, "def add(a") == list(expected)
+        assert (tokenizer.bos_id is not None) == adds_bos and (expected[0] == 1) == adds_bos
+        assert tokenizer.special_tokens()["bos_token"] == "<s>"  # chat templates still see it
 
 
 def test_a_file_that_is_not_a_tokenizer_is_a_clear_error(tmp_path):

@@ -258,7 +258,7 @@ def test_command_line_mistakes_are_one_line_and_exit_2(capsys, tmp_path, corpus,
 
 
 def test_a_hugging_face_tokenizer_travels_with_its_special_tokens(corpus, tokenizer, tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from nnxlm.data import load_tokenizer
 
@@ -267,6 +267,7 @@ def test_a_hugging_face_tokenizer_travels_with_its_special_tokens(corpus, tokeni
     texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
     hf.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<unk>"]))
     (tmp_path / "hf").mkdir()
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     hf.save(str(tmp_path / "hf" / "tokenizer.json"))
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     source = TextFiles(globs=[str(corpus / "doc0*.txt")])
