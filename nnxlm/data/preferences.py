@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
-from nnxlm.data.pipeline import ordered_documents
+from nnxlm.data.pipeline import READ_OPTIONS, ordered_documents
 from nnxlm.data.prompts import ROW_FIELDS as FIELDS
 from nnxlm.data.prompts import prompt_tokens, response_row
 from nnxlm.errors import UserError
@@ -145,7 +145,7 @@ def make_preference_dataset(
         raise UserError(f"batch_size {batch_size} holds pairs of rows (chosen, rejected): make it even")
     ds = ordered_documents(source, seq_len=seq_len, batch_size=batch_size // 2, **settings)
     ds = ds.map(PairRows(source, tokenizer, template, seq_len, overlong))
-    it = ds.to_iter_dataset().batch(batch_size // 2, drop_remainder=drop_remainder).map(PairBatch())
+    it = ds.to_iter_dataset(READ_OPTIONS).batch(batch_size // 2, drop_remainder=drop_remainder).map(PairBatch())
     if settings.get("num_workers", 0) > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings["num_workers"]))
     return it

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 
 from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
-from nnxlm.data.pipeline import ordered_documents
+from nnxlm.data.pipeline import READ_OPTIONS, ordered_documents
 from nnxlm.errors import UserError
 
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -99,7 +99,7 @@ def make_prompt_dataset(
         raise UserError("prompt data is text: the run needs a tokenizer (set tokenizer_path)")
     ds = ordered_documents(source, batch_size=batch_size, **settings)
     ds = ds.map(PromptItem(source, tokenizer, template, max_prompt_len))
-    it = ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset(READ_OPTIONS).batch(batch_size, drop_remainder=True)
     if settings.get("num_workers", 0) > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings["num_workers"]))
     return it

@@ -37,7 +37,7 @@ import numpy as np
 from grain import experimental as gx
 
 from nnxlm.data.chat import ChatTemplate, check_messages, check_tools, located
-from nnxlm.data.pipeline import ordered_and_counted
+from nnxlm.data.pipeline import READ_OPTIONS, ordered_and_counted
 from nnxlm.errors import UserError
 
 LOSS_ON = ("assistant", "all")
@@ -196,7 +196,7 @@ def make_sft_dataset(
     ds = ds.map(Tokenize(source, tokenizer, template, seq_len, loss_on, overlong, max(1, per_pass)))
     length = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     it = gx.FirstFitPackIterDataset(
-        ds.to_iter_dataset(),
+        ds.to_iter_dataset(READ_OPTIONS),
         length_struct=length,
         num_packing_bins=batch_size,
         shuffle_bins=False,
