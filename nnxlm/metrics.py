@@ -167,24 +167,32 @@ def remember_peak_flops(flops: float) -> float:
 
 class PeakFlops:
     """The peak FLOP/s of a run's devices, for MFU. A measured peak (CPU) is only a lower bound of
-    the true one: a step that runs faster proves the devices can do more, so it raises the peak
-    (and this machine's cache) instead of reporting an impossible MFU above 1. A peak the recipe
-    gives (peak_flops_per_device) is the user's and stays as it is."""
+    the true one: a step that runs faster raises this run's peak instead of reporting an impossible
+    MFU above 1. The machine's cache is raised only by measuring again (once a run), never by a
+    step's time, which a busy host or another process in the run directory can make absurd (one
+    such reading lowered every later run's MFU 5.8x). A peak the recipe gives
+    (peak_flops_per_device) is the user's and stays as it is."""
 
     def __init__(self, per_device: float | None, devices: int):
         self.measured = per_device is None
         self.per_device = per_device or device_peak_flops()
         self.devices = devices
+        self.remeasured = False
 
     def utilization(self, achieved: float) -> float:
         """MFU of a step that achieved `achieved` model FLOP/s over all devices."""
         if self.measured and achieved > self.per_device * self.devices:
-            print(
-                f"nnxlm: a step ran at {achieved / 1e9:.1f} GFLOP/s, above the measured peak of "
-                f"{self.per_device * self.devices / 1e9:.1f}: MFU divides by that from now on",
-                file=sys.stderr,
-            )
-            self.per_device = remember_peak_flops(achieved / self.devices)
+            if not self.remeasured:
+                self.remeasured = True
+                measured = max(measure_matmul_peak(size, repeats=5) for size in (1024, 1536, 2048))
+                self.per_device = max(self.per_device, remember_peak_flops(measured))
+            if achieved > self.per_device * self.devices:
+                print(
+                    f"nnxlm: a step ran at {achieved / 1e9:.1f} GFLOP/s, above the measured peak of "
+                    f"{self.per_device * self.devices / 1e9:.1f}: MFU divides by that for the rest of this run",
+                    file=sys.stderr,
+                )
+                self.per_device = achieved / self.devices
         return achieved / (self.per_device * self.devices)
 
 
