@@ -13,8 +13,11 @@ file system; an object store (gs://, s3://) makes an object visible only once it
 so there too a reader sees the old file or the new one.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
+import socket
 
 from etils import epath
 
@@ -89,3 +92,37 @@ def require_empty_directory(p: PathLike, option: str) -> epath.Path:
         what = "a file" if not out.is_dir() else "a directory that is not empty"
         raise UserError(f"{option} {p} is {what}: give a new or empty directory")
     return out
+
+
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(directory: PathLike):
+    """Holds `directory`/run.lock while a run trains there: a second run started in the same
+    directory is refused in one line (the two would interleave their checkpoints and metrics).
+    The lock is the operating system's (flock), so it is released when its process dies, however
+    it dies. Remote run directories (gs://, s3://) have no such lock and are not locked."""
+    if not is_local(directory):
+        yield
+        return
+    path = absolute(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_FILE, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(
+                f"another nnxlm run ({holder}) is training in {directory}: wait for it to end, or give this run "
+                "another --workdir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -9,6 +9,7 @@ What a step optimises and which batch fields it takes belong to the recipe's `ob
 `freeze`. Construction only records the recipe; `setup()` (called by fit/evaluate) builds everything.
 """
 
+import contextlib
 import json
 import math
 import signal
@@ -31,7 +32,7 @@ from nnxlm import metrics as metrics_lib
 from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
 from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
-from nnxlm.files import write_atomically
+from nnxlm.files import run_lock, write_atomically
 from nnxlm.modules.lora import adapted, lora_delta, lora_disabled
 from nnxlm.modules.pipeline import PipelineSchedule, pipelining
 from nnxlm.objectives import NextToken
@@ -511,8 +512,13 @@ class Trainer:
         """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics.
 
         SIGTERM or Ctrl-C ends the run after the current step with a checkpoint (self.stopped_by
-        names the signal); a second one exits at once (nnxlm.preemption).
+        names the signal); a second one exits at once (nnxlm.preemption). A second run in the same
+        run directory is refused while this one trains (nnxlm.files.run_lock).
         """
+        with run_lock(self.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+            return self._fit(resume_step)
+
+    def _fit(self, resume_step: int | None) -> list[dict]:
         self.setup(resume_step)
         main = jax.process_index() == 0  # the process that writes files and prints progress
         if main:

@@ -234,3 +234,18 @@ def test_parameters_that_are_not_finite_are_never_saved(tmp_path):
     with pytest.raises(nnxlm.UserError, match="step 0: the parameters or optimizer state hold NaN or infinity"):
         trainer.save()
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+
+
+def test_a_second_run_in_the_same_run_directory_is_refused_while_the_first_trains(tmp_path):
+    """Two runs in one directory interleaved their checkpoints and metrics.jsonl; the lock is
+    flock's, which even another open file of this process conflicts with, as another run's would."""
+    from nnxlm.files import run_lock
+
+    trainer = fdl.build(tiny(tmp_path, num_steps=2, eval_every=0))
+    with run_lock(tmp_path):  # the first run, still training
+        with pytest.raises(
+            nnxlm.UserError, match=f"another nnxlm run \\(pid {os.getpid()} on .*\\) is training in {tmp_path}"
+        ):
+            trainer.fit()
+        assert not (tmp_path / "metrics.jsonl").exists()  # refused before it wrote anything
+    assert len(trainer.fit()) == 2  # once the first has ended
