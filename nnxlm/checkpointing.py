@@ -196,6 +196,8 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise damaged(self.directory, step, _read_failed(e, "restored"), resuming=True) from e
+        if (bad := nonfinite_leaf(restored["state"])) is not None:
+            raise damaged(self.directory, step, f"{bad} holds NaN or infinite values", resuming=True)
         return from_stored_layout(restored["state"], target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
@@ -373,7 +375,19 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
         raise damaged(directory, step, _read_failed(e), resuming=False) from e
     finally:
         manager.close()
+    if (bad := nonfinite_leaf(restored["state"])) is not None:
+        raise damaged(directory, step, f"{bad} holds NaN or infinite values", resuming=False)
     return from_stored_layout(restored["state"], {"model": target})["model"]
+
+
+def nonfinite_leaf(tree) -> str | None:
+    """The path of the first floating-point array of `tree` holding NaN or infinity, or None. A
+    run never saves such a state (a non-finite step is not checkpointed), so one read back means
+    bytes changed on disk: orbax keeps no checksums, and flipped bytes read without error."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
+            return "/".join(str(getattr(key, "key", key)) for key in path)
+    return None
 
 
 def _abstract_model(directory: str, step: int) -> nnx.Module:
@@ -437,6 +451,9 @@ class ModelReader:
             raise damaged(self.directory, self.step, _read_failed(e), resuming=False) from e
         for key in ("model", *path):
             restored = restored[key]
+        if nonfinite_leaf(restored) is not None:
+            where = "/".join(map(str, ("model", *path)))
+            raise damaged(self.directory, self.step, f"{where} holds NaN or infinite values", resuming=False)
         return restored
 
     def close(self) -> None:

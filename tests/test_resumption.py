@@ -160,3 +160,20 @@ def test_metrics_of_a_crash_mid_line_are_repaired_on_the_next_start(tmp_path):
     writer.write(2, {"loss": 1.5})
     writer.close()
     assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_bytes_changed_on_disk_to_nan_are_found_when_the_checkpoint_is_read(tmp_path, trained):
+    """orbax keeps no checksums: bytes flipped inside an array file read without error. A run
+    never saves a non-finite state, so NaN read back is named as damage, not trained on (the run
+    had stopped at the next step blaming the learning rate, and decode printed garbage)."""
+    source, _ = trained
+    shutil.copytree(source, tmp_path / "run")
+    step_dir = tmp_path / "run" / "checkpoints" / "20"
+    files = [os.path.join(d, f) for d, _, names in os.walk(step_dir / "state") for f in names]
+    largest = max(files, key=os.path.getsize)  # the arrays' data
+    with open(largest, "rb+") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        f.write(b"\xff" * 64)  # 0xffffffff is a float32 NaN
+    cfg = tiny(tmp_path / "run", num_steps=25, optimizer=_optimizer())
+    with pytest.raises(nnxlm.UserError, match=r"checkpoints/20 is damaged \(.* holds NaN or infinite values\).*15"):
+        fdl.build(cfg).fit()
