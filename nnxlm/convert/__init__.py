@@ -38,6 +38,11 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     trains them alone: trainable="lora")."""
     from nnxlm.recipes import experiments
 
+    out = absolute(destination)  # checked before any tensor is read
+    if out.exists() and not out.is_dir():
+        raise UserError(f"the destination {destination} is a file: give a new directory")
+    if (out / "checkpoints").exists():
+        raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
     adapter = source if (epath.Path(source) / peft.CONFIG_FILE).exists() else None
     model_dir = _base_directory(adapter, base) if adapter else source
     config, family, reader = _open_hf(model_dir)
@@ -61,9 +66,6 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     params = _read_params(family.tensors(config), reader, target)
     if adapter:
         _read_adapter(rules, peft.adapter_reader(adapter), params, reader)
-    out = absolute(destination)
-    if (out / "checkpoints").exists():
-        raise UserError(f"{destination} already holds checkpoints: convert into a new directory")
     out.mkdir(parents=True, exist_ok=True)
     copied = [name for name in TOKENIZER_FILES if (epath.Path(model_dir) / name).exists()]
     for name in copied:

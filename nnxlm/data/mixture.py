@@ -34,7 +34,10 @@ class Mixture:
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        try:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        except (TypeError, ValueError):
+            raise UserError(f"Mixture.weights {list(self.weights)} must all be positive numbers") from None
         names = tuple(self.names) if self.names is not None else tuple(f"source{k}" for k in range(len(self.sources)))
         object.__setattr__(self, "names", names)
         if not self.sources:

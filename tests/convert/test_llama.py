@@ -76,6 +76,9 @@ def test_the_command_line_converts_both_ways_and_names_bad_input(tmp_path, capsy
     assert "already holds checkpoints" in capsys.readouterr().err
     assert main(["convert", "from-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "a_file")]) == 2
+    assert "the destination" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "x"
 
 
 LLAMA3_SCALING = dict(

@@ -94,6 +94,7 @@ def test_weights_need_not_sum_to_one_and_items_load_through_the_mixture(tmp_path
         (dict(sources=[], weights=[]), r"Mixture.sources is empty"),
         (dict(sources=[Tokens(1)], weights=[0.5, 0.5]), r"1 sources, 2 weights"),
         (dict(sources=[Tokens(1), Tokens(2)], weights=[1.0, 0.0]), r"weights \[1.0, 0.0\] must all be positive"),
+        (dict(sources=[Tokens(1), Tokens(2)], weights=[1.0, "x"]), r"weights \[1.0, 'x'\] must all be positive"),
         (dict(sources=[Tokens(1), Tokens(2)], weights=[1, 1], names=["a", "a"]), r"names .* distinct"),
     ],
 )
