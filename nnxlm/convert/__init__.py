@@ -16,7 +16,7 @@ from nnxlm.checkpointing import ModelReader, collapse_kernels, save_model_checkp
 from nnxlm.convert import peft
 from nnxlm.convert.families import family_of_config, family_of_model
 from nnxlm.convert.hf_files import TensorReader, read_config, write_tensors
-from nnxlm.data.tokenizer import TOKENIZER_FILES
+from nnxlm.data.tokenizer import TOKENIZER_FILES, find_tokenizer, load_tokenizer
 from nnxlm.errors import UserError
 from nnxlm.files import absolute, copy_atomically, require_empty_directory, write_atomically
 from nnxlm.modules.moe import RoutingBias
@@ -244,7 +244,29 @@ def to_hf(model_or_path, destination: str, *, adapter: bool = False, merged: boo
     for name in TOKENIZER_FILES:
         if (run_dir / name).exists():
             copy_atomically(run_dir / name, epath.Path(destination) / name)
+    if not adapter:
+        _write_special_token_ids(destination)
     return destination
+
+
+def _write_special_token_ids(destination: str) -> None:
+    """bos / eos / pad token ids of the exported tokenizer into config.json and
+    generation_config.json, where transformers' generate finds when to stop (without them it
+    never stops at the end of a text)."""
+    path = find_tokenizer(destination)
+    if not epath.Path(path).exists():
+        return
+    tokenizer = load_tokenizer(path)
+    try:
+        eos = tokenizer.eos_id
+    except UserError:  # a tokenizer that names no eos token: nothing to stop at
+        return
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
+    ids = {key: int(value) for key, value in ids.items() if value is not None}
+    config_path = epath.Path(destination) / "config.json"
+    config = json.loads(config_path.read_text())
+    write_atomically(config_path, json.dumps({**config, **ids}, indent=1))
+    write_atomically(epath.Path(destination) / "generation_config.json", json.dumps(ids, indent=1))
 
 
 def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, adapter: bool, merged: bool) -> None:

@@ -108,3 +108,19 @@ def test_older_top_level_rope_fields_are_read():
     assert rope_settings({}) == (10_000.0, None)
     with pytest.raises(UserError, match="rope_type='yarn' is not supported"):
         rope_settings({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_an_export_tells_transformers_its_special_token_ids(tmp_path, small_tokenizer):
+    """Without eos_token_id in config.json / generation_config.json, transformers' generate never
+    stops at the end of a text."""
+    from transformers import AutoModelForCausalLM
+
+    from nnxlm.convert import from_hf, to_hf
+
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+    small_tokenizer.save(str(tmp_path / "run" / "tokenizer.model"))
+    to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+    generation = AutoModelForCausalLM.from_pretrained(tmp_path / "out").generation_config
+    expected = (small_tokenizer.bos_id, small_tokenizer.eos_id, small_tokenizer.pad_id)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == expected
