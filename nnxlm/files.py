@@ -17,7 +17,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-import socket
+import sys
 
 from etils import epath
 
@@ -94,35 +94,32 @@ def require_empty_directory(p: PathLike, option: str) -> epath.Path:
     return out
 
 
-LOCK_FILE = "run.lock"
-
-
 @contextlib.contextmanager
 def run_lock(directory: PathLike):
-    """Holds `directory`/run.lock while a run trains there: a second run started in the same
-    directory is refused in one line (the two would interleave their checkpoints and metrics).
-    The lock is the operating system's (flock), so it is released when its process dies, however
-    it dies. Remote run directories (gs://, s3://) have no such lock and are not locked."""
+    """Holds a lock on the run directory while a run trains there: a second run started in the
+    same directory is refused in one line (the two would interleave their checkpoints and metrics).
+    The lock is the operating system's (flock on the directory itself: no file is written), so it
+    is released when its process dies, however it dies. A directory made only to be locked is
+    removed again when nothing was written into it (a run refused for bad input leaves nothing).
+    Remote run directories (gs://, s3://) have no such lock and are not locked."""
     if not is_local(directory):
         yield
         return
     path = absolute(directory)
+    made = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_FILE, "a+", encoding="utf-8") as f:
+    descriptor = os.open(path, os.O_RDONLY)  # a local directory: flock needs a descriptor
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
             raise UserError(
-                f"another nnxlm run ({holder}) is training in {directory}: wait for it to end, or give this run "
-                "another --workdir"
+                f"another nnxlm run is training in {directory}: wait for it to end, or give this run another --workdir"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError as e:  # a file system without locks (some network mounts): the run is not locked
+            print(f"nnxlm: {directory} cannot be locked ({e.strerror}): start one run at a time there", file=sys.stderr)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+        if made and not any(path.iterdir()):
+            path.rmdir()

@@ -243,9 +243,7 @@ def test_a_second_run_in_the_same_run_directory_is_refused_while_the_first_train
 
     trainer = fdl.build(tiny(tmp_path, num_steps=2, eval_every=0))
     with run_lock(tmp_path):  # the first run, still training
-        with pytest.raises(
-            nnxlm.UserError, match=f"another nnxlm run \\(pid {os.getpid()} on .*\\) is training in {tmp_path}"
-        ):
+        with pytest.raises(nnxlm.UserError, match=f"another nnxlm run is training in {tmp_path}"):
             trainer.fit()
         assert not (tmp_path / "metrics.jsonl").exists()  # refused before it wrote anything
     assert len(trainer.fit()) == 2  # once the first has ended
