@@ -41,7 +41,7 @@ from nnxlm.preemption import StopRequests
 from nnxlm.profiling import StepProfiler
 from nnxlm.progress import Progress
 from nnxlm.recipes.serialization import as_config, to_json
-from nnxlm.resumption import check_same_recipe, checkpoint_damage, damaged, set_aside_newer
+from nnxlm.resumption import check_same_recipe, checkpoint_damage, damaged, recipe_fields, set_aside_newer
 from nnxlm.sharding import (
     activation_sharding,
     constrain,
@@ -237,6 +237,7 @@ class Trainer:
         if resuming:
             saved_recipe = self.checkpointer.saved_recipe(self.step)
             check_same_recipe(saved_recipe, to_json(self.recipe), self.workdir, self.allow_recipe_change)
+            self._report_schedule_change(recipe_fields(saved_recipe).get("num_steps"))
         # a model that has weights already (any checkpoint, a starting point) never gets a new vocabulary
         pretrained = self.step is not None or self.load_parameters_path or self.load_full_state_path
         self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained))
@@ -507,6 +508,26 @@ class Trainer:
         if count == 0:
             raise UserError("no eval token carries loss: check eval_data, seq_len and the objective's loss_on")
         return total / count
+
+    def _report_schedule_change(self, saved_num_steps) -> None:
+        """A resumed run whose num_steps changed while its learning rate decays over num_steps
+        follows another schedule from here on: said, with the way to keep the old one."""
+        if not isinstance(saved_num_steps, int) or saved_num_steps == self.num_steps:
+            return
+        if getattr(self.optimizer, "decay_steps", None) or not hasattr(self.optimizer, "schedule"):
+            return
+        if jax.process_index() != 0:
+            return
+        step = self.step * self.updates_per_step
+        was = float(self.optimizer.schedule(saved_num_steps * self.updates_per_step)(step))
+        now = float(self.schedule(step))
+        if not math.isclose(was, now, rel_tol=1e-6):
+            print(
+                f"nnxlm: num_steps changed from {saved_num_steps} to {self.num_steps} and the learning rate "
+                f"decays over num_steps: at step {self.step} it is {now:.3g} instead of {was:.3g}; "
+                f"set optimizer.decay_steps={saved_num_steps} to keep the saved run's schedule",
+                file=sys.stderr,
+            )
 
     def fit(self, resume_step: int | None = None) -> list[dict]:
         """Trains to num_steps, checkpointing and evaluating as the recipe says; returns the metrics.

@@ -177,3 +177,16 @@ def test_bytes_changed_on_disk_to_nan_are_found_when_the_checkpoint_is_read(tmp_
     cfg = tiny(tmp_path / "run", num_steps=25, optimizer=_optimizer())
     with pytest.raises(nnxlm.UserError, match=r"checkpoints/20 is damaged \(.* holds NaN or infinite values\).*15"):
         fdl.build(cfg).fit()
+
+
+def test_a_longer_run_resumed_says_its_learning_rate_schedule_changes(tmp_path, capfd):
+    """The learning rate decays over num_steps unless optimizer.decay_steps is set: resuming with
+    another num_steps changes it from the next step on (a 6x drop in a user's run), which the run
+    says, with the fix."""
+    fdl.build(tiny(tmp_path / "run", num_steps=4)).fit()
+    capfd.readouterr()
+    later = fdl.build(tiny(tmp_path / "run", num_steps=8)).fit()
+    message = capfd.readouterr().err
+    assert "num_steps changed from 4 to 8 and the learning rate decays over num_steps: at step 4" in message
+    assert "set optimizer.decay_steps=4 to keep the saved run's schedule" in message
+    assert [r["step"] for r in later] == [5, 6, 7, 8]
