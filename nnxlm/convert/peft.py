@@ -110,7 +110,10 @@ def read_adapter_config(directory: str) -> dict:
         ("alpha_pattern", ({}, None)),
     ):
         if config.get(field) not in allowed:
-            raise UserError(f"{path}: {field}={config.get(field)!r} is not supported: nnxlm reads plain LoRA adapters")
+            raise UserError(
+                f"{path}: {field}={config.get(field)!r} is not supported: nnxlm reads plain LoRA adapters; merge the "
+                "adapter in peft (model.merge_and_unload()), save it, and convert the merged model"
+            )
     return config
 
 

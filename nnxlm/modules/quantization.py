@@ -63,9 +63,10 @@ def _blocked(kernel_shape, lead: int, in_ndim: int, block_size: int | None) -> t
     if block_size is None:
         return fan_in, 1, fan_in
     if fan_in % block_size:
+        divisors = [str(d) for d in (16, 32, 64, 128, 256) if fan_in % d == 0] or [str(fan_in)]
         raise UserError(
             f"quantization block_size {block_size} does not divide a projection's {fan_in} inputs: "
-            "use a divisor (e.g. 32, 64, 128) or block_size=None (per channel)"
+            f"use a divisor ({', '.join(divisors)}) or block_size=None (per channel)"
         )
     return fan_in, fan_in // block_size, block_size
 

@@ -186,3 +186,16 @@ def test_a_peft_adapter_on_the_head_imports_with_peft_logits_and_its_base_copies
     _, saved = peft_save(["q_proj", "embed_tokens"], "embedding")
     with pytest.raises(UserError, match="lora_embedding_A is a LoRA on an embedding.*leave embed_tokens out"):
         from_hf(str(saved), str(tmp_path / "embedding_run"), base=str(base))
+
+
+def test_an_adapter_on_some_layers_only_is_refused_naming_the_way_around(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "base_hf"
+    llama().save_pretrained(base)
+    layer_0 = LoraConfig(r=2, target_modules=r".*layers\.0\.self_attn\.q_proj", init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), layer_0).save_pretrained(tmp_path / "layer_0")
+    with pytest.raises(
+        UserError, match=r"no model.layers.1.self_attn.q_proj.lora_A: it adapts only some layers.*merge"
+    ):
+        from_hf(str(tmp_path / "layer_0"), str(tmp_path / "run"), base=str(base))

@@ -104,7 +104,9 @@ def test_bad_settings_are_one_clear_line():
     with pytest.raises(UserError, match="quantizes nothing"):
         Quantization(weights=None)
     dense = Dense(48, 8, logical_axes=("embed", "mlp"), rngs=nnx.Rngs(0))
-    with pytest.raises(UserError, match="block_size 32 does not divide a projection's 48 inputs"):
+    with pytest.raises(
+        UserError, match=r"block_size 32 does not divide a projection's 48 inputs: use a divisor \(16\)"
+    ):
         dense.quantize(Quantization(block_size=32))
     model = fdl.build(models.llama_tiny(vocab_size=128))(rngs=nnx.Rngs(0))
     Quantization().apply(model)
