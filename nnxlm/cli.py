@@ -482,7 +482,11 @@ def chat(args) -> int:
             ids = served.tokenizer.encode_with_offsets(text)[0]
             room = engine.max_length - len(ids)
             if room < 1:
-                print(f"nnxlm: the conversation fills the model's {engine.max_length}-token context", file=sys.stderr)
+                print(
+                    f"nnxlm: the conversation fills the {engine.max_length}-token context: start chat with a larger "
+                    "--max_length (the default is the run's seq_len)",
+                    file=sys.stderr,
+                )
                 return 0
             settings = Settings(
                 max_tokens=min(args.max_tokens or room, room),

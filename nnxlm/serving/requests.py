@@ -95,7 +95,8 @@ def settings(body: dict, prompt_length: int, engine, chat: bool) -> Settings:
     if room < 1:
         raise APIError(
             400,
-            f"this model's context is {engine.max_length} tokens and the prompt has {prompt_length}: shorten it",
+            f"this model's context is {engine.max_length} tokens and the prompt has {prompt_length}: shorten it "
+            "(the server's --max_length sets the context)",
             param="messages" if chat else "prompt",
             code="context_length_exceeded",
         )
