@@ -379,6 +379,13 @@ class Prepared:
                 )
             counts = np.array([shard["documents"] for shard in entry["shards"]], dtype=np.int64)
             files = [os.path.join(self.path, shard["file"]) for shard in entry["shards"]]
+            for file, shard in zip(files, entry["shards"], strict=True):  # at start-up, not hours into a run
+                if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"]:
+                    found = f"{os.path.getsize(file):,} bytes" if os.path.isfile(file) else "missing"
+                    raise UserError(
+                        f"prepared shard {file} is damaged or incomplete ({found}, the manifest says "
+                        f"{shard['bytes']:,} bytes): delete it and run the same `nnxlm data prepare` again"
+                    )
             cache = {"pid": os.getpid(), "ends": np.cumsum(counts), "counts": counts, "files": files, "readers": {}}
             cache.update(sha256=manifest["tokenizer"]["sha256"], lock=threading.Lock())
             object.__setattr__(self, "_cache", cache)
