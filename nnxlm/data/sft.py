@@ -121,7 +121,7 @@ class Tokenize(grain.transforms.Map):
     ):
         self.source, self.tokenizer, self.template = source, tokenizer, template
         self.seq_len, self.loss_on, self.overlong = seq_len, loss_on, overlong
-        # dropped examples pack as nothing: a whole pass of them in a row would never fill a row
+        # dropped examples pack as nothing: only dropped ones, `patience` in a row, never fill a row
         self.patience, self.dropped_in_a_row = patience, 0
 
     def map(self, item) -> dict[str, np.ndarray]:
@@ -192,8 +192,10 @@ def make_sft_dataset(
         source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
     )  # fmt: skip
-    # as many examples in a row as a pass over this shard holds, none kept: the run stops, not loops
-    ds = ds.map(Tokenize(source, tokenizer, template, seq_len, loss_on, overlong, max(1, per_pass)))
+    # two passes over this shard's examples in a row, none kept: the run stops instead of looping
+    # (the loader's threads may tokenize a few examples out of order: the margin covers them)
+    patience = 2 * per_pass + 2 * READ_OPTIONS.prefetch_buffer_size
+    ds = ds.map(Tokenize(source, tokenizer, template, seq_len, loss_on, overlong, patience))
     length = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     it = gx.FirstFitPackIterDataset(
         ds.to_iter_dataset(READ_OPTIONS),

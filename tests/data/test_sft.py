@@ -91,5 +91,16 @@ def test_examples_none_of_which_keeps_a_trained_token_stop_the_run_instead_of_lo
     long = chat("Tell me everything. " + "word " * 100, "Nothing.")  # the answer lies past seq_len 64
     path.write_text(json.dumps(long) + "\n" + json.dumps(long) + "\n", encoding="utf-8")
     batches = iter(dataset(path, small_tokenizer, overlong=overlong, repeat=True))
-    with pytest.raises(UserError, match="none of the last 2 SFT examples .*long.jsonl:2.* seq_len 64.*raise seq_len"):
+    with pytest.raises(
+        UserError, match=r"none of the last \d+ SFT examples .*long.jsonl:[12]\) keeps .* seq_len 64.*raise seq_len"
+    ):
         next(batches)
+
+
+def test_a_few_kept_examples_among_many_dropped_ones_train_on(tmp_path, small_tokenizer):
+    path = tmp_path / "mostly_long.jsonl"
+    long = chat("Tell me everything. " + "word " * 100, "Nothing.")
+    path.write_text("".join(json.dumps(e) + "\n" for e in [long, long, EXAMPLES[0], long]), encoding="utf-8")
+    batches = iter(dataset(path, small_tokenizer, batch_size=1, repeat=True))
+    for _ in range(6):  # many passes: each row holds the one example that fits
+        assert next(batches)["examples"].sum() >= 1
