@@ -155,6 +155,11 @@ def _match_files(owner: str, globs: tuple[str, ...]) -> list[tuple[str, str]]:
     return sorted(found.items())
 
 
+# A byte order mark some editors write at the start of a UTF-8 file: a mark, not text (Python's
+# utf-8-sig reading), so it is left out of the first document or line.
+BOM = "\ufeff"
+
+
 def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
@@ -177,7 +182,7 @@ def read_text_file(path: str) -> str:
         raise UserError(f"cannot read data file {path}: {e.strerror or e}") from None
     if not data:
         raise UserError(f"data file {path} is empty: delete it or leave it out of the globs")
-    return _decode(data, path)
+    return _decode(data, path).removeprefix(BOM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +361,8 @@ class JsonlFiles:
         path, offset, _ = item
         where = self.where(item)
         line = _decode(_read_line(path, offset), where)
+        if offset == 0:
+            line = line.removeprefix(BOM)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

@@ -259,3 +259,13 @@ def test_a_rewritten_jsonl_file_is_read_anew(tmp_path, monkeypatch):
         assert [src.load(d) for d in src.documents()] == texts
     _write(tmp_path / "b" / "d.jsonl", json.dumps({"text": "rewritten, longer than before"}) + "\n")
     assert [src.load(d) for d in src.documents()] == ["rewritten, longer than before"]
+
+
+def test_a_byte_order_mark_starting_a_file_is_not_text(tmp_path):
+    """Editors on Windows write one; it was trained on as U+FEFF (text) or refused as bad JSON."""
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfdef f():\n    pass\n")
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "\\ufefftwo"}\n')
+    text = TextFiles(globs=[str(tmp_path / "a.txt")])
+    assert text.load(text.documents()[0]) == "def f():\n    pass\n"
+    lines = JsonlFiles(globs=[str(tmp_path / "a.jsonl")])
+    assert [lines.load(d) for d in lines.documents()] == ["one", "\ufefftwo"]  # inside a line: text
