@@ -142,7 +142,12 @@ def measured_peak_flops(device=None) -> float:
             return known
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return remember_peak_flops(max(measure_matmul_peak(size, repeats=5) for size in (1024, 1536, 2048)))
+    return remember_peak_flops(_measure_peak())
+
+
+def _measure_peak() -> float:
+    """The best float32 matmul rate of several sizes on this machine's default device."""
+    return max(measure_matmul_peak(size, repeats=5) for size in (1024, 1536, 2048))
 
 
 def remember_peak_flops(flops: float) -> float:
@@ -184,8 +189,7 @@ class PeakFlops:
         if self.measured and achieved > self.per_device * self.devices:
             if not self.remeasured:
                 self.remeasured = True
-                measured = max(measure_matmul_peak(size, repeats=5) for size in (1024, 1536, 2048))
-                self.per_device = max(self.per_device, remember_peak_flops(measured))
+                self.per_device = max(self.per_device, remember_peak_flops(_measure_peak()))
             if achieved > self.per_device * self.devices:
                 print(
                     f"nnxlm: a step ran at {achieved / 1e9:.1f} GFLOP/s, above the measured peak of "

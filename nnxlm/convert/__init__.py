@@ -24,8 +24,6 @@ from nnxlm.modules.quantization import quantized
 from nnxlm.recipes.serialization import as_config, to_json
 from nnxlm.recipes.validation import check_recipe
 
-# The way around an adapter nnxlm's LoRA cannot hold.
-MERGE_IN_PEFT = "merge the adapter in peft (model.merge_and_unload()), save it, and convert the merged model"
 # HF tensors that hold nothing a model needs (buffers recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -170,7 +168,7 @@ def _read_adapter(rules, reader: TensorReader, params: dict, base: TensorReader)
                 raise UserError(
                     f"the adapter has no {module.removeprefix(peft.PREFIX)}.lora_A: it adapts only some layers' "
                     f"{rule.hf.rsplit('.', 2)[-2]} (a target_modules pattern, exclude_modules), and nnxlm's LoRA "
-                    f"adapts a projection in every layer: {MERGE_IN_PEFT}"
+                    f"adapts a projection in every layer: {peft.MERGE_IN_PEFT}"
                 )
             lora_a, lora_b = reader.get(module + ".lora_A.weight"), reader.get(module + ".lora_B.weight")
             a[index], b[index] = peft.nnx_arrays(rule, lora_a, lora_b, a[index].shape, b[index].shape)
@@ -180,20 +178,20 @@ def _read_adapter(rules, reader: TensorReader, params: dict, base: TensorReader)
     if embedding:
         raise UserError(
             f"adapter tensor {embedding[0]} is a LoRA on an embedding, which nnxlm's LoRA does not have: "
-            f"leave embed_tokens out of target_modules, or {MERGE_IN_PEFT}"
+            f"leave embed_tokens out of target_modules, or {peft.MERGE_IN_PEFT}"
         )
     for name in unused:
         base_name = name.removeprefix(peft.PREFIX).replace(".base_layer.", ".")
         if base_name not in base.names():
             raise UserError(
                 f"adapter tensor {name} (and {len(unused) - 1} more) has no place in the nnxlm model, which reads "
-                f"LoRA A and B of linear layers: {MERGE_IN_PEFT}"
+                f"LoRA A and B of linear layers: {peft.MERGE_IN_PEFT}"
             )
         copy, original = reader.get(name), base.get(base_name)
         if copy.shape != original.shape or not np.array_equal(copy.astype(np.float32), original.astype(np.float32)):
             raise UserError(
                 f"adapter tensor {name} is not the base model's {base_name} (a resized vocabulary, or "
-                f"another base): convert the adapter with its own base model (--base DIR), or {MERGE_IN_PEFT}"
+                f"another base): convert the adapter with its own base model (--base DIR), or {peft.MERGE_IN_PEFT}"
             )
 
 

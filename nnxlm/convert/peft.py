@@ -26,6 +26,8 @@ from nnxlm.modules.lora import LoRA
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The way around an adapter nnxlm's LoRA cannot hold.
+MERGE_IN_PEFT = "merge the adapter in peft (model.merge_and_unload()), save it, and convert the merged model"
 
 
 def module_name(tensor) -> str:
@@ -111,8 +113,8 @@ def read_adapter_config(directory: str) -> dict:
     ):
         if config.get(field) not in allowed:
             raise UserError(
-                f"{path}: {field}={config.get(field)!r} is not supported: nnxlm reads plain LoRA adapters; merge the "
-                "adapter in peft (model.merge_and_unload()), save it, and convert the merged model"
+                f"{path}: {field}={config.get(field)!r} is not supported: nnxlm reads plain LoRA adapters; "
+                f"{MERGE_IN_PEFT}"
             )
     return config
 

@@ -215,7 +215,13 @@ def check_messages(messages, where: str) -> list[dict]:
             raise UserError(f"{where}: message {i} has tool_calls: they are a list of objects, on an assistant message")
         checked.append({key: value for key, value in message.items() if value is not None})
         if isinstance(content, list):
-            checked[-1]["content"] = _text_parts(content, f"{where}: message {i}")
+            checked[-1]["content"] = text_of_parts(content)
+            if checked[-1]["content"] is None:
+                kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content]
+                kind = next((k for k in kinds if k != "text"), "text without a string")
+                raise UserError(
+                    f"{where}: message {i} has a content part of type {kind!r}: nnxlm's models read text parts alone"
+                )
         elif content is None and calls:
             pass  # no content key, as transformers (5.x) passes a tool-call turn whose content is null
         elif not isinstance(content, str):
@@ -233,11 +239,9 @@ def check_tools(tools, where: str) -> list[dict] | None:
     return tools
 
 
-def _text_parts(parts: list, where: str) -> str:
-    texts = []
-    for part in parts:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise UserError(f"{where} has a content part of type {kind!r}: nnxlm's models read text parts alone")
-        texts.append(part["text"])
-    return "".join(texts)
+def text_of_parts(parts: list) -> str | None:
+    """The text of content given as parts ([{"type": "text", "text": ...}, ...]), joined; None when
+    a part is not text (an image, audio)."""
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        return None
+    return "".join(part["text"] for part in parts)

@@ -12,6 +12,7 @@ import math
 
 from fastapi.responses import JSONResponse
 
+from nnxlm.data.chat import text_of_parts
 from nnxlm.serving.engine import Settings
 from nnxlm.serving.steps import TOP_LOGPROBS
 
@@ -211,11 +212,9 @@ def chat_prompt(body: dict, tokenizer, template) -> list[int]:
             raise bad(where, f"needs a role, one of {sorted(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-            ):
+            content = text_of_parts(content)
+            if content is None:
                 raise bad(f"{where}.content", "only text parts ({type: text, text}) are supported")
-            content = "".join(p["text"] for p in content)
         if content is None and message["role"] == "assistant":
             content = ""
         if not isinstance(content, str):
