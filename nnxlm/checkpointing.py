@@ -135,6 +135,10 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,  # what a killed save left
             todelete_subdir=DELETED,
+            # the step's directory made before save() returns: made in the background, a failure
+            # (a full disk, no permission) left orbax's writer threads waiting 300 s for it, and a
+            # run that had reported the failure in one line could not exit for five minutes
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         # orbax removes a killed save's temporary directories in a thread: wait for it, so that a run
@@ -160,7 +164,7 @@ class Checkpointer:
         before the call: the iterators move on while orbax writes); all processes call it. A failed
         write (disk full, no permission) is a UserError here or at the next save or wait()."""
         items = _items(ocp.args.StandardSave(stored_layout(state)), state, recipe, data_state)
-        self._purge_deleted()
+        self.wait()  # for the step written before (orbax's save waits too): a failure there is its own
         with self._reporting_failure(step):
             # force: whatever orbax's save policies say, a step nnxlm saves is saved
             saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)

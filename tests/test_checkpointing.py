@@ -1,5 +1,7 @@
 import errno
 import os
+import subprocess
+import sys
 
 import fiddle as fdl
 import pytest
@@ -49,6 +51,26 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_earlier_ones_the_l
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("10")]
 
 
+def test_a_run_whose_checkpoint_write_failed_exits_after_its_one_line(tmp_path):
+    """orbax made a step's directory in the background, and when that failed its writer threads
+    waited 300 s for it: the run printed its one-line error and could not exit for five minutes."""
+    code = f"""
+import fiddle as fdl, pytest, nnxlm
+from tests.test_checkpointing import _fail_at_step
+cfg = nnxlm.recipes.tiny()
+cfg.workdir, cfg.num_steps, cfg.checkpoint_every, cfg.eval_every = {str(tmp_path)!r}, 15, 5, 0
+_fail_at_step(pytest.MonkeyPatch(), 10, "permission denied")
+try:
+    fdl.build(cfg).fit()
+except nnxlm.UserError as e:
+    print(e)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith(f"checkpoint step 10 could not be written to {tmp_path}")
+
+
 def test_the_aftermath_of_a_failed_read_is_not_printed_around_its_one_line(monkeypatch):
     import sys
     import types
@@ -73,3 +95,4 @@ def test_the_aftermath_of_a_failed_read_is_not_printed_around_its_one_line(monke
     assert passed_on == []
     report(ValueError("anything else"))
     assert [str(u.exc_value) for u in passed_on] == ["anything else"]
+
