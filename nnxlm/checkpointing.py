@@ -1,8 +1,9 @@
 """One state, one checkpoint: train state + recipe JSON + data-iterator position, saved by orbax.
 
 On disk each step holds: `state` (model, optimizer, step and RNG key, as a pure dict; or the
-model alone for a converted checkpoint), `info` (which of the two), `recipe` (the recipe JSON)
-and `data` (the data position of every data shard, as JSON: {"shards": [state, ...]}).
+model alone for a converted checkpoint), `info` (which of the two, and a checksum of each array:
+nnxlm.checksums), `recipe` (the recipe JSON) and `data` (the data position of every data shard,
+as JSON: {"shards": [state, ...]}).
 
 The stored layout (`stored_layout`) differs from the model's pure dict in two ways:
 - Layer parameters are always stored stacked, with a leading layers axis, so a checkpoint written
@@ -29,6 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nnxlm.checksums import checksums, mismatch
 from nnxlm.errors import UserError
 from nnxlm.files import absolute
 from nnxlm.recipes.serialization import from_json
@@ -163,7 +165,7 @@ class Checkpointer:
         """Starts writing `state` (pure dict), the recipe and the data position (a JSON snapshot, taken
         before the call: the iterators move on while orbax writes); all processes call it. A failed
         write (disk full, no permission) is a UserError here or at the next save or wait()."""
-        items = _items(ocp.args.StandardSave(stored_layout(state)), state, recipe, data_state)
+        items = _items(ocp.args.StandardSave, state, recipe, data_state)
         self.wait()  # for the step written before (orbax's save waits too): a failure there is its own
         with self._reporting_failure(step):
             # force: whatever orbax's save policies say, a step nnxlm saves is saved
@@ -200,8 +202,8 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise damaged(self.directory, step, _read_failed(e, "restored"), resuming=True) from e
-        if (bad := nonfinite_leaf(restored["state"])) is not None:
-            raise damaged(self.directory, step, f"{bad} holds NaN or infinite values", resuming=True)
+        if reason := changed_on_disk(self.directory, step, restored["state"]):
+            raise damaged(self.directory, step, reason, resuming=True)
         return from_stored_layout(restored["state"], target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
@@ -223,13 +225,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def _items(state_args, state: dict, recipe: dict, data_state: dict | None) -> dict:
-    """The items of one checkpoint step, the state's saved by state_args."""
-    items = dict(
-        state=state_args,
-        recipe=ocp.args.JsonSave(recipe),
-        info=ocp.args.JsonSave({"train_state": "optimizer" in state}),  # False: a model alone
-    )
+def _items(save_args, state: dict, recipe: dict, data_state: dict | None) -> dict:
+    """The items of one checkpoint step: the state in its stored layout saved by `save_args` (an
+    orbax args class), its arrays' checksums in info (orbax keeps none)."""
+    stored = stored_layout(state)
+    info = {"train_state": "optimizer" in state, "checksums": checksums(stored)}  # False: a model alone
+    items = dict(state=save_args(stored), recipe=ocp.args.JsonSave(recipe), info=ocp.args.JsonSave(info))
     if data_state is not None:
         items["data"] = ocp.args.JsonSave(data_state)
     return items
@@ -280,9 +281,7 @@ def save_model_checkpoint(directory: str, step: int, model: dict, recipe: dict) 
     )
     state = {"model": model}
     try:
-        manager.save(
-            step, args=ocp.args.Composite(**_items(ocp.args.PyTreeSave(stored_layout(state)), state, recipe, None))
-        )
+        manager.save(step, args=ocp.args.Composite(**_items(ocp.args.PyTreeSave, state, recipe, None)))
         manager.wait_until_finished()
     finally:
         manager.close()
@@ -379,18 +378,27 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
         raise damaged(directory, step, _read_failed(e), resuming=False) from e
     finally:
         manager.close()
-    if (bad := nonfinite_leaf(restored["state"])) is not None:
-        raise damaged(directory, step, f"{bad} holds NaN or infinite values", resuming=False)
+    if reason := changed_on_disk(directory, step, restored["state"]):
+        raise damaged(directory, step, reason, resuming=False)
     return from_stored_layout(restored["state"], {"model": target})["model"]
 
 
-def nonfinite_leaf(tree) -> str | None:
-    """The path of the first floating-point array of `tree` holding NaN or infinity, or None. A
-    run never saves such a state (a non-finite step is not checkpointed), so one read back means
-    bytes changed on disk: orbax keeps no checksums, and flipped bytes read without error."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+def changed_on_disk(directory: str, step: int, restored: dict) -> str | None:
+    """Why arrays read from checkpoint `step` (its state's stored layout, or part of it) are not
+    the ones saved, or None: bytes changed on disk often decode without error into other numbers.
+    Compared against the checksums saved with them; a checkpoint written before checksums were
+    kept is checked for NaN and infinity instead, which a run never saves."""
+    info = epath.Path(directory) / str(step) / "info" / "metadata"
+    info = json.loads(info.read_text())
+    saved = info.get("checksums") if isinstance(info, dict) else None
+    if saved is not None and not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
+        return "info/metadata holds checksums that are not a table of strings"
+    if saved:
+        bad = mismatch(restored, saved)
+        return None if bad is None else f"{bad} does not match the checksum saved with it"
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
         if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
-            return "/".join(str(getattr(key, "key", key)) for key in path)
+            return f"{'/'.join(str(getattr(key, 'key', key)) for key in path)} holds NaN or infinite values"
     return None
 
 
@@ -453,11 +461,10 @@ class ModelReader:
             restored = self._manager.restore(self.step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:
             raise damaged(self.directory, self.step, _read_failed(e), resuming=False) from e
+        if reason := changed_on_disk(self.directory, self.step, restored):
+            raise damaged(self.directory, self.step, reason, resuming=False)
         for key in ("model", *path):
             restored = restored[key]
-        if nonfinite_leaf(restored) is not None:
-            where = "/".join(map(str, ("model", *path)))
-            raise damaged(self.directory, self.step, f"{where} holds NaN or infinite values", resuming=False)
         return restored
 
     def close(self) -> None:

@@ -96,3 +96,31 @@ def test_the_aftermath_of_a_failed_read_is_not_printed_around_its_one_line(monke
     report(ValueError("anything else"))
     assert [str(u.exc_value) for u in passed_on] == ["anything else"]
 
+
+def test_an_array_that_reads_back_other_than_saved_is_named_by_every_reader(tmp_path):
+    """Each checkpoint keeps its arrays' checksums in info/metadata: the model loader and the
+    one-array reader (to-hf, quantize) name an array whose values differ from them, with the
+    newest intact step, and read the others."""
+    import json
+
+    from nnxlm.checkpointing import ModelReader, saved_paths
+
+    cfg = nnxlm.recipes.tiny()
+    cfg.workdir, cfg.num_steps, cfg.checkpoint_every, cfg.eval_every = str(tmp_path), 4, 2, 0
+    fdl.build(cfg).fit()
+    info_file = tmp_path / "checkpoints" / "4" / "info" / "metadata"
+    info = json.loads(info_file.read_text())
+    assert set(info["checksums"]) == set(saved_paths(str(tmp_path / "checkpoints"), 4))  # every array
+    value, dtype = info["checksums"]["model/head"].split(" ")
+    info["checksums"]["model/head"] = f"{int(value, 16) ^ 1:016x} {dtype}"  # as if the array changed on disk
+    info_file.write_text(json.dumps(info))
+    damaged = rf"checkpoint {tmp_path}/checkpoints/4 is damaged \(model/head does not match the checksum saved"
+    with pytest.raises(nnxlm.UserError, match=damaged + r".*load the newest intact one, .*checkpoints/2$"):
+        nnxlm.load_model(tmp_path)
+    with ModelReader(tmp_path) as reader:
+        assert reader.read(("final_norm", "scale")).shape == (64,)
+        with pytest.raises(nnxlm.UserError, match=damaged):
+            reader.read(("head",))
+    with pytest.raises(nnxlm.UserError, match=damaged + r".*resume from step 2"):
+        cfg.num_steps = 6
+        fdl.build(cfg).fit()

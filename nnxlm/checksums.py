@@ -1,0 +1,84 @@
+"""Checksums of a checkpoint's arrays, saved beside them and compared when they are read back.
+
+orbax keeps none: bytes changed on disk inside a compressed chunk often decode without error into
+other numbers, finite or not, which a run would train on and decode would print. A checksum is
+computed from each array's values (not its file bytes), so it holds on any mesh and sharding and
+for a checkpoint read one array at a time.
+
+checksum(x) is two 32-bit sums over x's elements, taken as unsigned integers of their width:
+    sum_i bits_i * (2 i + 1)           odd weights: any one changed element changes the sum
+    sum_i mix(bits_i + i * 0x9E3779B9) a nonlinear mix, so that changes do not cancel by design
+Integer sums wrap mod 2**32 in any order, so sharded and unsharded arrays give the same checksum.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """x's elements as uint32, each the bits of its value (64-bit ones as two uint32)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+
+
+def _flat_index(shape) -> jax.Array:
+    """Each element's row-major position (mod 2**32), built in the array's shape: no reshape, so a
+    sharded array is never gathered."""
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return index
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    bits = _bits(x)
+    index = _flat_index(bits.shape)
+    weighted = jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    mixed = jnp.sum(_mix(bits + index * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+    return jnp.stack([weighted, mixed])
+
+
+_checksum_jit = jax.jit(_checksum)
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def checksums(tree) -> dict[str, str]:
+    """{path ("model/head"): "<16 hex digits> <dtype>"} for every array of `tree` (jax or numpy);
+    every process calls it for a sharded tree."""
+    pairs = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if isinstance(x, (jax.Array, np.ndarray))]
+    # one at a time: a numpy array's device copy is freed before the next is made
+    sums = [jax.device_get(_checksum_jit(x)) for _, x in pairs]
+    return {_path(p): f"{int(s[0]):08x}{int(s[1]):08x} {x.dtype}" for (p, x), s in zip(pairs, sums, strict=True)}
+
+
+def mismatch(tree, saved: dict[str, str] | None) -> str | None:
+    """The path of the first array of `tree` whose checksum differs from `saved` (those written
+    with it), or None. Not compared: arrays saved before checksums were kept (saved None, or a
+    path it lacks) and arrays read as another dtype than saved (orbax casts them as it reads)."""
+    if not saved:
+        return None
+    for path, value in checksums(tree).items():
+        stored = saved.get(path)
+        if stored is not None and stored.split(" ")[-1] == value.split(" ")[-1] and stored != value:
+            return path
+    return None
