@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model_name", help="the model's name in the API (default: the run directory's name)")
     serve.add_argument("--max_queue", type=int, default=64, help="choices (prompts x n) waiting for a slot before 429s")
+    serve.add_argument(
+        "--tool_parser",
+        choices=("hermes", "llama3_json"),
+        help="the format of the model's tool calls (default: the one its chat template shows)",
+    )
 
     chat = commands.add_parser("chat", help="chat with a trained model in the terminal (its chat template)")
     _serving_arguments(chat)
@@ -435,7 +440,7 @@ def serve(args) -> int:
     _check_address(args.host, args.port)
     engine, served = _engine(args, args.max_queue)
     name = args.model_name or served.name
-    app = create_app(engine, name, served.template)
+    app = create_app(engine, name, served.template, args.tool_parser)
     print(
         f"nnxlm: serving {name} at http://{args.host}:{args.port}/v1 "
         f"({engine.num_slots} slots of {engine.max_length} tokens); Ctrl-C or SIGTERM drains and stops",

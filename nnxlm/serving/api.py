@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nnxlm.serving import requests as parse
+from nnxlm.serving import tools
 from nnxlm.serving.engine import Engine, QueueFull, ShuttingDown, TooManyChoices, Update
 from nnxlm.serving.metrics import CONTENT_TYPE
 from nnxlm.serving.requests import APIError
@@ -30,8 +31,11 @@ from nnxlm.serving.requests import APIError
 DISCONNECT_CHECK_S = 0.5  # how often a request's client is checked for having gone away
 
 
-def create_app(engine: Engine, model_name: str, template=None) -> FastAPI:
-    """The app serving `engine` as model `model_name`; template: the ChatTemplate of chat requests."""
+def create_app(engine: Engine, model_name: str, template=None, tool_parser: str | None = None) -> FastAPI:
+    """The app serving `engine` as model `model_name`; template: the ChatTemplate of chat requests;
+    tool_parser: the format of the model's tool calls (nnxlm.serving.tools.FORMATS; default: the
+    one its template shows)."""
+    tool_format = tool_parser or tools.detect(getattr(template, "template", None))
     app = FastAPI(title="nnxlm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     tokenizer = engine.tokenizer
@@ -74,13 +78,16 @@ def create_app(engine: Engine, model_name: str, template=None) -> FastAPI:
     async def chat_completions(http: Request):
         body = await parse.json_body(http)
         parse.check_model(body, model_name)
-        prompts = [parse.chat_prompt(body, tokenizer, template)]
-        return await _serve(http, engine, body, prompts, chat=True, model_name=model_name)
+        functions, calls_format = tools.request_tools(body, tool_format, parse.bad)
+        prompts = [parse.chat_prompt(body, tokenizer, template, functions)]
+        return await _serve(http, engine, body, prompts, chat=True, model_name=model_name, tool_format=calls_format)
 
     return app
 
 
-async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[int]], chat: bool, model_name: str):
+async def _serve(
+    http: Request, engine: Engine, body: dict, prompts: list[list[int]], chat: bool, model_name: str, tool_format=None
+):
     settings = [parse.settings(body, len(p), engine, chat) for p in prompts]
     stream, include_usage = parse.stream_options(body)
     loop = asyncio.get_running_loop()
@@ -101,7 +108,13 @@ async def _serve(http: Request, engine: Engine, body: dict, prompts: list[list[i
     n = settings[0].n
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     render = _Render(
-        engine.tokenizer, chat, response_id, model_name, settings[0].top_logprobs, parse.wants_logprobs(body, chat)
+        engine.tokenizer,
+        chat,
+        response_id,
+        model_name,
+        settings[0].top_logprobs,
+        parse.wants_logprobs(body, chat),
+        tool_format,
     )
     updates = _updates(submitted, n, wake, http)
     if stream:
@@ -177,9 +190,11 @@ def _usage(requests) -> dict:
 class _Render:
     """Response bodies and stream chunks in OpenAI's schema."""
 
-    def __init__(self, tokenizer, chat: bool, response_id: str, model: str, top: int, logprobs: bool):
+    def __init__(self, tokenizer, chat: bool, response_id: str, model: str, top: int, logprobs: bool, tool_format=None):
         self.tokenizer, self.chat, self.id, self.model = tokenizer, chat, response_id, model
         self.top, self.logprobs, self.created = top, logprobs, int(time.time())
+        self.tool_format = tool_format  # the format of tool calls to parse out of chat answers, if any
+        self._calls: dict[int, tools.Calls] = {}  # each streamed choice's text, while tool calls may come
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -215,6 +230,8 @@ class _Render:
             finish = updates[-1].finish_reason
             if self.chat:
                 message = {"role": "assistant", "content": text, "refusal": None}
+                if self.tool_format and (calls := tools.parse(text, self.tool_format))[1]:
+                    message["content"], message["tool_calls"], finish = *calls, "tool_calls"
                 out.append(
                     {"index": index, "message": message, "logprobs": self._logprobs(tokens), "finish_reason": finish}
                 )
@@ -228,7 +245,16 @@ class _Render:
         tokens = [] if update is None else update.tokens
         text = "" if update is None else update.text
         if self.chat:
+            calls = []
+            if self.tool_format and update is not None:
+                stream = self._calls.setdefault(index, tools.Calls(self.tool_format))
+                text = stream.add(text)
+                if finish is not None:
+                    rest, calls = stream.finish()
+                    text, finish = text + rest, "tool_calls" if calls else finish
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            if calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
             choice = {"index": index, "delta": delta, "logprobs": self._logprobs(tokens) if tokens else None}
             body = {**self._head("chat.completion.chunk"), "choices": [{**choice, "finish_reason": finish}]}
         else:

@@ -1,8 +1,8 @@
 """Reading OpenAI requests: every field checked, every mistake a 400 with OpenAI's error body.
 
 Fields nnxlm does not know are accepted and ignored, as OpenAI's clients expect. Fields it knows
-but does not implement (penalties, logit_bias, echo, tools, JSON response formats, best_of) are
-refused when set to anything but their neutral value, rather than silently ignored.
+but does not implement (penalties, logit_bias, echo, legacy functions, JSON response formats,
+best_of) are refused when set to anything but their neutral value, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from nnxlm.data.chat import text_of_parts
 from nnxlm.serving.engine import Settings
 from nnxlm.serving.steps import TOP_LOGPROBS
+from nnxlm.serving.tools import message_tool_calls
 
 MAX_STOP = 16  # stop strings a request may give
 MAX_N = 16  # choices a request may ask for (each takes a slot)
@@ -25,7 +26,6 @@ NEUTRAL = {  # known fields nnxlm does not implement, and the values that ask fo
     "logit_bias": (None, {}),
     "echo": (None, False),
     "suffix": (None, ""),
-    "tools": (None, []),
     "functions": (None, []),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
@@ -200,8 +200,9 @@ def _nonempty(ids):
     return ids
 
 
-def chat_prompt(body: dict, tokenizer, template) -> list[int]:
-    """The conversation rendered by the model's chat template, with the assistant's header."""
+def chat_prompt(body: dict, tokenizer, template, tools: list[dict] | None = None) -> list[int]:
+    """The conversation rendered by the model's chat template, with the assistant's header; an
+    assistant's tool calls and a tool's answer keep the fields templates read."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "must be a non-empty list of {role, content} objects")
@@ -215,13 +216,20 @@ def chat_prompt(body: dict, tokenizer, template) -> list[int]:
             content = text_of_parts(content)
             if content is None:
                 raise bad(f"{where}.content", "only text parts ({type: text, text}) are supported")
-        if content is None and message["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
+        turn = {"role": ROLES[message["role"]], "content": content}
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = message_tool_calls(message["tool_calls"], where, bad)
+            if content is None:
+                del turn["content"]  # as transformers passes a tool-call turn whose content is null
+        elif content is None and message["role"] == "assistant":
+            turn["content"] = ""
+        if not isinstance(turn.get("content", ""), str):
             raise bad(f"{where}.content", "must be a string or a list of text parts")
-        turns.append({"role": ROLES[message["role"]], "content": content})
+        if message["role"] == "tool":
+            turn.update({k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)})
+        turns.append(turn)
     try:
-        text = template.render(turns, add_generation_prompt=True)
+        text = template.render(turns, add_generation_prompt=True, tools=tools)
     except Exception as e:  # noqa: BLE001 - the template's own complaint (raise_exception) about the turns
         raise bad("messages", f"the model's chat template refuses them: {e}") from None
     return tokenizer.encode_with_offsets(text)[0]

@@ -175,6 +175,10 @@ BAD_REQUESTS = {
     "no messages": ({"max_tokens": 3}, "chat/completions"),
     "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, "chat/completions"),
     "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat/completions"),
+    "tools with a template that has none": (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "chat/completions",
+    ),
     "top_logprobs 30": (
         {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30},
         "chat/completions",
