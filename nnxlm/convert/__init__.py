@@ -125,6 +125,16 @@ def _is_linear(tensor) -> bool:
     return tensor.contract not in (None, 0) and tensor.hf.endswith(".weight") and not tensor.shared
 
 
+TIED_HEAD = "lm_head.weight"
+
+
+def _tied_embedding(global_tensors) -> str | None:
+    """The embedding's HF name where the head is tied to it (no tensor is read into `head`)."""
+    if any(tensor.path == ("head",) for tensor in global_tensors):
+        return None
+    return next((tensor.hf for tensor in global_tensors if tensor.path == ("embedder", "embedding")), None)
+
+
 def _read_params(tensors, reader: TensorReader, target: dict) -> dict:
     global_tensors, layer_tensors = tensors
     params = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), target)
@@ -143,6 +153,16 @@ def _read_params(tensors, reader: TensorReader, target: dict) -> dict:
             stacked[index] = tensor.to_nnx(reader.get(name), stacked[index].shape)
             used.add(name)
     unused = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
+    if TIED_HEAD in unused and (embedding := _tied_embedding(global_tensors)) in reader.names():
+        # tie_word_embeddings with a copy of the head saved anyway (some exports write it): transformers
+        # ties the head to the embedding, so a copy equal to it is passed over and another refused
+        head, table = reader.get(TIED_HEAD), reader.get(embedding)
+        if head.shape != table.shape or not np.array_equal(head, table):
+            raise UserError(
+                f"config.json ties the output head to the embedding (tie_word_embeddings) but {TIED_HEAD} is not "
+                f"{embedding}: set tie_word_embeddings to false in config.json to convert the model's own head"
+            )
+        unused.remove(TIED_HEAD)
     if unused:
         raise UserError(
             f"tensor {unused[0]} (and {len(unused) - 1} more) has no place in the nnxlm model: "

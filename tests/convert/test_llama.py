@@ -124,3 +124,29 @@ def test_an_export_tells_transformers_its_special_token_ids(tmp_path, small_toke
     generation = AutoModelForCausalLM.from_pretrained(tmp_path / "out").generation_config
     expected = (small_tokenizer.bos_id, small_tokenizer.eos_id, small_tokenizer.pad_id)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == expected
+
+
+@pytest.mark.parametrize("copy", ["equal", "different"])
+def test_a_tied_model_saved_with_a_copy_of_its_head_converts_when_the_copy_is_the_embedding(tmp_path, copy):
+    """Some exports of a tied model (tie_word_embeddings) write lm_head.weight anyway; transformers
+    ties it to the embedding. An equal copy is passed over; another is refused, naming the fix."""
+    from nnxlm.convert.hf_files import TensorReader, write_tensors
+
+    def add_head(directory):
+        reader = TensorReader(directory)
+        tensors = {name: reader.get(name) for name in reader.names()}
+        head = tensors["model.embed_tokens.weight"].copy()
+        if copy == "different":
+            head[0, 0] += 1
+        (directory / "model.safetensors").unlink()
+        write_tensors(directory, {**tensors, "lm_head.weight": head}.items())
+
+    if copy == "equal":
+        check_round_trip(tiny_llama(tie_word_embeddings=True), tmp_path, new_tokens=0, after_save=add_head)
+        return
+    from nnxlm.convert import from_hf
+
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "hf")
+    add_head(tmp_path / "hf")
+    with pytest.raises(UserError, match="lm_head.weight is not model.embed_tokens.weight: set tie_word_embeddings"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
