@@ -109,9 +109,11 @@ def set_aside_newer(workdir: str, directory: str, step: int) -> None:
     """Moves the checkpoints newer than `step` to <workdir>/set_aside/ so that training resumes from
     `step` (and later saves of the same steps cannot collide with them); nothing is deleted."""
     steps = checkpoint_steps(directory)
+    if not steps:
+        raise UserError(f"resume_step {step}: {directory} holds no checkpoint yet; leave --resume_step out to start")
     if step not in steps:
         raise UserError(
-            f"resume_step {step} is no checkpoint of {directory}: choose one of {', '.join(map(str, steps)) or 'none'}"
+            f"resume_step {step} is no checkpoint of {directory}: choose one of {', '.join(map(str, steps))}"
         )
     for newer in (s for s in steps if s > step):
         target = epath.Path(workdir) / "set_aside" / str(newer)
