@@ -371,7 +371,12 @@ class JsonlFiles:
             if not isinstance(record, dict):
                 raise UserError(f"{where} is not a JSON object: each line must be one example object")
             return record
-        if not isinstance(record, dict) or self.field not in record:
+        if not isinstance(record, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(record), "a number or null")
+            raise UserError(
+                f"{where} is {kind}, not a JSON object: each line must be one object with a {self.field!r} field"
+            )
+        if self.field not in record:
             raise UserError(f"{where} has no field {self.field!r}: set JsonlFiles.field to the text field")
         text = record[self.field]
         if not isinstance(text, str):

@@ -79,7 +79,8 @@ def test_jsonl_field_and_blank_lines(tmp_path):
         ("{not json", r"d\.jsonl:2 is not valid JSON"),
         ('{"body": "x"}', r"d\.jsonl:2 has no field 'text'"),
         ('{"text": 3}', r"d\.jsonl:2: field 'text' is int"),
-        ('["text"]', r"d\.jsonl:2 has no field 'text'"),
+        ('["text"]', r"d\.jsonl:2 is an array, not a JSON object: each line must be one object with a 'text' field"),
+        ('"text"', r"d\.jsonl:2 is a string, not a JSON object"),
     ],
 )
 def test_jsonl_bad_line_names_file_and_line(tmp_path, line, pattern):
