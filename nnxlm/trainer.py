@@ -189,6 +189,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
         self._check_batch_divides()
         self.tx, self.schedule = self.optimizer.build(self.num_steps * self.updates_per_step)
+        self._report_short_decay()
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
         abstract_model = nnx.merge(self.graphdef, abstract_state).model
         trainable_count(abstract_model, self.trainable, self.freeze)
@@ -508,6 +509,19 @@ class Trainer:
         if count == 0:
             raise UserError("no eval token carries loss: check eval_data, seq_len and the objective's loss_on")
         return total / count
+
+    def _report_short_decay(self) -> None:
+        """Warmup as long as the schedule or longer is cut to end one update before its end (the
+        learning rate peaks at the last step and never decays): said, not done silently."""
+        warmup = getattr(self.optimizer, "warmup_steps", 0)
+        decay = getattr(self.optimizer, "decay_steps", None) or self.num_steps * self.updates_per_step
+        if warmup >= decay and jax.process_index() == 0:
+            print(
+                f"nnxlm: optimizer.warmup_steps={warmup} is not below the {decay} updates the learning rate "
+                f"decays over: it rises for {max(decay - 1, 0)} updates and peaks at the last; set "
+                "optimizer.warmup_steps lower (a few percent of num_steps is usual)",
+                file=sys.stderr,
+            )
 
     def _report_schedule_change(self, saved_num_steps) -> None:
         """A resumed run whose num_steps changed while its learning rate decays over num_steps

@@ -205,3 +205,16 @@ def test_a_longer_run_resumed_says_its_learning_rate_schedule_changes(tmp_path, 
     assert "num_steps changed from 4 to 8 and the learning rate decays over num_steps: at step 4" in message
     assert "set optimizer.decay_steps=4 to keep the saved run's schedule" in message
     assert [r["step"] for r in later] == [5, 6, 7, 8]
+
+
+def test_resume_step_in_a_run_directory_without_checkpoints_says_there_are_none(tmp_path):
+    with pytest.raises(nnxlm.UserError, match=r"resume_step 5: .*checkpoints holds no checkpoint yet; leave"):
+        fdl.build(tiny(tmp_path / "run", num_steps=10)).fit(resume_step=5)
+
+
+def test_warmup_as_long_as_the_run_is_said(tmp_path, capfd):
+    """A short fine-tune with the default warmup (longer than the run) peaks at its last step."""
+    fdl.build(tiny(tmp_path / "run", num_steps=4)).plan()  # the tiny recipe warms up over 5 steps
+    assert "optimizer.warmup_steps=5 is not below the 4 updates the learning rate decays over" in capfd.readouterr().err
+    fdl.build(tiny(tmp_path / "other", num_steps=6)).plan()
+    assert "warmup_steps" not in capfd.readouterr().err
