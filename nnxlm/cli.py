@@ -285,6 +285,8 @@ def _prepare(trainer, args) -> None:
     tokenizer = find_run_tokenizer(trainer)
     if tokenizer is None:
         raise UserError("the recipe's data is synthetic token ids, made as it trains: there is no text to prepare")
+    if trainer.eval_data is not None:
+        trainer.eval_data.documents()  # an eval split with no documents stops before train is written
     for split, source in (("train", trainer.train_data), ("eval", trainer.eval_data)):
         if source is not None:
             prepare(

@@ -257,10 +257,23 @@ def test_command_line_mistakes_are_one_line_and_exit_2(capsys, tmp_path, corpus,
         (["--recipe", "tiny", "--output", str(tmp_path / "out")], "synthetic token ids"),
         (["--recipe", "tiny", "--recipe", f"fiddler:prepared('{tmp_path}')"], "--output"),
         (["--recipe", "tiny", "--recipe", f"fiddler:prepared('{tmp_path}')", "--output", "o"], "holds no prepared"),
+        (  # an empty eval split stops before the train split is written
+            [
+                "--recipe",
+                "tiny",
+                *text,
+                "--recipe",
+                "set:eval_data.eval_fraction=1e-6",
+                "--output",
+                str(tmp_path / "e"),
+            ],
+            "the 'eval' split of TextFiles",
+        ),
     ]:
         assert main(["data", "prepare", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("nnxlm: error:") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_hugging_face_tokenizer_travels_with_its_special_tokens(corpus, tokenizer, tmp_path):
