@@ -5,6 +5,7 @@ Both stream tensor by tensor: peak memory is about the converted model plus its 
 """
 
 import json
+import sys
 
 import fiddle as fdl
 import jax
@@ -70,6 +71,12 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     copied = [name for name in TOKENIZER_FILES if (epath.Path(model_dir) / name).exists()]
     for name in copied:
         copy_atomically(epath.Path(model_dir) / name, out / name)
+    if not {"tokenizer.json", "tokenizer.model"} & set(copied):  # the weights alone are a valid conversion
+        print(
+            f"nnxlm: {model_dir} has no tokenizer.json or tokenizer.model, so {destination} has no tokenizer: "
+            "decode, serve, chat and fine-tuning on text need the model's tokenizer files copied into it",
+            file=sys.stderr,
+        )
     recipe = experiments.trainer(model_recipe, name=out.name)
     recipe.train_data = recipe.eval_data = None  # the user's data: a fiddler (text_files, sft) sets it
     if adapter:

@@ -150,3 +150,16 @@ def test_a_tied_model_saved_with_a_copy_of_its_head_converts_when_the_copy_is_th
     add_head(tmp_path / "hf")
     with pytest.raises(UserError, match="lm_head.weight is not model.embed_tokens.weight: set tie_word_embeddings"):
         from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+
+
+def test_a_model_without_tokenizer_files_converts_and_says_the_run_has_no_tokenizer(tmp_path, capfd):
+    from nnxlm.convert import from_hf
+
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+    assert "has no tokenizer.json or tokenizer.model, so" in capfd.readouterr().err
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "hf" / "tokenizer.json"))
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "run2"))
+    assert "no tokenizer" not in capfd.readouterr().err
