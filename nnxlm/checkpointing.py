@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nnxlm.checksums import checksums, mismatch
+from nnxlm.checksums import checksums, mismatch, saved_dtype
 from nnxlm.errors import UserError
 from nnxlm.files import absolute
 from nnxlm.recipes.serialization import from_json
@@ -194,7 +194,9 @@ class Checkpointer:
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict | None]:
         """(state restored onto `target`, a pure dict of ShapeDtypeStructs; the saved data position)."""
-        items = dict(state=ocp.args.StandardRestore(stored_layout(target)))
+        saved = saved_checksums(self.directory, step)
+        stored = stored_layout(target)
+        items = dict(state=ocp.args.StandardRestore(as_saved(stored, saved)))
         if (epath.Path(self.directory) / str(step) / "data").is_dir():
             items["data"] = ocp.args.JsonRestore()
         try:
@@ -202,9 +204,9 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise damaged(self.directory, step, _read_failed(e, "restored"), resuming=True) from e
-        if reason := changed_on_disk(self.directory, step, restored["state"]):
+        if reason := changed_on_disk(restored["state"], saved):
             raise damaged(self.directory, step, reason, resuming=True)
-        return from_stored_layout(restored["state"], target), restored.get("data")
+        return from_stored_layout(cast_to(restored["state"], stored), target), restored.get("data")
 
     def has_train_state(self, step: int) -> bool:
         """False for a checkpoint that holds only a model (no optimizer state), e.g. a converted one."""
@@ -362,7 +364,9 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
     """Reads only the `model` subtree of a checkpoint's state onto `target` (a pure dict of
     ShapeDtypeStructs; no optimizer state is read), with a manager of its own (a manager keeps one
     handler per item)."""
-    item = {"model": stored_layout(target)}
+    saved = saved_checksums(directory, step)
+    wanted = {"model": stored_layout(target)}
+    item = as_saved(wanted, saved)
     manager = ocp.CheckpointManager(directory)
     try:
         _quiet_failed_reads()
@@ -378,21 +382,49 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
         raise damaged(directory, step, _read_failed(e), resuming=False) from e
     finally:
         manager.close()
-    if reason := changed_on_disk(directory, step, restored["state"]):
+    if reason := changed_on_disk(restored["state"], saved):
         raise damaged(directory, step, reason, resuming=False)
-    return from_stored_layout(restored["state"], {"model": target})["model"]
+    return from_stored_layout(cast_to(restored["state"], wanted), {"model": target})["model"]
 
 
-def changed_on_disk(directory: str, step: int, restored: dict) -> str | None:
-    """Why arrays read from checkpoint `step` (its state's stored layout, or part of it) are not
-    the ones saved, or None: bytes changed on disk often decode without error into other numbers.
-    Compared against the checksums saved with them; a checkpoint written before checksums were
-    kept is checked for NaN and infinity instead, which a run never saves."""
-    info = epath.Path(directory) / str(step) / "info" / "metadata"
-    info = json.loads(info.read_text())
-    saved = info.get("checksums") if isinstance(info, dict) else None
-    if saved is not None and not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
-        return "info/metadata holds checksums that are not a table of strings"
+def saved_checksums(directory: str, step: int) -> dict[str, str] | None:
+    """The checksums saved with checkpoint `step` (None: written before they were kept); checked
+    as data by resumption.checkpoint_damage before any read."""
+    info = json.loads((epath.Path(directory) / str(step) / "info" / "metadata").read_text())
+    return info.get("checksums") if isinstance(info, dict) else None
+
+
+def as_saved(target, saved: dict[str, str] | None):
+    """`target` (a stored-layout tree of ShapeDtypeStructs) with each array's dtype as it was
+    saved: read as saved, its values can be compared with their checksums before they are cast
+    to the dtype asked for (cast_to), e.g. a float32 checkpoint fine-tuned in bfloat16."""
+
+    def leaf(path, x):
+        entry = (saved or {}).get("/".join(str(getattr(key, "key", key)) for key in path))
+        if entry is None or not isinstance(x, jax.ShapeDtypeStruct) or str(x.dtype) == saved_dtype(entry):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(saved_dtype(entry)), sharding=x.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def cast_to(restored, target):
+    """Each restored array in the dtype of `target`'s (as_saved's inverse)."""
+
+    def cast(x, t):
+        if x.dtype == t.dtype:
+            return x
+        sharding = getattr(t, "sharding", None)
+        return x.astype(t.dtype) if sharding is None else jax.device_put(x.astype(t.dtype), sharding)
+
+    return jax.tree.map(cast, restored, target)
+
+
+def changed_on_disk(restored: dict, saved: dict[str, str] | None) -> str | None:
+    """Why arrays read from a checkpoint (its state's stored layout, or part of it, read as saved)
+    are not the ones saved, or None: bytes changed on disk often decode without error into other
+    numbers. Compared against the checksums saved with them; a checkpoint written before checksums
+    were kept is checked for NaN and infinity instead, which a run never saves."""
     if saved:
         bad = mismatch(restored, saved)
         return None if bad is None else f"{bad} does not match the checksum saved with it"
@@ -461,7 +493,7 @@ class ModelReader:
             restored = self._manager.restore(self.step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:
             raise damaged(self.directory, self.step, _read_failed(e), resuming=False) from e
-        if reason := changed_on_disk(self.directory, self.step, restored):
+        if reason := changed_on_disk(restored, saved_checksums(self.directory, self.step)):
             raise damaged(self.directory, self.step, reason, resuming=False)
         for key in ("model", *path):
             restored = restored[key]

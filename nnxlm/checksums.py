@@ -11,6 +11,8 @@ checksum(x) is two 32-bit sums over x's elements, taken as unsigned integers of 
 Integer sums wrap mod 2**32 in any order, so sharded and unsharded arrays give the same checksum.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,13 +74,33 @@ def checksums(tree) -> dict[str, str]:
 
 
 def mismatch(tree, saved: dict[str, str] | None) -> str | None:
-    """The path of the first array of `tree` whose checksum differs from `saved` (those written
-    with it), or None. Not compared: arrays saved before checksums were kept (saved None, or a
-    path it lacks) and arrays read as another dtype than saved (orbax casts them as it reads)."""
+    """The path of the first array of `tree` whose checksum (or dtype) differs from `saved`, those
+    written with it, or None. Arrays saved before checksums were kept (saved None, or a path it
+    lacks) are not compared."""
     if not saved:
         return None
     for path, value in checksums(tree).items():
-        stored = saved.get(path)
-        if stored is not None and stored.split(" ")[-1] == value.split(" ")[-1] and stored != value:
+        if saved.get(path, value) != value:
             return path
+    return None
+
+
+def saved_dtype(entry: str) -> str:
+    return entry.split(" ")[1]
+
+
+def malformed(saved) -> str | None:
+    """What is wrong with a checkpoint's saved checksums (untrusted JSON), or None: a table of
+    path -> "<16 hex digits> <dtype>", or absent (written before checksums were kept)."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        return "holds checksums that are not a table"
+    for path, entry in saved.items():
+        if not isinstance(entry, str) or not re.fullmatch(r"[0-9a-f]{16} [a-z0-9_]+", entry):
+            return f"holds a malformed checksum for {path}"
+        try:
+            np.dtype(jax.dtypes.canonicalize_dtype(saved_dtype(entry)))
+        except TypeError:
+            return f"holds an unknown dtype for {path}"
     return None

@@ -15,6 +15,7 @@ import sys
 
 from etils import epath
 
+from nnxlm.checksums import malformed
 from nnxlm.errors import UserError
 
 # Files every complete nnxlm checkpoint step holds, each a JSON document (orbax's and nnxlm's).
@@ -84,6 +85,11 @@ def checkpoint_damage(directory, step: int) -> str | None:
             return f"{name} is missing"
         except (OSError, ValueError) as e:
             return f"{name} is unreadable ({type(e).__name__})"
+    info = json.loads((root / "info/metadata").read_text())
+    if not isinstance(info, dict) or not isinstance(info.get("train_state"), bool):
+        return "info/metadata is not an nnxlm checkpoint's: it has no train_state"
+    if reason := malformed(info.get("checksums")):
+        return f"info/metadata {reason}"
     manifests = ["state/manifest.ocdbt"]
     for manifest in manifests:
         if not (root / manifest).is_file() or (root / manifest).stat().length == 0:
@@ -95,8 +101,10 @@ def damaged(directory: str, step: int, reason: str, *, resuming: bool) -> UserEr
     """The one-line error for a damaged checkpoint `step`, naming the newest intact earlier one."""
     earlier = [s for s in checkpoint_steps(directory) if s < step and checkpoint_damage(directory, s) is None]
     head = f"checkpoint {directory}/{step} is damaged ({reason}); it is left as it is"
-    if not earlier:
+    if not earlier and resuming:
         return UserError(f"{head}, and no earlier checkpoint is intact: start a new run with another --workdir")
+    if not earlier:
+        return UserError(f"{head}, and no earlier checkpoint is intact: write it again (train, convert or quantize)")
     if resuming:
         return UserError(
             f"{head}: resume from step {earlier[-1]}, the newest intact one, with `nnxlm train ... --resume_step "

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import fiddle as fdl
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
@@ -124,3 +126,14 @@ def test_an_array_that_reads_back_other_than_saved_is_named_by_every_reader(tmp_
     with pytest.raises(nnxlm.UserError, match=damaged + r".*resume from step 2"):
         cfg.num_steps = 6
         fdl.build(cfg).fit()
+
+    # a fine-tune in bfloat16 reads the float32 arrays as saved, compares, then casts them
+    tune = nnxlm.recipes.tiny()
+    tune.workdir, tune.num_steps, tune.eval_every, tune.model.param_dtype = str(tmp_path / "tune"), 1, 0, "bfloat16"
+    tune.load_parameters_path = str(tmp_path / "checkpoints" / "4")
+    with pytest.raises(nnxlm.UserError, match=damaged):
+        fdl.build(tune).setup()
+    tune.load_parameters_path = str(tmp_path / "checkpoints" / "2")
+    head = fdl.build(tune).setup().state["model"]["head"]["kernel"][...]
+    assert head.dtype == jnp.bfloat16
+    assert np.array_equal(head, nnxlm.load_model(tmp_path / "checkpoints" / "2").head.kernel[...].astype(jnp.bfloat16))

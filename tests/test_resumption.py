@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -56,6 +57,13 @@ def _damage(step_dir, how: str) -> None:
         os.remove(step_dir / "state" / "_METADATA")
     elif how == "unreadable recipe":
         (step_dir / "recipe" / "metadata").write_text("{not json")
+    elif how in ("info without train_state", "a malformed checksum"):
+        info = json.loads((step_dir / "info" / "metadata").read_text())
+        if how == "info without train_state":
+            del info["train_state"]
+        else:
+            info["checksums"]["model/head"] = "zzz"
+        (step_dir / "info" / "metadata").write_text(json.dumps(info))
     elif how == "truncated arrays":  # found only when the arrays are read
         for root, _, names in os.walk(step_dir / "state"):
             for name in names:
@@ -65,7 +73,10 @@ def _damage(step_dir, how: str) -> None:
                         f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("how", ["missing metadata", "unreadable recipe", "truncated arrays"])
+@pytest.mark.parametrize(
+    "how",
+    ["missing metadata", "unreadable recipe", "truncated arrays", "info without train_state", "a malformed checksum"],
+)
 def test_a_damaged_newest_checkpoint_is_refused_left_alone_and_resumable_from_an_earlier_one(tmp_path, trained, how):
     source, reference = trained
     run = tmp_path / "run"
