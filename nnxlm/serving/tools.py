@@ -6,7 +6,7 @@ converted families that call tools:
 - "hermes" (Qwen 2.5 / 3, Hermes, SmolLM3): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
   one block per call, after any text;
 - "llama3_json" (Llama 3.1 / 3.2): the whole answer is `{"name": ..., "parameters": {...}}`
-  (several separated by ";").
+  (several separated by ";"), after a `<|python_tag|>` where the model writes one.
 The format is read from the template (`detect`) or named with `nnxlm serve --tool_parser`. Text
 that does not parse as calls is the answer's content, as it was written.
 
@@ -21,6 +21,7 @@ import uuid
 
 FORMATS = ("hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's opening of a call; a special token, kept in the served text
 
 
 def detect(template_source: str | None) -> str | None:
@@ -40,7 +41,14 @@ def _call(obj, arguments_key: str) -> dict | None:
     arguments = obj.get(arguments_key, obj.get("arguments", {}))
     if not isinstance(arguments, dict | str):
         return None
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    if isinstance(arguments, str):  # JSON text is passed on; other text is made a JSON string
+        try:
+            json.loads(arguments)
+            text = arguments
+        except (ValueError, RecursionError):
+            text = json.dumps(arguments, ensure_ascii=False)
+    else:
+        text = json.dumps(arguments, ensure_ascii=False)
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
@@ -57,24 +65,25 @@ def parse(text: str, fmt: str) -> tuple[str | None, list[dict]]:
             body, _, rest = rest.split(HERMES_OPEN, 1)[1].partition(HERMES_CLOSE)
             try:
                 call = _call(json.loads(body), "arguments")
-            except ValueError:
+            except (ValueError, RecursionError):
                 call = None
             if call is None:  # an unclosed last block is a call if it parses (the model ended there)
                 return text, []
             calls.append(call)
-        return (before if before.strip() else None) if calls else text, calls
-    stripped = text.strip()
-    if not stripped.startswith("{"):
+        return (before or None) if calls else text, calls
+    rest = text.strip().removeprefix(PYTHON_TAG).lstrip()
+    if not rest.startswith("{"):
         return text, []
-    calls = []
-    for part in stripped.split(";"):  # `{...}; {...}` (a ';' inside a string breaks the split: then no calls)
+    calls, decoder = [], json.JSONDecoder()
+    while rest:  # objects one after another, separated by ';' (which may also be inside their strings)
         try:
-            call = _call(json.loads(part), "parameters")
-        except ValueError:
-            call = None
-        if call is None:
+            obj, end = decoder.raw_decode(rest)
+        except (ValueError, RecursionError):
+            return text, []
+        if (call := _call(obj, "parameters")) is None:
             return text, []
         calls.append(call)
+        rest = rest[end:].lstrip().removeprefix(";").lstrip()
     return None, calls
 
 
@@ -100,8 +109,9 @@ class Calls:
                 if HERMES_OPEN.startswith(self.text[-n:]):
                     return len(self.text) - n
             return len(self.text)
-        stripped = self.text.lstrip()
-        return self.sent if not stripped or stripped.startswith("{") else len(self.text)
+        start = self.text.lstrip()
+        could_be_call = not start or start.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(start)
+        return self.sent if could_be_call and self.sent == 0 else len(self.text)
 
     def finish(self) -> tuple[str, list[dict]]:
         """(content not sent yet, calls)."""
@@ -131,7 +141,13 @@ def request_tools(body: dict, fmt: str | None, bad) -> tuple[list[dict] | None, 
         if not isinstance(function.get("parameters", {}), dict):
             raise bad(f"tools[{i}].function.parameters", "must be a JSON schema object")
     if choice not in (None, "auto", "none"):
-        raise bad("tool_choice", "only 'auto' and 'none' are supported: forcing a call needs constrained decoding")
+        forced = choice == "required" or (isinstance(choice, dict) and choice.get("type") == "function")
+        raise bad(
+            "tool_choice",
+            "only 'auto' and 'none' are supported: forcing a call needs constrained decoding"
+            if forced
+            else "must be 'auto', 'none', 'required' or {type: function, function: {name}}",
+        )
     if fmt is None:
         raise bad(
             "tools",
@@ -155,7 +171,9 @@ def message_tool_calls(calls, where: str, bad) -> list[dict]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments or "{}")
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise bad(f"{where}.tool_calls[{j}].function.arguments", "is not valid JSON") from None
+        if not isinstance(arguments, dict):
+            raise bad(f"{where}.tool_calls[{j}].function.arguments", "must be a JSON object (as a string)")
         out.append({**call, "function": {**function, "arguments": arguments}})
     return out

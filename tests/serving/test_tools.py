@@ -51,6 +51,19 @@ def test_hermes_calls_are_parsed_after_any_text_and_bad_ones_stay_text():
         assert parse(text, "hermes") == (text, [])
 
 
+def test_calls_parse_as_vllms_parsers_read_them():
+    sql = '{"name": "run_sql", "parameters": {"q": "SELECT 1; SELECT 2"}};'  # ';' inside and after
+    assert [json.loads(c["function"]["arguments"]) for c in parse(sql, "llama3_json")[1]] == [
+        {"q": "SELECT 1; SELECT 2"}
+    ]
+    tagged = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'  # Llama 3.1's special token
+    assert parse(tagged, "llama3_json")[1][0]["function"]["name"] == "get_weather"
+    content, calls = parse('\n\n<tool_call>\n{"name": "f", "arguments": "hello"}\n</tool_call>', "hermes")
+    assert content == "\n\n" and calls[0]["function"]["arguments"] == '"hello"'  # always JSON text
+    nested = '<tool_call>{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}</tool_call>"
+    assert parse(nested, "hermes") == (nested, [])
+
+
 def test_llama3_json_calls_are_the_whole_answer():
     content, calls = parse(' {"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {}}', "llama3_json")
     assert content is None and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
@@ -61,7 +74,17 @@ def test_llama3_json_calls_are_the_whole_answer():
         assert parse(text, "llama3_json") == (text, [])
 
 
-@pytest.mark.parametrize("fmt,text", [("hermes", ANSWER), ("hermes", "a <tool_ca b"), ("llama3_json", '{"name": "f"}')])
+@pytest.mark.parametrize(
+    "fmt,text",
+    [
+        ("hermes", ANSWER),
+        ("hermes", "a <tool_ca b"),
+        ("llama3_json", '{"name": "f"}'),
+        ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"x": "a;b"}}'),
+        ("llama3_json", "<|python_tag|> is a token"),
+        ("llama3_json", "Sunny, {18} degrees"),
+    ],
+)
 def test_streamed_pieces_of_any_size_send_the_content_and_then_the_calls(fmt, text):
     want_content, want_calls = parse(text, fmt)
     for size in (1, 2, 5, len(text)):
@@ -70,7 +93,7 @@ def test_streamed_pieces_of_any_size_send_the_content_and_then_the_calls(fmt, te
         rest, calls = stream.finish()
         assert sent + rest == (want_content or "") if want_calls else sent + rest == text
         assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
-        assert "<tool_call>" not in sent
+        assert "<tool_call>" not in sent and (not want_calls or "<|python_tag|>" not in sent)
 
 
 def test_the_format_is_read_from_the_chat_template():
@@ -173,16 +196,22 @@ def test_requests_with_tools_the_server_cannot_honour_get_a_400(tool_server):
         ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "bogus"}, "tool_choice"),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="tools", messages=MESSAGES, max_tokens=1, **extra)
         assert refused.value.body["param"] == param, refused.value.body
-    bad_call = {
-        "role": "assistant",
-        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{"}}],
-    }
-    with pytest.raises(
-        openai.BadRequestError, match=r"messages\[1\].tool_calls\[0\].function.arguments: is not valid JSON"
+    nested = "[" * 100_000 + "]" * 100_000
+    for arguments, problem in (
+        ("{", "is not valid JSON"),
+        (nested, "is not valid JSON"),
+        ("5", "must be a JSON object"),
     ):
-        client.chat.completions.create(model="tools", messages=[*MESSAGES, bad_call], max_tokens=1)
+        call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        with pytest.raises(
+            openai.BadRequestError, match=rf"messages\[1\].tool_calls\[0\].function.arguments: {problem}"
+        ):
+            client.chat.completions.create(
+                model="tools", messages=[*MESSAGES, {"role": "assistant", "tool_calls": [call]}], max_tokens=1
+            )
