@@ -69,7 +69,7 @@ CASES = [
     (["train", *TINY, *_set("optimizer.warmup_steps=-1")], "optimizer.warmup_steps is -1"),
     (["train", *TINY, *_set("optimizer.decay_steps=0")], "optimizer.decay_steps is 0"),
     (["train", *TINY, *_set("on_nonfinite='ignore'")], "on_nonfinite is 'ignore'"),
-    (["train", *TINY, "--resume_step", "3"], "resume_step 3 is no checkpoint"),
+    (["train", *TINY, "--resume_step", "3"], "resume_step 3: runs/tiny/checkpoints holds no checkpoint yet"),
     (["train", *TINY, *_set("optimizer.b1=1.0")], "optimizer.b1 is 1.0: use a number in [0, 1)"),
     (["train", *TINY, *_set("optimizer.eps=0.0")], "optimizer.eps is 0.0"),
     (["train", *TINY, *_set("optimizer.weight_decay=-0.1")], "optimizer.weight_decay is -0.1"),
@@ -197,8 +197,9 @@ def workspace(tmp_path_factory):
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
 
     def checkpoint(name, recipe: str):  # a complete-looking step whose arrays are never read
-        for part in ("_CHECKPOINT_METADATA", "info/metadata", "state/_METADATA"):
+        for part in ("_CHECKPOINT_METADATA", "state/_METADATA"):
             write(f"runs/{name}/checkpoints/1/{part}", "{}")
+        write(f"runs/{name}/checkpoints/1/info/metadata", '{"train_state": false}')
         write(f"runs/{name}/checkpoints/1/state/manifest.ocdbt", b"never read")
         write(f"runs/{name}/checkpoints/1/recipe/metadata", recipe)
 

@@ -144,6 +144,7 @@ def test_a_run_directory_whose_recipe_was_tampered_with_does_not_decode(tmp_path
 
     to_hf(fdl.build(models.llama_tiny(vocab_size=97))(rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
     from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+    assert "has no tokenizer" in capsys.readouterr().err  # (the exported model has none)
     nnxlm.load_model(str(tmp_path / "run"))  # the recipe a run directory holds loads untrusted
     # someone else's copy of it, its saved recipe's model now a call of subprocess.run
     run = tmp_path / "theirs"
