@@ -189,7 +189,6 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.sharding_rules))
         self._check_batch_divides()
         self.tx, self.schedule = self.optimizer.build(self.num_steps * self.updates_per_step)
-        self._report_short_decay()
         self.graphdef, abstract_state = nnx.split(nnx.eval_shape(self._create_state))
         abstract_model = nnx.merge(self.graphdef, abstract_state).model
         trainable_count(abstract_model, self.trainable, self.freeze)
@@ -511,14 +510,14 @@ class Trainer:
         return total / count
 
     def _report_short_decay(self) -> None:
-        """Warmup as long as the schedule or longer is cut to end one update before its end (the
-        learning rate peaks at the last step and never decays): said, not done silently."""
+        """Warmup that ends at the schedule's last update or later (it is cut to end there) leaves
+        the learning rate peaking at the last step, never decayed: said, not done silently."""
         warmup = getattr(self.optimizer, "warmup_steps", 0)
         decay = getattr(self.optimizer, "decay_steps", None) or self.num_steps * self.updates_per_step
-        if warmup >= decay and jax.process_index() == 0:
+        if warmup > 0 and warmup >= decay - 1 and jax.process_index() == 0:
             print(
-                f"nnxlm: optimizer.warmup_steps={warmup} is not below the {decay} updates the learning rate "
-                f"decays over: it rises for {max(decay - 1, 0)} updates and peaks at the last; set "
+                f"nnxlm: optimizer.warmup_steps={warmup} reaches the last of the {decay} updates the learning rate "
+                f"decays over: it rises for {max(decay - 1, 0)} updates, peaks at the last and never decays; set "
                 "optimizer.warmup_steps lower (a few percent of num_steps is usual)",
                 file=sys.stderr,
             )
@@ -572,9 +571,13 @@ class Trainer:
             self._report_start(writer, history, progress)
         last_time = time.perf_counter()
 
+        fresh = self.step == 0
+
         def finish(step, step_metrics, counts):
             nonlocal last_time, skipped_in_a_row
             record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for that step
+            if fresh and not history:  # after the first step: a run that stops at bad input says only that
+                self._report_short_decay()
             if record.pop("units") == 0:
                 raise UserError(
                     f"step {step}: no token of the batch carries loss (every row is masked): check the data, "
