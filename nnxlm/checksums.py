@@ -64,13 +64,24 @@ def _path(path) -> str:
     return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
+def _dtype_name(x) -> str:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return str(x.dtype)
+    return str(jax.dtypes.canonicalize_dtype(x.dtype))
+
+
 def checksums(tree) -> dict[str, str]:
     """{path ("model/head"): "<16 hex digits> <dtype>"} for every array of `tree` (jax or numpy);
     every process calls it for a sharded tree."""
     pairs = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if isinstance(x, (jax.Array, np.ndarray))]
-    # one at a time: a numpy array's device copy is freed before the next is made
-    sums = [jax.device_get(_checksum_jit(x)) for _, x in pairs]
-    return {_path(p): f"{int(s[0]):08x}{int(s[1]):08x} {x.dtype}" for (p, x), s in zip(pairs, sums, strict=True)}
+    sums = []
+    for _, x in pairs:
+        sums.append(_checksum_jit(x))
+        if isinstance(x, np.ndarray):  # its device copy freed before the next is made
+            sums[-1].block_until_ready()
+    sums = jax.device_get(sums)  # jax arrays: one round trip for the whole tree
+    # the dtype as jax holds it (a float64 numpy array is hashed, and read back, as float32 without x64)
+    return {_path(p): f"{int(s[0]):08x}{int(s[1]):08x} {_dtype_name(x)}" for (p, x), s in zip(pairs, sums, strict=True)}
 
 
 def mismatch(tree, saved: dict[str, str] | None) -> str | None:
@@ -97,8 +108,10 @@ def malformed(saved) -> str | None:
     if not isinstance(saved, dict):
         return "holds checksums that are not a table"
     for path, entry in saved.items():
-        if not isinstance(entry, str) or not re.fullmatch(r"[0-9a-f]{16} [a-z0-9_]+", entry):
+        if not isinstance(entry, str) or not re.fullmatch(r"[0-9a-f]{16} ([a-z0-9_]+|key<\w+>)", entry):
             return f"holds a malformed checksum for {path}"
+        if saved_dtype(entry).startswith("key<"):  # a typed PRNG key (hashed as its key data)
+            continue
         try:
             np.dtype(jax.dtypes.canonicalize_dtype(saved_dtype(entry)))
         except TypeError:
