@@ -29,6 +29,7 @@ NEUTRAL = {  # known fields nnxlm does not implement, and the values that ask fo
     "functions": (None, []),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
+    "parallel_tool_calls": (None, True),  # false: one call at most, which the server cannot promise
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 

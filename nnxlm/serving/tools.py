@@ -34,9 +34,12 @@ def detect(template_source: str | None) -> str | None:
     return None
 
 
-def _call(obj, arguments_key: str) -> dict | None:
-    """OpenAI's tool call of a parsed {"name", arguments_key} object, or None."""
+def _call(obj, arguments_key: str, required: bool = False) -> dict | None:
+    """OpenAI's tool call of a parsed {"name", arguments_key} object, or None; required: the
+    arguments must be there (a JSON answer that only has a "name" is an answer, not a call)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    if required and arguments_key not in obj and "arguments" not in obj:
         return None
     arguments = obj.get(arguments_key, obj.get("arguments", {}))
     if not isinstance(arguments, dict | str):
@@ -80,7 +83,7 @@ def parse(text: str, fmt: str) -> tuple[str | None, list[dict]]:
             obj, end = decoder.raw_decode(rest)
         except (ValueError, RecursionError):
             return text, []
-        if (call := _call(obj, "parameters")) is None:
+        if (call := _call(obj, "parameters", required=True)) is None:
             return text, []
         calls.append(call)
         rest = rest[end:].lstrip().removeprefix(";").lstrip()
@@ -126,8 +129,11 @@ def request_tools(body: dict, fmt: str | None, bad) -> tuple[list[dict] | None, 
     """(tools for the chat template, the format to parse calls in, or None) of a request; `bad`
     makes the 400 of a field."""
     tools, choice = body.get("tools"), body.get("tool_choice")
+    forced = choice == "required" or (isinstance(choice, dict) and choice.get("type") == "function")
+    if choice not in (None, "auto", "none") and not forced:
+        raise bad("tool_choice", "must be 'auto', 'none', 'required' or {type: function, function: {name}}")
     if tools is None or tools == []:
-        if choice not in (None, "none", "auto"):
+        if forced:
             raise bad("tool_choice", "names tools but the request has no tools")
         return None, None
     if not isinstance(tools, list):
@@ -140,15 +146,9 @@ def request_tools(body: dict, fmt: str | None, bad) -> tuple[list[dict] | None, 
             raise bad(f"tools[{i}].function.name", "must be a non-empty string")
         if not isinstance(function.get("parameters", {}), dict):
             raise bad(f"tools[{i}].function.parameters", "must be a JSON schema object")
-    if choice not in (None, "auto", "none"):
-        forced = choice == "required" or (isinstance(choice, dict) and choice.get("type") == "function")
-        raise bad(
-            "tool_choice",
-            "only 'auto' and 'none' are supported: forcing a call needs constrained decoding"
-            if forced
-            else "must be 'auto', 'none', 'required' or {type: function, function: {name}}",
-        )
-    if fmt is None:
+    if forced:
+        raise bad("tool_choice", "only 'auto' and 'none' are supported: forcing a call needs constrained decoding")
+    if fmt is None and choice != "none":  # with none the calls stay text: no format needed
         raise bad(
             "tools",
             "this model's chat template shows no tool-call format: serve it with --tool_parser "
@@ -173,7 +173,7 @@ def message_tool_calls(calls, where: str, bad) -> list[dict]:
                 arguments = json.loads(arguments or "{}")
             except (ValueError, RecursionError):
                 raise bad(f"{where}.tool_calls[{j}].function.arguments", "is not valid JSON") from None
-        if not isinstance(arguments, dict):
-            raise bad(f"{where}.tool_calls[{j}].function.arguments", "must be a JSON object (as a string)")
+        elif not isinstance(arguments, dict):
+            raise bad(f"{where}.tool_calls[{j}].function.arguments", "must be JSON text (a string)")
         out.append({**call, "function": {**function, "arguments": arguments}})
     return out

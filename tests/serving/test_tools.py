@@ -70,7 +70,7 @@ def test_llama3_json_calls_are_the_whole_answer():
         ("f", '{"x": 1}'),
         ("g", "{}"),
     ]
-    for text in ("It is {warm}.", '{"no_name": 1}', "Sunny."):
+    for text in ("It is {warm}.", '{"no_name": 1}', "Sunny.", '{"name": "Alice", "age": 30}'):  # a JSON answer
         assert parse(text, "llama3_json") == (text, [])
 
 
@@ -197,6 +197,8 @@ def test_requests_with_tools_the_server_cannot_honour_get_a_400(tool_server):
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "bogus"}, "tool_choice"),
+        ({"tool_choice": "bogus"}, "tool_choice"),
+        ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -206,7 +208,7 @@ def test_requests_with_tools_the_server_cannot_honour_get_a_400(tool_server):
     for arguments, problem in (
         ("{", "is not valid JSON"),
         (nested, "is not valid JSON"),
-        ("5", "must be a JSON object"),
+        (5, "must be JSON text"),
     ):
         call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": arguments}}
         with pytest.raises(
