@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nnxlm.checksums import checksums, mismatch, saved_dtype
+from nnxlm.checksums import checksums, mismatch, path_name, saved_dtype
 from nnxlm.errors import UserError
 from nnxlm.files import absolute
 from nnxlm.recipes.serialization import from_json
@@ -400,7 +400,7 @@ def as_saved(target, saved: dict[str, str] | None):
     to the dtype asked for (cast_to), e.g. a float32 checkpoint fine-tuned in bfloat16."""
 
     def leaf(path, x):
-        entry = (saved or {}).get("/".join(str(getattr(key, "key", key)) for key in path))
+        entry = (saved or {}).get(path_name(path))
         if entry is None or not isinstance(x, jax.ShapeDtypeStruct) or str(x.dtype) == saved_dtype(entry):
             return x
         return jax.ShapeDtypeStruct(x.shape, jnp.dtype(saved_dtype(entry)), sharding=x.sharding)
@@ -430,7 +430,7 @@ def changed_on_disk(restored: dict, saved: dict[str, str] | None) -> str | None:
         return None if bad is None else f"{bad} does not match the checksum saved with it"
     for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
         if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
-            return f"{'/'.join(str(getattr(key, 'key', key)) for key in path)} holds NaN or infinite values"
+            return f"{path_name(path)} holds NaN or infinite values"
     return None
 
 
@@ -478,6 +478,7 @@ class ModelReader:
         self.model = _abstract_model(self.directory, self.step)
         self._abstract = stored_layout(nnx.to_pure_dict(nnx.state(self.model)))
         self._manager = ocp.CheckpointManager(self.directory)
+        self._saved = saved_checksums(self.directory, self.step)  # read once, not at every parameter
 
     def read(self, path: tuple) -> np.ndarray:
         leaf = self._abstract
@@ -493,7 +494,7 @@ class ModelReader:
             restored = self._manager.restore(self.step, args=ocp.args.Composite(state=args))["state"]
         except Exception as e:
             raise damaged(self.directory, self.step, _read_failed(e), resuming=False) from e
-        if reason := changed_on_disk(restored, saved_checksums(self.directory, self.step)):
+        if reason := changed_on_disk(restored, self._saved):
             raise damaged(self.directory, self.step, reason, resuming=False)
         for key in ("model", *path):
             restored = restored[key]

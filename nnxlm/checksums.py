@@ -60,7 +60,8 @@ def _checksum(x: jax.Array) -> jax.Array:
 _checksum_jit = jax.jit(_checksum)
 
 
-def _path(path) -> str:
+def path_name(path) -> str:
+    """A tree path as checksums are keyed: "model/layers/mlp/up"."""
     return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
@@ -81,7 +82,9 @@ def checksums(tree) -> dict[str, str]:
             sums[-1].block_until_ready()
     sums = jax.device_get(sums)  # jax arrays: one round trip for the whole tree
     # the dtype as jax holds it (a float64 numpy array is hashed, and read back, as float32 without x64)
-    return {_path(p): f"{int(s[0]):08x}{int(s[1]):08x} {_dtype_name(x)}" for (p, x), s in zip(pairs, sums, strict=True)}
+    return {
+        path_name(p): f"{int(s[0]):08x}{int(s[1]):08x} {_dtype_name(x)}" for (p, x), s in zip(pairs, sums, strict=True)
+    }
 
 
 def mismatch(tree, saved: dict[str, str] | None) -> str | None:

@@ -13,19 +13,9 @@ from nnxlm.data.chat import ChatTemplate
 from nnxlm.serving import Engine
 from nnxlm.serving.api import create_app
 from nnxlm.serving.tools import Calls, detect, parse
-from tests.data.test_chat import CHATML_TOOLS, LLAMA3, SPECIAL, SPECIAL_TOKENS
+from tests.data.test_chat import CHATML_TOOLS, LLAMA3, SPECIAL, SPECIAL_TOKENS, TOOLS
 from tests.serving.helpers import Scripted, server
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris and in Zürich?"}]
 ANSWER = (
     "Let me look.\n"
