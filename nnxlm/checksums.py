@@ -77,10 +77,11 @@ def checksums(tree) -> dict[str, str]:
     pairs = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if isinstance(x, (jax.Array, np.ndarray))]
     sums = []
     for _, x in pairs:
-        sums.append(_checksum_jit(x))
-        if isinstance(x, np.ndarray):  # its device copy freed before the next is made
-            sums[-1].block_until_ready()
-    sums = jax.device_get(sums)  # jax arrays: one round trip for the whole tree
+        # one at a time: a numpy array's device copy is freed before the next is made, and a sharded
+        # array's sum is a collective; on CPU devices, dozens in flight at once deadlock XLA's
+        # in-process collectives (the process aborts after 40 s)
+        sums.append(_checksum_jit(x).block_until_ready())
+    sums = jax.device_get(sums)
     # the dtype as jax holds it (a float64 numpy array is hashed, and read back, as float32 without x64)
     return {
         path_name(p): f"{int(s[0]):08x}{int(s[1]):08x} {_dtype_name(x)}" for (p, x), s in zip(pairs, sums, strict=True)

@@ -24,7 +24,9 @@ def run_cases(*cases: str) -> dict:
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # an XLA abort ends in a stack of native frames: its message is the line above them
+    message = "\n".join(line for line in result.stderr.splitlines() if not line.lstrip().startswith("@ 0x"))
+    assert result.returncode == 0, message[-3000:]
     return json.loads(result.stdout.split("RESULT ")[-1])
 
 
