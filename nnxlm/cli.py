@@ -41,7 +41,10 @@ def _serving_arguments(parser):
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     parser.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
     parser.add_argument(
-        "--max_length", type=int, help="tokens of prompt and completion (default: the recipe's seq_len)"
+        "--max_length",
+        type=int,
+        help="tokens of prompt and completion (default: the recipe's seq_len; a converted model's context, "
+        "up to 4096 tokens)",
     )
     parser.add_argument("--steps", type=int, default=8, help="decode steps on the device per host round trip")
     parser.add_argument("--tensor_parallel", type=int, default=1, help="devices of this host to shard the model over")
@@ -445,7 +448,8 @@ def serve(args) -> int:
     app = create_app(engine, name, served.template, args.tool_parser)
     print(
         f"nnxlm: serving {name} at http://{args.host}:{args.port}/v1 "
-        f"({engine.num_slots} slots of {engine.max_length} tokens); Ctrl-C or SIGTERM drains and stops",
+        f"({engine.num_slots} slots of {engine.max_length} tokens{_longer_context(served)}); "
+        "Ctrl-C or SIGTERM drains and stops",
         file=sys.stderr,
         flush=True,
     )
@@ -459,6 +463,20 @@ def serve(args) -> int:
     if stops:
         print(f"nnxlm: stopped by {signal.Signals(stops[0]).name} after answering every open request", file=sys.stderr)
     return 0
+
+
+def _longer_context(served) -> str:
+    """A note when the model's context is longer than a slot holds."""
+    if served.context_length is None or served.context_length <= served.max_length:
+        return ""
+    return f"; the model's context is {served.context_length}: --max_length takes up to that"
+
+
+def _more_context(served) -> str:
+    if served.context_length is not None and served.context_length <= served.max_length:
+        return "that is the model's whole context; start a new conversation"
+    most = "" if served.context_length is None else f", up to the model's {served.context_length}"
+    return f"start chat with a larger --max_length{most}"
 
 
 def _check_address(host: str, port: int) -> None:
@@ -490,8 +508,7 @@ def chat(args) -> int:
             room = engine.max_length - len(ids)
             if room < 1:
                 print(
-                    f"nnxlm: the conversation fills the {engine.max_length}-token context: start chat with a larger "
-                    "--max_length (the default is the run's seq_len)",
+                    f"nnxlm: the conversation fills the {engine.max_length}-token context: {_more_context(served)}",
                     file=sys.stderr,
                 )
                 return 0

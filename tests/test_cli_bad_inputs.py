@@ -167,12 +167,14 @@ CASES = [
     # convert from-hf: the HF directory, then the model its config.json describes
     (["convert", "from-hf", "hf/empty", "out"], "has no config.json"),
     (["convert", "from-hf", "hf/bad_json", "out"], "is not valid JSON"),
+    (["convert", "from-hf", "hf/json_list", "out"], "config.json holds a JSON list, not an object of fields"),
     (["convert", "from-hf", "hf/gpt2", "out"], "architecture 'GPT2LMHeadModel' is not supported"),
     (["convert", "from-hf", "hf/no_weights", "out"], "has no model.safetensors"),
     (["convert", "from-hf", "hf/gelu", "out"], "hidden_act='gelu' is not supported"),
     (["convert", "from-hf", "hf/quantized", "out"], "quantization_config (fp8) is not supported"),
     (["convert", "from-hf", "hf/bad_heads", "out"], "num_kv_heads is 3"),
     (["convert", "from-hf", "hf/bad_theta", "out"], "config.json holds a field nnxlm cannot read"),
+    (["convert", "from-hf", "hf/bad_context", "out"], "max_position_embeddings='long' is not a context length"),
     # convert to-hf
     (["convert", "to-hf", "runs/nothing_here", "out"], "no checkpoint found at"),
     (["convert", "to-hf", "runs/good", "out", "--adapter", "--merged"], "not allowed with argument"),
@@ -226,6 +228,7 @@ def workspace(tmp_path_factory):
     )
     (root / "hf" / "empty").mkdir(parents=True)
     write("hf/bad_json/config.json", "{bad")
+    write("hf/json_list/config.json", "[1]")
     write("hf/gpt2/config.json", json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     write("hf/no_weights/config.json", _hf_config())
     variants = {
@@ -233,6 +236,7 @@ def workspace(tmp_path_factory):
         "quantized": {"quantization_config": {"quant_method": "fp8"}},
         "bad_heads": {"num_key_value_heads": 3},
         "bad_theta": {"rope_theta": "abc"},
+        "bad_context": {"max_position_embeddings": "long"},
     }
     for name, changes in variants.items():
         write(f"hf/{name}/config.json", _hf_config(**changes))

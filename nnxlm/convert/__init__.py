@@ -54,6 +54,7 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
             f"{model_dir}/config.json holds a field nnxlm cannot read ({type(e).__name__}: {e}): "
             "the config is malformed, or not the architecture it names"
         ) from None
+    model_recipe.context_length = _context_length(config, model_dir)
     if adapter:
         adapter_config = peft.read_adapter_config(adapter)
         linear = [t for ts in family.tensors(config) for t in ts if _is_linear(t)]
@@ -86,6 +87,17 @@ def from_hf(source: str, destination: str, base: str | None = None) -> str:
     save_model_checkpoint(out / "checkpoints", 0, params, to_json(recipe))
     write_atomically(out / "recipe.json", json.dumps(to_json(recipe), indent=1))
     return destination
+
+
+def _context_length(config: dict, model_dir: str) -> int | None:
+    """config.json's max_position_embeddings: the context the model was made for (None: not given)."""
+    length = config.get("max_position_embeddings")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
+        raise UserError(
+            f"{model_dir}/config.json max_position_embeddings={length!r} is not a context length: "
+            "give the model's context in tokens (a whole number of at least 2)"
+        )
+    return length
 
 
 def _base_directory(adapter: str, base: str | None) -> str:
@@ -314,6 +326,8 @@ def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, a
         )
     family = family_of_model(model)
     config = family.hf_config(model)
+    if model.context_length is not None:  # the context it came with, not the family's usual one
+        config["max_position_embeddings"] = model.context_length
     params = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, RoutingBias)))
     params = stored_layout(params) if reader is not None else collapse_kernels(params)
     global_tensors, layer_tensors = family.tensors(config)

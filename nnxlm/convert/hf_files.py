@@ -57,11 +57,14 @@ DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 def read_config(directory) -> dict:
     path = epath.Path(directory) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{directory} has no config.json: give a Hugging Face model directory") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}): re-download the model") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of fields: re-download the model")
+    return config
 
 
 def _damaged(path: str, why: str) -> UserError:

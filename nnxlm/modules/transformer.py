@@ -74,6 +74,9 @@ class Transformer(nnx.Module):
         None: none.
       quantization: int8 weights and / or KV cache (nnxlm.modules.quantization), applied once the
         model is built (after the adapters, which stay in float: QLoRA); None: float.
+      context_length: the longest sequence the model was made for (a converted model's HF
+        max_position_embeddings); serving defaults to it, capped, and refuses more. Nothing in the
+        computation depends on it. None: not known (serving uses the run's seq_len).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class Transformer(nnx.Module):
         mtp_depth: int = 0,
         lora: LoRA | None = None,
         quantization: Quantization | None = None,
+        context_length: int | None = None,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
@@ -108,7 +112,7 @@ class Transformer(nnx.Module):
             )
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
         self.tie_embeddings, self.scan_layers, self.remat_policy = tie_embeddings, scan_layers, remat_policy
-        self.dtype = jnp.dtype(dtype)
+        self.dtype, self.context_length = jnp.dtype(dtype), context_length
         self.embed_scale, self.final_logit_softcap = embed_scale, final_logit_softcap
         if layer_pattern is not None:
             unknown = sorted({field for entry in layer_pattern for field in entry} - set(PATTERN_FIELDS))

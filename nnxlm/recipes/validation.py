@@ -420,6 +420,7 @@ RULES = {
     Transformer: (
         whole("vocab_size", "d_model", "num_layers"),
         whole("num_first_layers", "mtp_depth", least=0),
+        whole("context_length", optional=True),
         one_of("remat_policy", tuple(REMAT_POLICIES)),
         number("final_logit_softcap", **POSITIVE, optional=True),
         _layers,

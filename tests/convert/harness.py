@@ -62,3 +62,5 @@ def check_round_trip(hf_model, tmp_path, new_tokens: int = 20, prompt=PROMPT, af
     to_hf(str(run_dir), str(exported))
     reloaded = AutoModelForCausalLM.from_pretrained(exported).eval()
     assert_close_logits(hf_logits(reloaded, prompt), expected)
+    context = hf_model.config.max_position_embeddings  # the model's context survives the round trip
+    assert model.context_length == context == reloaded.config.max_position_embeddings

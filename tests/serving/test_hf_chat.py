@@ -10,9 +10,10 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nnxlm.convert import from_hf
+from nnxlm.errors import UserError
 from nnxlm.serving import Engine
 from nnxlm.serving.api import create_app
-from nnxlm.serving.load import load
+from nnxlm.serving.load import load, serving_length
 from tests.serving.helpers import server
 
 TEMPLATE = (
@@ -74,3 +75,15 @@ def test_a_converted_model_chats_as_transformers_generates(hf_dir, tmp_path):
     tokens = reply.choices[0].logprobs.content
     assert len(tokens) == len(new)  # one logprobs entry a token, its bytes the token's own
     assert b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", "replace") == hf_tokenizer.decode(new)
+
+
+def test_a_converted_model_serves_its_own_context_and_no_more(hf_dir, tmp_path):
+    from_hf(str(hf_dir), str(tmp_path / "run"))
+    assert load(str(tmp_path / "run")).max_length == 512  # config.json's max_position_embeddings, not seq_len 256
+    with pytest.raises(UserError, match="--max_length 513 is past the model's context of 512 tokens"):
+        load(str(tmp_path / "run"), max_length=513)
+    # a long context is capped by default (each slot's cache holds all of it); a run's seq_len serves whole
+    assert serving_length(None, seq_len=256, context_length=131072) == 4096
+    assert serving_length(None, seq_len=8192, context_length=131072) == 8192
+    assert serving_length(None, seq_len=256, context_length=None) == 256
+    assert serving_length(100_000, seq_len=256, context_length=131072) == 100_000
