@@ -89,6 +89,12 @@ def test_chat_streams_replies_and_keeps_the_conversation(capsys, monkeypatch, te
     assert out.count("> ") == 4  # three lines read, then the end of input
 
 
+def test_chat_says_when_the_conversation_fills_the_context(capsys, monkeypatch, text_run):
+    monkeypatch.setattr("sys.stdin", io.StringIO("def add(a, b): return a + b " * 16 + "\n"))
+    code, _, err = run_cli(capsys, "chat", "--checkpoint", text_run, "--slots", "1", "--max_length", "64")
+    assert code == 0 and "the conversation fills the 64-token context: start chat with a larger --max_length" in err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
