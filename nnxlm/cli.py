@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     lora = to_hf.add_mutually_exclusive_group()
     lora.add_argument("--adapter", action="store_true", help="write the LoRA adapters as a peft adapter")
     lora.add_argument("--merged", action="store_true", help="write the model with its LoRA adapters merged")
+    to_hf.add_argument(
+        "--dtype", help="the weights' dtype: float32, bfloat16 or float16 (default: as the run holds them)"
+    )
+    to_hf.add_argument("--base", help="with --adapter: the base model (HF directory or hub name) the adapter goes on")
     return parser
 
 
@@ -554,7 +558,7 @@ def convert(args) -> int:
     if args.direction == "from-hf":
         from_hf(args.source, args.destination, base=args.base)
     else:
-        to_hf(args.source, args.destination, adapter=args.adapter, merged=args.merged)
+        to_hf(args.source, args.destination, adapter=args.adapter, merged=args.merged, dtype=args.dtype, base=args.base)
     print(f"wrote {args.destination}")
     return 0
 

@@ -9,6 +9,7 @@ import sys
 
 import fiddle as fdl
 import jax
+import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -27,6 +28,8 @@ from nnxlm.recipes.validation import check_recipe
 
 # HF tensors that hold nothing a model needs (buffers recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What to-hf writes weights as (default: as the run holds them, usually float32).
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def from_hf(source: str, destination: str, base: str | None = None) -> str:
@@ -270,22 +273,38 @@ def _set(tree: dict, path, value) -> None:
     _get(tree, path[:-1])[path[-1]][...] = value
 
 
-def to_hf(model_or_path, destination: str, *, adapter: bool = False, merged: bool = False) -> str:
+def to_hf(
+    model_or_path,
+    destination: str,
+    *,
+    adapter: bool = False,
+    merged: bool = False,
+    dtype: str | None = None,
+    base: str | None = None,
+) -> str:
     """Writes an nnxlm model (or the model of a run directory / checkpoint) as an HF model directory.
     From a checkpoint it reads one parameter at a time, so memory stays near the largest parameter
     (the model is never built); from a model, near the model plus one tensor.
 
     A model with LoRA adapters is written as its merged weights (merged=True: W + scale A B, a plain
     HF model) or as a peft adapter alone (adapter=True: adapter_config.json and
-    adapter_model.safetensors, loaded with peft onto the base model)."""
+    adapter_model.safetensors, loaded with peft onto the base model); `base` names that base model
+    (its HF directory or hub name) as adapter_config.json's base_model_name_or_path.
+
+    dtype: one of EXPORT_DTYPES for the written weights; None: as the model holds them."""
     if adapter and merged:
         raise UserError("choose one of --adapter and --merged")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype} cannot be exported: give one of {', '.join(EXPORT_DTYPES)}")
+    if base is not None and not adapter:
+        raise UserError("--base names the base model of an --adapter export: add --adapter, or leave --base out")
     require_empty_directory(destination, "the destination")
+    export = dict(adapter=adapter, merged=merged, dtype=dtype, base=base)
     if isinstance(model_or_path, nnx.Module):
-        _write_hf(model_or_path, None, destination, adapter, merged)
+        _write_hf(model_or_path, None, destination, **export)
         return destination
     with ModelReader(model_or_path) as reader:
-        _write_hf(reader.model, reader, destination, adapter, merged)
+        _write_hf(reader.model, reader, destination, **export)
     run_dir = epath.Path(model_or_path)
     for name in TOKENIZER_FILES:
         if (run_dir / name).exists():
@@ -315,7 +334,7 @@ def _write_special_token_ids(destination: str) -> None:
     write_atomically(epath.Path(destination) / "generation_config.json", json.dumps(ids, indent=1))
 
 
-def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, adapter: bool, merged: bool) -> None:
+def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, *, adapter, merged, dtype, base) -> None:
     """config.json and the safetensors of `model` (or its peft adapter), whose parameters come from
     `reader` where given (model is then abstract and layer stacks are read stacked, as checkpoints
     hold them)."""
@@ -380,15 +399,25 @@ def _write_hf(model: nnx.Module, reader: ModelReader | None, destination: str, a
                 yield name, tensor.to_hf(np.asarray(stacked[index]))
             stacked = None  # freed before the next parameter is read
 
+    written = []  # the dtype of what was written, for config.json
+
+    def cast(pairs):
+        for name, array in pairs:
+            array = np.asarray(array) if dtype is None else np.asarray(array).astype(EXPORT_DTYPES[dtype])
+            written.append(array.dtype)
+            yield name, array
+
     epath.Path(destination).mkdir(parents=True, exist_ok=True)
     if adapter:
-        _write_adapter(params, parameter, (global_tensors, layer_tensors), lora, destination)
+        _write_adapter(params, parameter, (global_tensors, layer_tensors), lora, destination, cast, base)
         return
-    write_tensors(destination, tensors())
+    write_tensors(destination, cast(tensors()))
+    # "dtype" is what transformers 5 reads, "torch_dtype" what earlier versions (and vLLM) read
+    config["torch_dtype"] = config["dtype"] = str(written[0])
     write_atomically(epath.Path(destination) / "config.json", json.dumps(config, indent=1))
 
 
-def _write_adapter(params, parameter, tables, lora, destination: str) -> None:
+def _write_adapter(params, parameter, tables, lora, destination: str, cast, base: str | None) -> None:
     """The model's adapters as a peft LoRA adapter (nnxlm.convert.peft)."""
 
     def has_adapter(rule) -> bool:
@@ -419,7 +448,7 @@ def _write_adapter(params, parameter, tables, lora, destination: str) -> None:
                 yield module + ".lora_A.weight", lora_a
                 yield module + ".lora_B.weight", lora_b
 
-    peft.write_adapter(destination, peft.adapter_config(lora, rules, base=None), tensors())
+    peft.write_adapter(destination, peft.adapter_config(lora, rules, base=base), cast(tensors()))
 
 
 __all__ = ["from_hf", "to_hf"]

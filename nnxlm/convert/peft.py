@@ -52,7 +52,7 @@ def adapted_tensors(tensors, has_adapter) -> list:
     return rules
 
 
-def adapter_config(lora: LoRA, rules, base: str) -> dict:
+def adapter_config(lora: LoRA, rules, base: str | None) -> dict:
     """peft's adapter_config.json for these adapter rules."""
     targets = sorted({module_name(rule).rsplit(".", 1)[-1] for rule in rules})
     return {

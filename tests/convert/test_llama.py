@@ -56,6 +56,8 @@ def test_training_resumes_from_a_converted_checkpoint(tmp_path):
 
 def test_the_command_line_converts_both_ways_and_names_bad_input(tmp_path, capsys):
     import numpy as np
+    import torch
+    from safetensors import safe_open
 
     import nnxlm
     from nnxlm.cli import main
@@ -71,7 +73,19 @@ def test_the_command_line_converts_both_ways_and_names_bad_input(tmp_path, capsy
     assert_close_logits(hf_logits(exported, PROMPT), hf_logits(hf_model, PROMPT))
     model = nnxlm.load_model(str(tmp_path / "run"))
     assert model(np.array(PROMPT, np.int32)).shape == (1, len(PROMPT[0]), 101)
+    # in bfloat16, as most published models are: half the bytes, and transformers loads it as such
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    halved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert halved.dtype == torch.bfloat16 and halved.config.dtype == torch.bfloat16
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "np") as written:  # 2 bytes a weight on disk
+        assert {written.get_slice(name).get_dtype() for name in written.keys()} == {"BF16"}
+    expected = hf_logits(hf_model, PROMPT)
+    assert np.max(np.abs(hf_logits(halved.float(), PROMPT) - expected)) < 0.05 * np.max(np.abs(expected))
     capsys.readouterr()
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "x"), "--dtype", "int4"]) == 2
+    assert "--dtype int4 cannot be exported: give one of float32, bfloat16, float16" in capsys.readouterr().err
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "x"), "--base", "org/model"]) == 2
+    assert "--base names the base model of an --adapter export" in capsys.readouterr().err
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2  # never overwrite
     assert "already holds checkpoints" in capsys.readouterr().err
     assert main(["convert", "from-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2

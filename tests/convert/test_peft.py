@@ -67,13 +67,13 @@ def lora_run(tmp_path, hf_model, scan_layers=True):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_an_adapter_exported_to_peft_gives_nnxlms_logits_and_comes_back(tmp_path, family):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     run, model, base = lora_run(tmp_path, llama() if family == "llama" else gemma2())
     ours = np.asarray(model(np.array(PROMPT, np.int32)))
-    assert main(["convert", "to-hf", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert main(["convert", "to-hf", str(run), str(tmp_path / "adapter"), "--adapter", "--base", str(base)]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["base_model_name_or_path"] == str(base)
     assert sorted(config["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -83,6 +83,8 @@ def test_an_adapter_exported_to_peft_gives_nnxlms_logits_and_comes_back(tmp_path
     peft_logits = hf_logits(with_adapter, PROMPT)
     assert_close(ours, peft_logits)
     assert np.max(np.abs(peft_logits - base_logits)) > 1e-2 * np.max(np.abs(base_logits))  # the adapter matters
+    # peft finds the base itself through base_model_name_or_path
+    assert_close(hf_logits(AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval(), PROMPT), ours)
 
     # merged: one plain HF model with the same logits
     assert main(["convert", "to-hf", str(run), str(tmp_path / "merged"), "--merged"]) == 0
