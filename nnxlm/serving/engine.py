@@ -194,7 +194,8 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.tokenizer, self.num_slots, self.steps, self.chunk = tokenizer, slots, steps, chunk
-        self.max_length = -(-max_length // chunk) * chunk  # chunks of a prompt never run past a row
+        self.max_length = max_length  # what a request may take; a cache row is whole chunks, so that
+        self._row_length = -(-max_length // chunk) * chunk  # chunks of a prompt never run past a row
         self.prefill_chunks, self.max_queue, self.mesh = max(1, prefill_chunks), max_queue, mesh
         ends = [tokenizer.eos_id, *end_ids]
         self.end_ids = tuple(dict.fromkeys(int(i) for i in ends if i is not None))[:END_IDS]
@@ -518,7 +519,7 @@ class Engine:
         self._generated, self._limit = np.zeros(n, np.int32), np.zeros(n, np.int32)
         self._seed, self._temperature = np.zeros(n, np.uint32), np.zeros(n, np.float32)
         self._top_k, self._top_p = np.zeros(n, np.int32), np.ones(n, np.float32)
-        cache = jax.eval_shape(lambda: self._cache_template(n, self.max_length, stacked=False))
+        cache = jax.eval_shape(lambda: self._cache_template(n, self._row_length, stacked=False))
         cache = dataclasses.replace(cache, index=jax.ShapeDtypeStruct((n,), jnp.int32))
         shardings = self._cache_shardings(cache)
         self._cache = jax.jit(

@@ -114,12 +114,13 @@ def test_a_failing_request_fails_alone(model, prompts):
 
 
 def test_prompts_that_do_not_fit_are_refused(model):
-    engine = Engine(model, IdsTokenizer(), slots=1, max_length=100, chunk=64)
-    assert engine.max_length == 128  # a whole number of prefill chunks
-    with pytest.raises(ValueError, match="context is 128 tokens"):
-        engine.submit(list(range(120)), Settings(max_tokens=9))
+    engine = Engine(model, IdsTokenizer(), slots=1, max_length=100, chunk=64)  # cache rows of 2 chunks, 128
+    with pytest.raises(ValueError, match="context is 100 tokens, but 95 prompt tokens and max_tokens 6"):
+        engine.submit(list(range(95)), Settings(max_tokens=6))  # within the row, past the context asked for
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], Settings(max_tokens=1))
+    with engine:  # the whole context is served
+        assert len(engine.submit(list(range(95)), Settings(max_tokens=5)).result(timeout=60).choices[0].tokens) == 5
 
 
 @pytest.mark.parametrize(
