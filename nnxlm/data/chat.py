@@ -45,12 +45,14 @@ BUILTIN_TEMPLATE = (
 )
 
 
-def find_template(directory: str) -> str | None:
+def find_template(directory: str, name: str = "default") -> str | None:
     """The chat template kept beside a tokenizer: chat_template.jinja, else tokenizer_config.json's
-    chat_template (its "default" entry when it holds several); None when there is neither."""
+    chat_template; None when there is neither. When the config holds several named ones, the one
+    called `name`: "default", or "tool_use" (None when there is none), which transformers renders
+    for a conversation with tools."""
     path = epath.Path(directory) / TEMPLATE_FILE
     if path.exists():
-        return path.read_text()
+        return path.read_text() if name == "default" else None
     config_path = epath.Path(directory) / "tokenizer_config.json"
     if not config_path.exists():
         return None
@@ -62,7 +64,9 @@ def find_template(directory: str) -> str | None:
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         if "default" not in named:
             raise UserError(f"{config_path} holds chat templates {sorted(named)} but no 'default' one: name one")
-        template = named["default"]
+        template = named.get(name)
+    elif name != "default":
+        return None
     if template is not None and not isinstance(template, str):
         raise UserError(f"{config_path}: chat_template is {type(template).__name__}, not a template string")
     return template
@@ -133,12 +137,20 @@ class ChatTemplate:
     """A chat template with the special tokens it is rendered with.
 
     special_tokens: {"bos_token": "<s>", "eos_token": "</s>", ...} as the tokenizer names them.
+    tool_template: the template for conversations with tools, where the tokenizer names one
+      ("tool_use"); None: `template` renders them too.
     """
 
-    def __init__(self, template: str, special_tokens: dict[str, str]):
-        self.template = template
+    def __init__(self, template: str, special_tokens: dict[str, str], tool_template: str | None = None):
+        self.template, self.tool_template = template, tool_template
         self.special_tokens = dict(special_tokens)
-        self._compiled = _compile(template)
+        for source in (template, tool_template or template):  # a template that does not parse fails here
+            _compile(source)
+
+    def _source(self, tools) -> str:
+        """The template a conversation is rendered with: as transformers picks it, the tool_use one
+        whenever tools are passed."""
+        return self.tool_template if tools is not None and self.tool_template else self.template
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
         """The conversation as text; `tools` (JSON schemas of functions the model may call) reach the
@@ -148,14 +160,15 @@ class ChatTemplate:
     def _chunks(self, messages, add_generation_prompt: bool, tools, chunks: list[str]) -> list[str]:
         import jinja2
 
-        if self.template == BUILTIN_TEMPLATE and (tools or any("tool_calls" in m for m in messages)):
+        source = self._source(tools)
+        if source == BUILTIN_TEMPLATE and (tools or any("tool_calls" in m for m in messages)):
             raise TemplateFailure(
                 "nnxlm's built-in chat template has no tool calls: train with a tokenizer whose chat template "
                 "renders tools (one converted from a model that calls tools), or leave tools out of the data"
             )
         variables = dict(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt)
         try:
-            for chunk in self._compiled.generate(**variables, **self.special_tokens):
+            for chunk in _compile(source).generate(**variables, **self.special_tokens):
                 chunks.append(chunk)
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
             raise TemplateFailure(
@@ -166,7 +179,7 @@ class ChatTemplate:
 
     def assistant_spans(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
         """(the rendered conversation, [(start, end) character range of each assistant turn])."""
-        if "generation" in self.template and "endgeneration" in self.template:
+        if "generation" in self._source(tools) and "endgeneration" in self._source(tools):
             return self._marked_spans(messages, tools)
         text = self.render(messages, tools=tools)
         spans = []

@@ -71,6 +71,7 @@ class HFTokenizer:
         self._ids = {key: self._to_id(value) for key, value in special.items()}
         self._skip = {i for key, i in self._ids.items() if i is not None and key in ("bos", "eos", "pad")}
         self.chat_template = find_template(directory)
+        self.tool_chat_template = find_template(directory, "tool_use")
         # a bos token is prepended where the tokenizer's own post-processor prepends it, as
         # transformers' tokenizer(text) does: a tokenizer may name a bos token it never adds
         probe = self._tokenizer.encode("a", add_special_tokens=True).ids

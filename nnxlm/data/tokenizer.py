@@ -57,9 +57,9 @@ class SentencePieceTokenizer:
     chat_template: the Jinja chat template kept beside the model file, if any (nnxlm.data.chat).
     """
 
-    def __init__(self, model_proto: bytes, chat_template: str | None = None):
+    def __init__(self, model_proto: bytes, chat_template: str | None = None, tool_chat_template: str | None = None):
         """Wraps a serialized SentencePiece ModelProto; ``ValueError`` when it is not one."""
-        self.chat_template = chat_template
+        self.chat_template, self.tool_chat_template = chat_template, tool_chat_template
         self._proto = bytes(model_proto)
         if not self._proto:  # SentencePiece takes an empty proto, then fails at its first use
             raise ValueError("it is empty")
@@ -184,17 +184,22 @@ class SentencePieceTokenizer:
         from nnxlm.data.chat import find_template
 
         try:
-            return cls(data, find_template(absolute(path).parent))
+            directory = absolute(path).parent
+            return cls(data, find_template(directory), find_template(directory, "tool_use"))
         except ValueError as e:
             raise UserError(
                 f"tokenizer file {path} is not a SentencePiece model: {e}; point to a .model file or train a new one"
             ) from None
 
     def __getstate__(self):
-        return {"proto": self._proto, "chat_template": self.chat_template}
+        return {
+            "proto": self._proto,
+            "chat_template": self.chat_template,
+            "tool_chat_template": self.tool_chat_template,
+        }
 
     def __setstate__(self, state):
-        self.__init__(state["proto"], state.get("chat_template"))
+        self.__init__(state["proto"], state.get("chat_template"), state.get("tool_chat_template"))
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self._n})"

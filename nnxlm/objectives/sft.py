@@ -60,20 +60,22 @@ class SFT(NextToken):
 
 
 def chat_template(tokenizer, path: str | None = None) -> ChatTemplate:
-    """The template at `path`, else the tokenizer's own, else nnxlm's built-in one (said once)."""
+    """The template at `path`, else the tokenizer's own (and its tool_use one), else nnxlm's built-in
+    one (said once)."""
+    tool_template = None
     if path is not None:
         try:
             text = epath.Path(path).read_text()
         except OSError as e:
             raise UserError(f"chat template {path} cannot be read ({e.strerror}): fix the path") from None
     elif getattr(tokenizer, "chat_template", None):
-        text = tokenizer.chat_template
+        text, tool_template = tokenizer.chat_template, getattr(tokenizer, "tool_chat_template", None)
     else:
         if repr(tokenizer) not in _TOLD:  # once a process
             _TOLD.add(repr(tokenizer))
             print(f"nnxlm: {tokenizer} has no chat template: using nnxlm's built-in one", file=sys.stderr)
         text = BUILTIN_TEMPLATE
-    return ChatTemplate(text, tokenizer.special_tokens())
+    return ChatTemplate(text, tokenizer.special_tokens(), tool_template)
 
 
 def user_turn_ids(tokenizer, text: str, template_path: str | None = None) -> list[int]:

@@ -35,7 +35,7 @@ def create_app(engine: Engine, model_name: str, template=None, tool_parser: str 
     """The app serving `engine` as model `model_name`; template: the ChatTemplate of chat requests;
     tool_parser: the format of the model's tool calls (nnxlm.serving.tools.FORMATS; default: the
     one its template shows)."""
-    tool_format = tool_parser or tools.detect(getattr(template, "template", None))
+    tool_format = tool_parser or tools.template_format(template)
     app = FastAPI(title="nnxlm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     tokenizer = engine.tokenizer

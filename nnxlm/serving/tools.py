@@ -34,6 +34,11 @@ def detect(template_source: str | None) -> str | None:
     return None
 
 
+def template_format(template) -> str | None:
+    """The call format of a ChatTemplate: the one its conversations with tools are rendered in."""
+    return detect(getattr(template, "tool_template", None) or getattr(template, "template", None))
+
+
 def _call(obj, arguments_key: str, required: bool = False) -> dict | None:
     """OpenAI's tool call of a parsed {"name", arguments_key} object, or None; required: the
     arguments must be there (a JSON answer that only has a "name" is an answer, not a call)."""

@@ -9,6 +9,7 @@ from nnxlm import UserError
 from nnxlm.data import load_tokenizer
 from nnxlm.data.chat import BUILTIN_TEMPLATE, ChatTemplate, check_messages
 from nnxlm.data.sft import example_tokens
+from nnxlm.objectives.sft import chat_template as sft_chat_template
 
 CHATML = (  # Qwen 2.5's shape: a default system turn when the conversation has none
     "{%- if messages[0]['role'] != 'system' %}"
@@ -314,6 +315,29 @@ def test_tool_calls_render_as_transformers_renders_them_and_the_calls_are_traine
     builtin = ChatTemplate(BUILTIN_TEMPLATE, tokenizer.special_tokens())
     with pytest.raises(UserError, match="built-in chat template has no tool calls"):
         example_tokens({"messages": TOOL_CONVERSATION}, tokenizer, builtin)
+
+
+def test_a_tokenizers_named_tool_use_template_renders_conversations_with_tools(tokenizer_dirs, tmp_path):
+    """Some tokenizer configs hold a list of named templates: transformers renders a conversation
+    with tools in the "tool_use" one, every other in "default"; so do training and serving."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from nnxlm.serving.tools import template_format
+
+    shutil.copy(tokenizer_dirs["chatml-tools"] / "tokenizer.json", tmp_path / "tokenizer.json")
+    named = [{"name": "default", "template": CHATML}, {"name": "tool_use", "template": CHATML_TOOLS}]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": named, **SPECIAL["chatml-tools"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    template = sft_chat_template(load_tokenizer(str(tmp_path / "tokenizer.json")))
+    for conversation, tools in ((TOOL_CONVERSATION[:2], TOOLS), (CONVERSATIONS[1], None)):
+        expected = reference.apply_chat_template(conversation, tools=tools, tokenize=False)
+        assert template.render(check_messages(conversation, "x"), tools=tools) == expected
+    assert "<tools>" in template.render(TOOL_CONVERSATION[:1], tools=TOOLS)
+    assert "<tools>" not in template.render(TOOL_CONVERSATION[:1])
+    assert template_format(template) == "hermes"  # the server reads the calls that template teaches
 
 
 def test_content_given_as_text_parts_is_their_text(small_tokenizer):
