@@ -7,6 +7,7 @@ chat_template.jinja or tokenizer_config.json (nnxlm.data.chat).
 """
 
 import json
+import re
 from collections.abc import Sequence
 
 from etils import epath
@@ -34,6 +35,15 @@ def _special_tokens(directory: str) -> dict[str, object]:
                     if value is not None:
                         found[key] = value
     return found
+
+
+def _decoder_steps(decoder: dict | None) -> list[dict]:
+    """A tokenizer.json decoder's steps, a Sequence's flattened."""
+    if not isinstance(decoder, dict):
+        return []
+    if decoder.get("type") == "Sequence":
+        return [step for inner in decoder.get("decoders", []) for step in _decoder_steps(inner)]
+    return [decoder]
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -71,6 +81,19 @@ class HFTokenizer:
         self._ids = {key: self._to_id(value) for key, value in special.items()}
         self._skip = {i for key, i in self._ids.items() if i is not None and key in ("bos", "eos", "pad")}
         self.chat_template = find_template(directory)
+        # how a token's text is written in the vocabulary, for token_bytes: byte-level BPE's stand-in
+        # characters, or SentencePiece's (Llama 2, Mistral) "▁" for a space and <0xE6> byte pieces
+        steps = _decoder_steps(json.loads(self._tokenizer.to_str()).get("decoder"))
+        kinds = {step.get("type") for step in steps}
+        self._byte_level, self._byte_fallback = "ByteLevel" in kinds, "ByteFallback" in kinds
+        self._space_mark = next(
+            (
+                step.get("replacement") if step["type"] == "Metaspace" else step.get("pattern", {}).get("String")
+                for step in steps
+                if step.get("type") == "Metaspace" or (step.get("type") == "Replace" and step.get("content") == " ")
+            ),
+            None,
+        )
         self.tool_chat_template = find_template(directory, "tool_use")
         # a bos token is prepended where the tokenizer's own post-processor prepends it, as
         # transformers' tokenizer(text) does: a tokenizer may name a bos token it never adds
@@ -128,8 +151,12 @@ class HFTokenizer:
             return b""
         if int(i) in self._skip:
             return token.encode("utf-8")  # special tokens are shown by name
-        if type(self._tokenizer.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in token):
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):
             return bytes(_BYTE_OF_CHAR[c] for c in token)
+        if self._byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            return bytes([int(token[3:5], 16)])
+        if self._space_mark:  # decoding the token alone would strip its leading space
+            return token.replace(self._space_mark, " ").encode("utf-8")
         return self._tokenizer.decode([int(i)], skip_special_tokens=False).encode("utf-8")
 
     def serialized(self) -> bytes:

@@ -53,3 +53,26 @@ def test_a_file_that_is_not_a_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(UserError, match="is not a Hugging Face tokenizer.json"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_token_bytes_of_a_sentencepiece_style_tokenizer_json_keep_spaces_and_raw_bytes(tmp_path):
+    """Llama 2's and Mistral's tokenizer.json: "▁" for a space and <0xE6>-style byte pieces, which
+    the logprobs' bytes must give as they are (decoding a token alone strips its space and makes a
+    lone byte U+FFFD)."""
+    from tokenizers import normalizers
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials)
+    tokenizer.train_from_iterator(["the server answers the request with the text"] * 20, trainer)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    loaded = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    text = "the server answers 日本"
+    ids = loaded.encode(text)
+    assert "<0xE6>" in [tokenizer.id_to_token(i) for i in ids]  # 日 is three byte pieces
+    assert b"".join(loaded.token_bytes(i) for i in ids) == (" " + text).encode("utf-8")
