@@ -192,7 +192,17 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     else:
         raise bad("prompt", "must be a string, a list of strings, a list of token ids or a list of such lists")
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return [bos + tokenizer.encode(p) for p in prompts]
+    return [_nonempty(bos + tokenizer.encode(_text(p, "prompt"))) for p in prompts]
+
+
+def _text(text: str, param: str) -> str:
+    """text, when it is text: JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer
+    (and no UTF-8) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(param, "holds a lone surrogate (an unpaired \\ud800-\\udfff escape): send valid text") from None
+    return text
 
 
 def _nonempty(ids):
@@ -210,7 +220,7 @@ def chat_prompt(body: dict, tokenizer, template, tools: list[dict] | None = None
     turns = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise bad(where, f"needs a role, one of {sorted(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones
@@ -233,4 +243,4 @@ def chat_prompt(body: dict, tokenizer, template, tools: list[dict] | None = None
         text = template.render(turns, add_generation_prompt=True, tools=tools)
     except Exception as e:  # noqa: BLE001 - the template's own complaint (raise_exception) about the turns
         raise bad("messages", f"the model's chat template refuses them: {e}") from None
-    return tokenizer.encode_with_offsets(text)[0]
+    return tokenizer.encode_with_offsets(_text(text, "messages"))[0]

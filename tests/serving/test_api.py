@@ -174,6 +174,13 @@ BAD_REQUESTS = {
     "stream not a bool": ({"prompt": "x", "stream": "yes"}, "completions"),
     "no messages": ({"max_tokens": 3}, "chat/completions"),
     "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, "chat/completions"),
+    "role not a string": ({"messages": [{"role": ["user"], "content": "x"}]}, "chat/completions", "messages[0]"),
+    "lone surrogate in a prompt": (b'{"prompt": "a\\ud800"}', "completions", "prompt"),
+    "lone surrogate in a message": (
+        b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+        "chat/completions",
+        "messages",
+    ),
     "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat/completions"),
     "tools with a template that has none": (
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
@@ -189,7 +196,7 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_a_bad_request_gets_a_400_in_openais_shape_and_the_server_goes_on(tiny, case):
     _, _, client, url = tiny
-    payload, path = BAD_REQUESTS[case]
+    payload, path, *param = BAD_REQUESTS[case]
     status, body, _ = post(
         f"{url}/v1/{path}",
         None if isinstance(payload, bytes) else payload,
@@ -197,6 +204,7 @@ def test_a_bad_request_gets_a_400_in_openais_shape_and_the_server_goes_on(tiny, 
     )
     assert status == 400, body
     assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+    assert body["error"]["param"] == (param or [body["error"]["param"]])[0], body
     r = client.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0, extra_body={"unknown_field": 1})
     assert r.usage.completion_tokens >= 1  # unknown fields are accepted and ignored
 
@@ -337,3 +345,15 @@ def test_a_client_that_leaves_a_request_that_is_not_streamed_frees_its_slot(scri
         while engine.free_slots() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.free_slots() == 1
+
+
+def test_an_empty_text_prompt_without_a_bos_token_is_the_prompts_fault():
+    import types
+
+    from nnxlm.serving.requests import APIError, completion_prompts
+
+    no_bos = types.SimpleNamespace(bos_id=None, encode=lambda text: list(text.encode()))  # as Qwen's tokenizer
+    assert completion_prompts({"prompt": "ab"}, no_bos) == [[97, 98]]
+    with pytest.raises(APIError) as refused:
+        completion_prompts({"prompt": ["x", ""]}, no_bos)
+    assert refused.value.param == "prompt" and "is empty" in refused.value.message
