@@ -275,6 +275,13 @@ class Trainer:
         steps = self.grad_accum_steps
         if steps < 1 or self.batch_size % steps:
             raise UserError(f"batch_size {self.batch_size} must divide by grad_accum_steps {steps} (at least 1)")
+        group = getattr(self.objective, "rows_per_example", 1)
+        if (self.batch_size // steps) % group:
+            raise UserError(
+                f"a micro-batch of {self.batch_size // steps} rows (batch_size {self.batch_size} / grad_accum_steps "
+                f"{steps}) splits the {group}-row examples of {type(self.objective).__name__}: make batch_size a "
+                f"multiple of {group * steps}"
+            )
         for size, axes, what in zip(
             (self.batch_size // steps, self.seq_len),
             self.batch_sharding.spec,
@@ -439,8 +446,12 @@ class Trainer:
         if steps == 1:
             (_, metrics), grads = grad_fn(params, rest, batch, dropout_key)
             return grads, {**metrics, "units": units}
-        # rows i, i + steps, i + 2 steps, ... form micro-batch i: each device keeps its own rows
-        micro_batches = jax.tree.map(lambda x: x.reshape(-1, steps, *x.shape[1:]).swapaxes(0, 1), batch)
+        # examples i, i + steps, i + 2 steps, ... form micro-batch i: each device keeps its own rows,
+        # and an example's rows stay together (DPO: a chosen and a rejected row)
+        group = getattr(self.objective, "rows_per_example", 1)
+        micro_batches = jax.tree.map(
+            lambda x: x.reshape(-1, steps, group, *x.shape[1:]).swapaxes(0, 1).reshape(steps, -1, *x.shape[1:]), batch
+        )
 
         def accumulate(carry, inputs):
             micro, key = inputs

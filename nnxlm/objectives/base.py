@@ -32,6 +32,8 @@ weights between steps. The optional hooks, each used where the objective defines
     policy_fields(model, batch)
                         what the step needs from the policy before it updates (GRPO's pi_old)
     iterations          optimizer updates a step makes on its batch (GRPO)
+    rows_per_example    consecutive batch rows that terms() reads together, kept in one
+                        micro-batch by gradient accumulation (DPO: 2, a chosen and a rejected row)
     prepare(trainer)    once, when the run is set up (DPO's cached reference log-probabilities)
     prepare_batch(trainer, batch, step) -> (batch, metrics)
                         on the host before each step: GRPO samples and scores completions here

@@ -77,6 +77,7 @@ class DPO:
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     uses_reference = True
+    rows_per_example = 2  # gradient accumulation keeps a pair's rows in one micro-batch
 
     @property
     def batch_fields(self) -> dict:

@@ -147,6 +147,20 @@ def test_the_loss_starts_at_ln_2_and_the_reference_stays_bit_identical(tmp_path,
             np.testing.assert_array_equal(value, flat[path])  # the reference (the base, the copy) never moved
 
 
+def test_gradient_accumulation_keeps_each_pair_together_and_gives_the_large_batchs_steps(
+    tmp_path, pairs, small_tokenizer
+):
+    runs = {}
+    for steps in (1, 2):
+        cfg = _dpo_recipe(tmp_path / str(steps), pairs, small_tokenizer, num_steps=3, grad_accum_steps=steps)
+        runs[steps] = fdl.build(cfg).fit()
+    for field in ("loss", "margin", "accuracy", "grad_norm"):
+        np.testing.assert_allclose([r[field] for r in runs[2]], [r[field] for r in runs[1]], rtol=1e-5, atol=1e-6)
+    split = _dpo_recipe(tmp_path / "4", pairs, small_tokenizer, num_steps=3, grad_accum_steps=4)
+    with pytest.raises(UserError, match="splits the 2-row examples of DPO: make batch_size a multiple of 8"):
+        fdl.build(split).setup()
+
+
 def test_from_a_lora_run_the_reference_is_that_run_and_a_resumed_run_matches(tmp_path, pairs, small_tokenizer):
     from nnxlm.metrics import read_metrics
 
