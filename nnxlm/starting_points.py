@@ -29,6 +29,7 @@ from nnxlm.checkpointing import (
     saved_paths,
     stored_layout,
 )
+from nnxlm.checksums import path_name
 from nnxlm.data import SentencePieceTokenizer, find_tokenizer, load_tokenizer
 from nnxlm.data.tokenizer import COMPANION_FILES
 from nnxlm.errors import UserError
@@ -55,12 +56,40 @@ def load_parameters(trainer, path: str) -> None:
             target = _without_adapters(target)
         float_source = not set(_scale_paths(target, "model")) & set(saved)
         quantize = quantized(trainer.model) and float_source
-        params = restore_model(directory, step, float_layout(target) if quantize else target)
+        read = float_layout(target) if quantize else target
+        _check_same_parameters(read, saved, path)
+        params = restore_model(directory, step, read)
     if quantized(trainer.model) and float_source:  # QLoRA from a float model: its weights, quantized
         params = quantize_pure_dict(trainer.model, params)
         params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, _matching(target, params))
     nnx.replace_by_pure_dict(model_state, params)
     print(f"nnxlm: starting from the parameters in {path}", file=sys.stderr)
+
+
+def _check_same_parameters(target: dict, saved: list[str], source: str) -> None:
+    """UserError unless the checkpoint's model holds exactly the parameters `target` reads: a
+    parameter it lacks would be left unset, and one the recipe lacks silently dropped."""
+    # a projection with adapters holds kernel/ and adapter/, one without is its kernel alone
+    held = {p.removeprefix("model/").removesuffix("/kernel") for p in saved if p.startswith("model/")}
+    wanted = {
+        path_name(p).removesuffix("/kernel") for p, _ in jax.tree_util.tree_leaves_with_path(stored_layout(target))
+    }
+    missing, extra = sorted(wanted - held), sorted(held - wanted)
+    if extra and all("adapter" in p.split("/") for p in extra) and not missing:
+        raise UserError(
+            f"{source} holds LoRA adapters ({extra[0]}) that the recipe's model lacks: give the recipe the same "
+            "LoRA (its recipe.json, or fiddler:lora with its rank and targets), or start from its merged export "
+            "(nnxlm convert to-hf --merged)"
+        )
+    if missing or extra:
+        more = lambda names: f" and {len(names) - 1} more" if len(names) > 1 else ""  # noqa: E731
+        problems = ([f"has no {missing[0]}{more(missing)}"] if missing else []) + (
+            [f"has {extra[0]}{more(extra)}, which the recipe's model lacks"] if extra else []
+        )
+        raise UserError(
+            f"the model in {source} is not the recipe's: it {' and '.join(problems)}; start from a model of the "
+            "recipe's architecture, or train with the source's own recipe (its recipe.json)"
+        )
 
 
 def _scale_paths(tree, prefix: str):

@@ -132,6 +132,25 @@ def test_nothing_to_train_and_a_base_without_tokenizer_are_one_clear_error(tmp_p
         fdl.build(sft).setup()
 
 
+def test_a_starting_point_of_another_architecture_is_refused_naming_the_parameters(tmp_path, pretrained, examples):
+    """Parameters the source lacks would be left unset, and its extra ones silently dropped."""
+    base_dir, _ = pretrained
+    tied = fine_tuning(tmp_path / "tied", base_dir, examples)
+    tied.model.tie_embeddings = True  # the base has a head of its own
+    with pytest.raises(nnxlm.UserError, match=r"has head, which the recipe's model lacks; start from a model"):
+        fdl.build(tied).setup()
+    biased = fine_tuning(tmp_path / "biased", base_dir, examples)
+    biased.model.block.attention.qkv_bias = True  # as Qwen 2's
+    with pytest.raises(nnxlm.UserError, match=r"it has no layers/attention/k_bias and 2 more; start from"):
+        fdl.build(biased).setup()
+    lora = fine_tuning(tmp_path / "lora", base_dir, examples)
+    fdl.build(lora).fit()
+    plain = fine_tuning(tmp_path / "plain", tmp_path / "lora", examples)
+    plain.model.lora, plain.trainable = None, "all"
+    with pytest.raises(nnxlm.UserError, match=r"holds LoRA adapters .* that the recipe's model lacks"):
+        fdl.build(plain).setup()
+
+
 SFT_RECIPE = """
 import fiddle as fdl
 from nnxlm.data import PythonStdlib
