@@ -324,3 +324,45 @@ def read_metrics(workdir) -> list[dict]:
             record = json.loads(line)
             by_step.setdefault(record["step"], {}).update(record)
     return [by_step[step] for step in sorted(by_step)]
+
+
+class StepClock:
+    """Step times from when each step is first seen done: a step's time is the time from the
+    previous step's end (or the last restart, after a checkpoint or an evaluation) to its own.
+
+    Steps run asynchronously, so a step's end is seen where the loop looks (`look`) or when its
+    metrics are fetched. Looking right after each dispatch matters on XLA:CPU, which may run a
+    small step inside its dispatch: its end is then seen there, not a step later, and a step whose
+    metrics are fetched at once (before a checkpoint) is timed as the others are."""
+
+    def __init__(self):
+        self._ends: dict[int, float] = {}
+        self._last = self._looked = self._latest = time.perf_counter()
+
+    def look(self, *steps: tuple[int, object]) -> None:
+        """Notes now as the end of each (step, its outputs) that is done, oldest first."""
+        now, done = time.perf_counter(), []
+        for step, outputs in steps:
+            if step in self._ends:
+                continue
+            if not all(x.is_ready() for x in jax.tree.leaves(outputs)):
+                break  # a later step cannot be done before this one
+            done.append(step)
+        # Steps first seen done together ended between the last look and this one: the older ones
+        # are given the last look's time, so that none is timed at 0 s.
+        for step in done[:-1]:
+            self._ends[step] = self._latest = max(self._looked, self._latest)
+        if done:
+            self._ends[done[-1]] = self._latest = now
+        self._looked = now
+
+    def restart(self) -> None:
+        """What ran since the last step (saving, evaluating) is no step's time."""
+        self._last = self._latest = time.perf_counter()
+
+    def step_time(self, step: int) -> float:
+        """The time of `step`, whose outputs have just been fetched; steps are asked for in order."""
+        end = self._ends.pop(step) if step in self._ends else time.perf_counter()
+        elapsed, self._last = end - self._last, end
+        self._latest = max(self._latest, end)
+        return elapsed

@@ -14,7 +14,6 @@ import json
 import math
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -580,13 +579,14 @@ class Trainer:
         profiler = StepProfiler(self.workdir, self.step, self.profile_skip_steps, self.profile_steps, enabled=main)
         if self.eval_at_start and self.step == 0 and self.eval_data is not None:
             self._report_start(writer, history, progress)
-        last_time = time.perf_counter()
+        clock = metrics_lib.StepClock()
 
         fresh = self.step == 0
 
         def finish(step, step_metrics, counts):
-            nonlocal last_time, skipped_in_a_row
+            nonlocal skipped_in_a_row
             record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}  # waits for that step
+            step_time = clock.step_time(step)
             if fresh and not history:  # after the first step: a run that stops at bad input says only that
                 self._report_short_decay()
             if record.pop("units") == 0:
@@ -595,8 +595,6 @@ class Trainer:
                     "seq_len and the objective's loss_on"
                 )
             skipped_in_a_row = 0 if record.pop("finite") else self._nonfinite(step, record, skipped_in_a_row)
-            now = time.perf_counter()
-            step_time, last_time = now - last_time, now
             tokens_per_s = tokens_per_step / step_time
             record.update(
                 step_time_s=step_time,
@@ -611,7 +609,7 @@ class Trainer:
                 self.objective.watch(step, record)
             if self._evaluates_at(step):
                 record[self.eval_name] = self.evaluate()
-                last_time = time.perf_counter()  # evaluation time is not step time
+                clock.restart()  # evaluation time is not step time
             if writer:
                 writer.write(step, record)
             history.append({"step": step, **record})
@@ -620,6 +618,8 @@ class Trainer:
         try:
             with StopRequests() as stop:
                 while self.step < self.num_steps:
+                    if pending:
+                        clock.look(pending[:2])
                     with profiler.step(self.step + 1):  # the batch and the dispatch, as MaxText marks a step
                         host_batch, sampled = next(self.train_iterator), {}
                         if hasattr(self.objective, "prepare_batch"):  # GRPO samples completions here
@@ -629,6 +629,7 @@ class Trainer:
                         counts.update(sampled)
                         self.state, step_metrics = self._train_step(self.state, self._to_device(host_batch))
                     self.step += 1
+                    clock.look(*([pending[:2]] if pending else []), (self.step, step_metrics))
                     if pending:  # fetch the previous step's metrics while this one runs
                         finish(*pending)
                     pending = (self.step, step_metrics, counts)
@@ -642,10 +643,10 @@ class Trainer:
                         pending = None
                     if trace_ends:  # now that its last step is done; writing the trace is not step time
                         profiler.stop()
-                        last_time = time.perf_counter()
+                        clock.restart()
                     if saving:
                         self.save()
-                        last_time = time.perf_counter()
+                        clock.restart()
                     if stopping is not None:
                         self.stopped_by = signal.Signals(stopping).name
                         break
