@@ -241,6 +241,8 @@ class Trainer:
         pretrained = self.step is not None or self.load_parameters_path or self.load_full_state_path
         self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained))
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
+        if self.eval_data is not None and (self.eval_every or self.eval_at_start):
+            self.eval_data.documents()  # an empty eval split is said now, not after training up to it
         if resuming:
             restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)
             self._restore_data_position(data_position)

@@ -32,6 +32,25 @@ def test_twenty_steps_of_the_tiny_recipe_lower_the_loss(tmp_path):
     assert len(evals) == 2 and evals[1] < evals[0]
 
 
+def test_an_empty_eval_split_is_found_before_the_first_step(tmp_path, small_tokenizer):
+    from nnxlm.data import TextFiles
+
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("def f(x):\n    return x\n" * 20)
+    globs = [str(tmp_path / "*.txt")]
+    with pytest.raises(nnxlm.UserError, match="'eval' split .* has no documents"):
+        TextFiles(globs, split="eval", eval_fraction=0.01).documents()  # 3 files: none falls in 1 %
+    cfg = tiny(tmp_path / "run", eval_every=5, train_data=fdl.Config(TextFiles, globs, eval_fraction=0.01))
+    cfg.eval_data = fdl.Config(TextFiles, globs, split="eval", eval_fraction=0.01)
+    cfg.model = nnxlm.recipes.models.llama_tiny(vocab_size=1000)
+    (tmp_path / "run").mkdir()
+    small_tokenizer.save(str(tmp_path / "run" / "tokenizer.model"))
+    trainer = fdl.build(cfg)
+    with pytest.raises(nnxlm.UserError, match="'eval' split .* has no documents"):
+        trainer.setup()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step trained
+
+
 def test_metrics_jsonl_has_the_documented_fields(tmp_path):
     fdl.build(tiny(tmp_path, num_steps=10)).fit()
     records = read_metrics(str(tmp_path))
