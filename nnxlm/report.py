@@ -21,9 +21,16 @@ from nnxlm.train_state import trainable_count, trainable_filter
 
 
 def recipe_lines(cfg: fdl.Config) -> list[str]:
-    """One `path = value @ file:line:function` line a field (greppable)."""
-    lines = printing.history_per_leaf_parameter(cfg).splitlines()
-    return [line for line in lines if "<[unset]>" not in line]
+    """One `path = value @ file:line:function` line a field (greppable); `path = value` for a
+    field with no history, as in a recipe read from JSON (a run's recipe.json)."""
+    lines = [line for line in printing.history_per_leaf_parameter(cfg).splitlines() if "<[unset]>" not in line]
+    noted = {line.split(" = ", 1)[0] for line in lines}
+    for line in printing.as_str_flattened(cfg).splitlines():  # "path: type = value"
+        typed_path, _, value = line.partition(" = ")
+        path = typed_path.split(":", 1)[0]
+        if path not in noted and not value.startswith("<[unset"):
+            lines.append(f"{path} = {value}")
+    return lines
 
 
 def activation_bytes_per_token(model: nnx.Module, seq_len: int, remat_policy: str) -> float:

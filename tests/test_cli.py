@@ -71,6 +71,19 @@ def test_inspect_prints_the_resolved_recipe_and_counts(capsys):
     assert "model.num_layers = 2" in out and "parameters:" in out and "memory estimate" in out
 
 
+def test_inspect_of_a_runs_recipe_json_lists_its_fields(capsys, tmp_path):
+    """A recipe read from JSON has no history of where its values were set: its values alone."""
+    import json
+
+    import nnxlm
+    from nnxlm.recipes.serialization import to_json
+
+    (tmp_path / "recipe.json").write_text(json.dumps(to_json(nnxlm.recipes.tiny())))
+    code, out, _ = run_cli(capsys, "inspect", "--recipe", str(tmp_path / "recipe.json"), "--recipe", "set:seq_len=32")
+    assert code == 0 and "model.num_layers = 4\n" in out and "model.d_model = 64\n" in out
+    assert "seq_len = 32 @ " in out and "<[unset" not in out  # an override, with where it was made
+
+
 def test_inspect_counts_activations_of_one_micro_batch_under_gradient_accumulation(capsys):
     def activations(*settings):
         code, out, _ = run_cli(capsys, "inspect", "--recipe", "llama3_8b", *settings)
