@@ -161,11 +161,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, recipe: dict, data_state: dict | None = None) -> None:
+    def save(self, step: int, state: dict, recipe: dict, data_state: dict | None = None, notes: dict | None = None):
         """Starts writing `state` (pure dict), the recipe and the data position (a JSON snapshot, taken
-        before the call: the iterators move on while orbax writes); all processes call it. A failed
-        write (disk full, no permission) is a UserError here or at the next save or wait()."""
-        items = _items(ocp.args.StandardSave, state, recipe, data_state)
+        before the call: the iterators move on while orbax writes) and `notes` (JSON fields kept in
+        the step's info, see saved_info); all processes call it. A failed write (disk full, no
+        permission) is a UserError here or at the next save or wait()."""
+        items = _items(ocp.args.StandardSave, state, recipe, data_state, notes)
         self.wait()  # for the step written before (orbax's save waits too): a failure there is its own
         with self._reporting_failure(step):
             # force: whatever orbax's save policies say, a step nnxlm saves is saved
@@ -227,11 +228,15 @@ class Checkpointer:
         self.manager.close()
 
 
-def _items(save_args, state: dict, recipe: dict, data_state: dict | None) -> dict:
+def _items(save_args, state: dict, recipe: dict, data_state: dict | None, notes: dict | None = None) -> dict:
     """The items of one checkpoint step: the state in its stored layout saved by `save_args` (an
-    orbax args class), its arrays' checksums in info (orbax keeps none)."""
+    orbax args class), its arrays' checksums in info (orbax keeps none), with `notes`."""
     stored = stored_layout(state)
-    info = {"train_state": "optimizer" in state, "checksums": checksums(stored)}  # False: a model alone
+    info = {
+        **(notes or {}),
+        "train_state": "optimizer" in state,
+        "checksums": checksums(stored),
+    }  # False: a model alone
     items = dict(state=save_args(stored), recipe=ocp.args.JsonSave(recipe), info=ocp.args.JsonSave(info))
     if data_state is not None:
         items["data"] = ocp.args.JsonSave(data_state)
@@ -390,8 +395,15 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
 def saved_checksums(directory: str, step: int) -> dict[str, str] | None:
     """The checksums saved with checkpoint `step` (None: written before they were kept); checked
     as data by resumption.checkpoint_damage before any read."""
+    return saved_info(directory, step).get("checksums")
+
+
+def saved_info(directory: str, step: int) -> dict:
+    """The info saved with checkpoint `step` (untrusted JSON, a table; {} when it is not one):
+    train_state, checksums, and the notes of Checkpointer.save, e.g. adapter_base (see
+    Trainer.adapter_base)."""
     info = json.loads((epath.Path(directory) / str(step) / "info" / "metadata").read_text())
-    return info.get("checksums") if isinstance(info, dict) else None
+    return info if isinstance(info, dict) else {}
 
 
 def as_saved(target, saved: dict[str, str] | None):
@@ -478,7 +490,8 @@ class ModelReader:
         self.model = _abstract_model(self.directory, self.step)
         self._abstract = stored_layout(nnx.to_pure_dict(nnx.state(self.model)))
         self._manager = ocp.CheckpointManager(self.directory)
-        self._saved = saved_checksums(self.directory, self.step)  # read once, not at every parameter
+        self.info = saved_info(self.directory, self.step)  # read once, not at every parameter
+        self._saved = self.info.get("checksums")
 
     def read(self, path: tuple) -> np.ndarray:
         leaf = self._abstract

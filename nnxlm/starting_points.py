@@ -54,6 +54,8 @@ def load_parameters(trainer, path: str) -> None:
         saved = saved_paths(directory, step)
         if not any("adapter" in p for p in saved):  # a base model: the adapters keep their init
             target = _without_adapters(target)
+        else:
+            trainer._starting_adapters = str(path)
         float_source = not set(_scale_paths(target, "model")) & set(saved)
         quantize = quantized(trainer.model) and float_source
         read = float_layout(target) if quantize else target

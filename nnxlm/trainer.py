@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxlm import metrics as metrics_lib
-from nnxlm.checkpointing import Checkpointer, abstract_with_shardings
+from nnxlm.checkpointing import Checkpointer, abstract_with_shardings, find_checkpoint, saved_info
 from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
 from nnxlm.files import run_lock, write_atomically
@@ -52,6 +52,13 @@ from nnxlm.sharding import (
 )
 from nnxlm.starting_points import load_parameters, prepare_tokenizer, restore_full_state
 from nnxlm.train_state import TrainState, trainable_count, trainable_filter
+
+
+def _adapter_base(directory: str, step: int) -> str | None:
+    """The adapter_base saved with a checkpoint (untrusted JSON: a string or nothing)."""
+    base = saved_info(directory, step).get("adapter_base")
+    return base if isinstance(base, str) else None
+
 
 # A run with on_nonfinite="skip" stops when this many steps in a row were not finite.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -171,6 +178,10 @@ class Trainer:
         self.workdir = workdir or f"runs/{name}"
         self.mesh_axes = dict(mesh or {"data": -1})
         self.tokenizer = None
+        # the run whose own LoRA adapters were merged into this run's weights when it started (its
+        # adapters then go on that merged model, not on the original base; see _start_reference)
+        self.adapter_base: str | None = None
+        self._starting_adapters: str | None = None  # a starting point holding adapters (load_parameters)
         self._ready = False
 
     # ----------------------------------------------------------------------------------------------
@@ -246,6 +257,7 @@ class Trainer:
         if resuming:
             restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)
             self._restore_data_position(data_position)
+            self.adapter_base = _adapter_base(self.checkpointer.directory, self.step)
             self.state = self._from_pure_dict(restored)
             print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
         elif self.step is not None:  # a model without optimizer state, e.g. converted from Hugging Face
@@ -253,6 +265,7 @@ class Trainer:
             load_parameters(self, self.workdir)
         elif self.load_full_state_path:
             self.state, self.step = restore_full_state(self, self.load_full_state_path)
+            self.adapter_base = _adapter_base(*find_checkpoint(self.load_full_state_path))
         else:
             self.state, self.step = self._fresh_state(), 0
             if self.load_parameters_path:
@@ -352,6 +365,7 @@ class Trainer:
             self.state["reference"] = copy(self.state["model"])
         elif self.reference_mode == "adapters":
             self.state = jax.jit(self._fold_adapters, out_shardings=self.state_shardings, donate_argnums=0)(self.state)
+            self.adapter_base = self._starting_adapters
 
     def _fold_adapters(self, state):
         train_state = nnx.merge(self.graphdef, state)
@@ -714,7 +728,8 @@ class Trainer:
                 "optimizer.learning_rate or check the data"
             )
         state = nnx.to_pure_dict(self.state)
-        self.checkpointer.save(self.step, state, to_json(self.recipe), self._data_position())
+        notes = {"adapter_base": self.adapter_base} if self.adapter_base else None
+        self.checkpointer.save(self.step, state, to_json(self.recipe), self._data_position(), notes)
 
     @property
     def model(self) -> nnx.Module:

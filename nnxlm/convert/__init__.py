@@ -304,6 +304,17 @@ def to_hf(
         _write_hf(model_or_path, None, destination, **export)
         return destination
     with ModelReader(model_or_path) as reader:
+        folded = reader.info.get("adapter_base")
+        if adapter and base is None and isinstance(folded, str):
+            raise UserError(
+                f"the adapters of {model_or_path} were trained on {folded} with that run's own adapters merged "
+                f"into its weights, so they go on that merged model: export it (nnxlm convert to-hf {folded} "
+                "BASE_DIR --merged) and give --base BASE_DIR, or export this run --merged"
+            )
+        if adapter and isinstance(folded, str):
+            print(
+                f"nnxlm: these adapters go on the merged export of {folded}: --base {base} must be it", file=sys.stderr
+            )
         _write_hf(reader.model, reader, destination, **export)
     run_dir = epath.Path(model_or_path)
     for name in TOKENIZER_FILES:

@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nnxlm
+from nnxlm.checkpointing import saved_info
+from nnxlm.convert import to_hf
 from nnxlm.data import JsonlFiles
 from nnxlm.errors import UserError
 from nnxlm.modules.lora import LoRA
@@ -182,6 +185,20 @@ def test_from_a_lora_run_the_reference_is_that_run_and_a_resumed_run_matches(tmp
     later = fdl.build(dpo(tmp_path / "b", 8)).fit()  # resumes at step 5, the end of the first part
     assert [r["step"] for r in later] == [6, 7, 8]
     assert [r["loss"] for r in read_metrics(str(tmp_path / "b"))] == [r["loss"] for r in whole]
+    # the SFT adapters were merged into the weights these adapters train on: exported alone, they
+    # need that merged model as their base (kept through the restart)
+    assert saved_info(str(tmp_path / "b" / "checkpoints"), 8)["adapter_base"] == str(tmp_path / "sft")
+    with pytest.raises(UserError, match="with that run's own adapters merged into its weights"):
+        to_hf(str(tmp_path / "b"), str(tmp_path / "adapter"), adapter=True)
+    to_hf(str(tmp_path / "sft"), str(tmp_path / "sft_merged"), merged=True)
+    to_hf(str(tmp_path / "b"), str(tmp_path / "adapter"), adapter=True, base=str(tmp_path / "sft_merged"))
+    from peft import AutoPeftModelForCausalLM
+
+    from tests.convert.harness import PROMPT, assert_close_logits, hf_logits
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()  # onto sft_merged
+    ours = np.asarray(nnxlm.load_model(str(tmp_path / "b"))(np.array(PROMPT, np.int32)))
+    assert_close_logits(ours, hf_logits(peft_model, PROMPT))
 
 
 @pytest.mark.parametrize("kind", ["lora"])  # "full" passes too; its cache is tested below and after SIGKILLs
