@@ -312,9 +312,7 @@ def to_hf(
                 "BASE_DIR --merged) and give --base BASE_DIR, or export this run --merged"
             )
         if adapter and isinstance(folded, str):
-            print(
-                f"nnxlm: these adapters go on the merged export of {folded}: --base {base} must be it", file=sys.stderr
-            )
+            print(f"nnxlm: adapters for the merged export of {folded}, which --base names: {base}", file=sys.stderr)
         _write_hf(reader.model, reader, destination, **export)
     run_dir = epath.Path(model_or_path)
     for name in TOKENIZER_FILES:
