@@ -186,6 +186,18 @@ def main(argv=None) -> int:
     except UserError as e:  # one line: fiddle appends its build context on lines of its own
         print(f"nnxlm: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output left (nnxlm inspect | head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+    except Exception as e:
+        if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(
+            f"nnxlm: error: the device ran out of memory ({str(e).splitlines()[0]}): lower batch_size or seq_len, "
+            "raise grad_accum_steps, set model.remat_policy='full', or shard the model over more devices",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def train(args) -> int:

@@ -207,6 +207,14 @@ class Trainer:
             print(f"nnxlm: replicated where the mesh does not divide it: {note}", file=sys.stderr)
         self.abstract_state = abstract_with_shardings(abstract_state, self.state_shardings)
         self.model_vocab_size = abstract_model.vocab_size
+        context = getattr(abstract_model, "context_length", None)
+        if context is not None and self.seq_len > context and jax.process_index() == 0:
+            print(
+                f"nnxlm: seq_len {self.seq_len} is past the model's context of {context} tokens (model.context_length, "
+                "a converted model's max_position_embeddings): it has never seen those positions; extend it "
+                "deliberately (rope scaling) or lower seq_len",
+                file=sys.stderr,
+            )
         self.flops_per_token = metrics_lib.training_flops_per_token(abstract_model, self.seq_len, self.trainable_filter)
         self._abstract_state = abstract_state
         self._train_step = jax.jit(

@@ -207,3 +207,34 @@ def test_published_recipes_fit_an_80_gb_accelerator_per_device(recipe):
 def test_inspect_rejects_a_device_count_below_one(capsys):
     code, _, err = run_cli(capsys, "inspect", "--recipe", "tiny", "--devices", "0")
     assert code == 2 and err.strip().count("\n") == 0 and "--devices is 0" in err
+
+
+def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(capsys, monkeypatch):
+    import jax
+
+    import nnxlm.cli
+
+    def out_of_memory(args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 698922861728 bytes.\nmore")
+
+    monkeypatch.setitem(nnxlm.cli.COMMANDS, "inspect", out_of_memory)
+    code, _, err = run_cli(capsys, "inspect", "--recipe", "tiny")
+    assert code == 2 and err.count("\n") == 1 and "ran out of memory" in err and "lower batch_size or seq_len" in err
+
+
+def test_output_cut_short_by_its_reader_ends_without_a_traceback():
+    """nnxlm inspect | head: the reader leaves before the output ends."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "nnxlm", "inspect", "--recipe", "tiny"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -51,6 +51,16 @@ def test_an_empty_eval_split_is_found_before_the_first_step(tmp_path, small_toke
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step trained
 
 
+def test_a_seq_len_past_the_models_context_is_said(tmp_path, capfd):
+    cfg = tiny(tmp_path, seq_len=64)
+    cfg.model.context_length = 32  # as a converted model's max_position_embeddings
+    fdl.build(cfg).plan()
+    assert "seq_len 64 is past the model's context of 32 tokens" in capfd.readouterr().err
+    cfg.model.context_length = 64
+    fdl.build(cfg).plan()
+    assert "past the model's context" not in capfd.readouterr().err
+
+
 def test_metrics_jsonl_has_the_documented_fields(tmp_path):
     fdl.build(tiny(tmp_path, num_steps=10)).fit()
     records = read_metrics(str(tmp_path))
