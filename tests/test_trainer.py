@@ -46,7 +46,7 @@ def test_an_empty_eval_split_is_found_before_the_first_step(tmp_path, small_toke
     (tmp_path / "run").mkdir()
     small_tokenizer.save(str(tmp_path / "run" / "tokenizer.model"))
     trainer = fdl.build(cfg)
-    with pytest.raises(nnxlm.UserError, match="'eval' split .* has no documents"):
+    with pytest.raises(nnxlm.UserError, match="'eval' split .* has no documents: raise eval_fraction or add data"):
         trainer.setup()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step trained
 

@@ -171,7 +171,8 @@ def _decode(data: bytes, where: str) -> str:
 
 
 def _empty_split(owner: str, split: str) -> UserError:
-    return UserError(f"the {split!r} split of {owner} has no documents: change eval_fraction or add data")
+    fix = "raise eval_fraction or add data" if split == "eval" else "add data (or lower eval_fraction, if set)"
+    return UserError(f"the {split!r} split of {owner} has no documents: {fix}")
 
 
 def read_text_file(path: str) -> str:
