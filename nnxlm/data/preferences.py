@@ -142,7 +142,10 @@ def make_preference_dataset(
     if tokenizer is None:
         raise UserError("preference data is text: the run needs a tokenizer (set tokenizer_path)")
     if batch_size % 2:
-        raise UserError(f"batch_size {batch_size} holds pairs of rows (chosen, rejected): make it even")
+        raise UserError(
+            f"a data shard's batch of {batch_size} rows (batch_size / data_shards) holds pairs of rows (chosen, "
+            "rejected): make it even"
+        )
     ds = ordered_documents(source, seq_len=seq_len, batch_size=batch_size // 2, **settings)
     ds = ds.map(PairRows(source, tokenizer, template, seq_len, overlong))
     it = ds.to_iter_dataset(READ_OPTIONS).batch(batch_size // 2, drop_remainder=drop_remainder).map(PairBatch())

@@ -109,6 +109,13 @@ def test_pairs_with_an_implicit_prompt_are_the_pairs_with_it_explicit(small_toke
         pair_tokens({"prompt": "x", "chosen": "y"}, small_tokenizer, template, where="pairs.jsonl:3")
 
 
+def test_an_odd_batch_of_pairs_is_refused_naming_the_shards_batch(tmp_path, pairs, small_tokenizer):
+    cfg = _dpo_recipe(tmp_path, pairs, small_tokenizer, data_shards=2)
+    cfg.batch_size = 6
+    with pytest.raises(UserError, match=r"a data shard's batch of 3 rows \(batch_size / data_shards\) holds pairs"):
+        fdl.build(cfg).setup()
+
+
 def _dpo_recipe(workdir, pairs, small_tokenizer, **changes):
     from tests.test_trainer import tiny
 
