@@ -260,8 +260,6 @@ class Trainer:
         pretrained = self.step is not None or self.load_parameters_path or self.load_full_state_path
         self.tokenizer = prepare_tokenizer(self, pretrained=bool(pretrained))
         self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
-        if self.eval_data is not None and (self.eval_every or self.eval_at_start):
-            self.eval_data.documents()  # an empty eval split is said now, not after training up to it
         if resuming:
             restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)
             self._restore_data_position(data_position)
@@ -646,6 +644,10 @@ class Trainer:
                         clock.look(pending[:2])
                     with profiler.step(self.step + 1):  # the batch and the dispatch, as MaxText marks a step
                         host_batch, sampled = next(self.train_iterator), {}
+                        if not history and pending is None and self.eval_data is not None and self.eval_every:
+                            # with the first batch (whose bad examples are said first): an empty eval
+                            # split is said now, not after training up to the first evaluation
+                            self.eval_data.documents()
                         if hasattr(self.objective, "prepare_batch"):  # GRPO samples completions here
                             host_batch, sampled = self.objective.prepare_batch(self, host_batch, self.step)
                         fields = self.objective.batch_fields

@@ -32,7 +32,7 @@ def test_twenty_steps_of_the_tiny_recipe_lower_the_loss(tmp_path):
     assert len(evals) == 2 and evals[1] < evals[0]
 
 
-def test_an_empty_eval_split_is_found_before_the_first_step(tmp_path, small_tokenizer):
+def test_an_empty_eval_split_is_found_at_the_first_step(tmp_path, small_tokenizer):
     from nnxlm.data import TextFiles
 
     for i in range(3):
@@ -45,9 +45,8 @@ def test_an_empty_eval_split_is_found_before_the_first_step(tmp_path, small_toke
     cfg.model = nnxlm.recipes.models.llama_tiny(vocab_size=1000)
     (tmp_path / "run").mkdir()
     small_tokenizer.save(str(tmp_path / "run" / "tokenizer.model"))
-    trainer = fdl.build(cfg)
     with pytest.raises(nnxlm.UserError, match="'eval' split .* has no documents: raise eval_fraction or add data"):
-        trainer.setup()
+        fdl.build(cfg).fit()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step trained
 
 
