@@ -398,6 +398,18 @@ def saved_checksums(directory: str, step: int) -> dict[str, str] | None:
     return saved_info(directory, step).get("checksums")
 
 
+def saved_adapter_base(directory: str, step: int) -> str | None:
+    """The adapter_base noted in a checkpoint (see Trainer.adapter_base; untrusted JSON: a string
+    or nothing)."""
+    base = saved_info(directory, step).get("adapter_base")
+    return base if isinstance(base, str) else None
+
+
+def checkpoint_name(directory: str, step: int) -> str:
+    """A checkpoint step's absolute path: what names the exact weights, wherever the command runs."""
+    return str(absolute(directory) / str(step))
+
+
 def saved_info(directory: str, step: int) -> dict:
     """The info saved with checkpoint `step` (untrusted JSON, a table; {} when it is not one):
     train_state, checksums, and the notes of Checkpointer.save, e.g. adapter_base (see

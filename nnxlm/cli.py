@@ -176,7 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to lower when a command runs out of device memory.
+OUT_OF_MEMORY_FIX = {
+    "serve": "lower --slots or --max_length, or raise --tensor_parallel",
+    "chat": "lower --slots or --max_length, or raise --tensor_parallel",
+    "decode": "shorten the prompt or --max_new_tokens, or quantize the model (nnxlm quantize)",
+}
+TRAINING_MEMORY_FIX = (
+    "lower batch_size or seq_len, raise grad_accum_steps, set model.remat_policy='full', or shard the model "
+    "over more devices"
+)
+
+
 def main(argv=None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         from nnxlm.recipes.serialization import trust_recipe_code
@@ -186,18 +199,31 @@ def main(argv=None) -> int:
     except UserError as e:  # one line: fiddle appends its build context on lines of its own
         print(f"nnxlm: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of the output left (nnxlm inspect | head): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    except BrokenPipeError:
+        if not _output_closed():
+            raise  # another pipe (a data worker's): its traceback
+        # the reader of the output left (nnxlm inspect | head): nothing more to say, and no second
+        # error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as e:
         if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        print(
-            f"nnxlm: error: the device ran out of memory ({str(e).splitlines()[0]}): lower batch_size or seq_len, "
-            "raise grad_accum_steps, set model.remat_policy='full', or shard the model over more devices",
-            file=sys.stderr,
-        )
+        fix = OUT_OF_MEMORY_FIX.get(getattr(args, "command", None), TRAINING_MEMORY_FIX)
+        print(f"nnxlm: error: the device ran out of memory ({str(e).splitlines()[0]}): {fix}", file=sys.stderr)
         return 2
+
+
+def _output_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout not a file
+        return False
 
 
 def train(args) -> int:

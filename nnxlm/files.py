@@ -72,6 +72,7 @@ def copy_atomically(source: PathLike, destination: PathLike) -> None:
     """Copies the file `source` to `destination` as write_atomically writes; the two may be on
     different file systems (a local tokenizer into a gs:// run directory)."""
     source, destination = absolute(source), absolute(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)  # e.g. additional_chat_templates/
     tmp = _temporary(destination)
     try:
         with source.open("rb") as src, tmp.open("wb") as out:

@@ -22,10 +22,12 @@ from jax.experimental import multihost_utils
 
 from nnxlm.checkpointing import (
     Checkpointer,
+    checkpoint_name,
     find_checkpoint,
     from_stored_layout,
     load_recipe,
     restore_model,
+    saved_adapter_base,
     saved_paths,
     stored_layout,
 )
@@ -52,10 +54,11 @@ def load_parameters(trainer, path: str) -> None:
     else:
         directory, step = find_checkpoint(path)
         saved = saved_paths(directory, step)
+        trainer.adapter_base = saved_adapter_base(directory, step)  # its weights' own merged base, if any
         if not any("adapter" in p for p in saved):  # a base model: the adapters keep their init
             target = _without_adapters(target)
         else:
-            trainer._starting_adapters = str(path)
+            trainer._starting_adapters = checkpoint_name(directory, step)
         float_source = not set(_scale_paths(target, "model")) & set(saved)
         quantize = quantized(trainer.model) and float_source
         read = float_layout(target) if quantize else target

@@ -28,7 +28,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxlm import metrics as metrics_lib
-from nnxlm.checkpointing import Checkpointer, abstract_with_shardings, find_checkpoint, saved_info
+from nnxlm.checkpointing import (
+    Checkpointer,
+    abstract_with_shardings,
+    checkpoint_name,
+    find_checkpoint,
+    saved_adapter_base,
+    saved_paths,
+)
 from nnxlm.data import ShardedBatches
 from nnxlm.errors import UserError
 from nnxlm.files import run_lock, write_atomically
@@ -52,13 +59,6 @@ from nnxlm.sharding import (
 )
 from nnxlm.starting_points import load_parameters, prepare_tokenizer, restore_full_state
 from nnxlm.train_state import TrainState, trainable_count, trainable_filter
-
-
-def _adapter_base(directory: str, step: int) -> str | None:
-    """The adapter_base saved with a checkpoint (untrusted JSON: a string or nothing)."""
-    base = saved_info(directory, step).get("adapter_base")
-    return base if isinstance(base, str) else None
-
 
 # A run with on_nonfinite="skip" stops when this many steps in a row were not finite.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -263,7 +263,7 @@ class Trainer:
         if resuming:
             restored, data_position = self.checkpointer.restore(self.step, self.abstract_state)
             self._restore_data_position(data_position)
-            self.adapter_base = _adapter_base(self.checkpointer.directory, self.step)
+            self.adapter_base = saved_adapter_base(self.checkpointer.directory, self.step)
             self.state = self._from_pure_dict(restored)
             print(f"nnxlm: resumed {self.workdir} at step {self.step}", file=sys.stderr)
         elif self.step is not None:  # a model without optimizer state, e.g. converted from Hugging Face
@@ -271,7 +271,10 @@ class Trainer:
             load_parameters(self, self.workdir)
         elif self.load_full_state_path:
             self.state, self.step = restore_full_state(self, self.load_full_state_path)
-            self.adapter_base = _adapter_base(*find_checkpoint(self.load_full_state_path))
+            source = find_checkpoint(self.load_full_state_path)
+            self.adapter_base = saved_adapter_base(*source)
+            if any("adapter" in p for p in saved_paths(*source)):
+                self._starting_adapters = checkpoint_name(*source)
         else:
             self.state, self.step = self._fresh_state(), 0
             if self.load_parameters_path:
@@ -371,7 +374,8 @@ class Trainer:
             self.state["reference"] = copy(self.state["model"])
         elif self.reference_mode == "adapters":
             self.state = jax.jit(self._fold_adapters, out_shardings=self.state_shardings, donate_argnums=0)(self.state)
-            self.adapter_base = self._starting_adapters
+            if self._starting_adapters:  # merged now: this run's adapters go on that run's merged export
+                self.adapter_base = self._starting_adapters
 
     def _fold_adapters(self, state):
         train_state = nnx.merge(self.graphdef, state)
@@ -467,8 +471,9 @@ class Trainer:
         if steps == 1:
             (_, metrics), grads = grad_fn(params, rest, batch, dropout_key)
             return grads, {**metrics, "units": units}
-        # examples i, i + steps, i + 2 steps, ... form micro-batch i: each device keeps its own rows,
-        # and an example's rows stay together (DPO: a chosen and a rejected row)
+        # examples i, i + steps, i + 2 steps, ... form micro-batch i, an example's rows together (DPO:
+        # a chosen and a rejected row); each device keeps its own rows when its share of the batch
+        # divides by steps x rows_per_example (else the micro-batches move rows between devices)
         group = getattr(self.objective, "rows_per_example", 1)
         micro_batches = jax.tree.map(
             lambda x: x.reshape(-1, steps, group, *x.shape[1:]).swapaxes(0, 1).reshape(steps, -1, *x.shape[1:]), batch
@@ -644,7 +649,8 @@ class Trainer:
                         clock.look(pending[:2])
                     with profiler.step(self.step + 1):  # the batch and the dispatch, as MaxText marks a step
                         host_batch, sampled = next(self.train_iterator), {}
-                        if not history and pending is None and self.eval_data is not None and self.eval_every:
+                        evaluates = self.eval_data is not None and self.eval_every and self.num_steps >= self.eval_every
+                        if not history and pending is None and evaluates:
                             # with the first batch (whose bad examples are said first): an empty eval
                             # split is said now, not after training up to the first evaluation
                             self.eval_data.documents()

@@ -220,6 +220,20 @@ def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(capsys, m
     monkeypatch.setitem(nnxlm.cli.COMMANDS, "inspect", out_of_memory)
     code, _, err = run_cli(capsys, "inspect", "--recipe", "tiny")
     assert code == 2 and err.count("\n") == 1 and "ran out of memory" in err and "lower batch_size or seq_len" in err
+    monkeypatch.setitem(nnxlm.cli.COMMANDS, "serve", out_of_memory)  # what serving can lower
+    code, _, err = run_cli(capsys, "serve", "--checkpoint", "run")
+    assert code == 2 and err.count("\n") == 1 and "lower --slots or --max_length" in err
+
+
+def test_a_broken_pipe_that_is_not_the_output_is_not_hidden(capsys, monkeypatch):
+    import nnxlm.cli
+
+    def worker_gone(args):
+        raise BrokenPipeError("a data worker's pipe")
+
+    monkeypatch.setitem(nnxlm.cli.COMMANDS, "inspect", worker_gone)
+    with pytest.raises(BrokenPipeError):
+        nnxlm.cli.main(["inspect", "--recipe", "tiny"])
 
 
 def test_output_cut_short_by_its_reader_ends_without_a_traceback():

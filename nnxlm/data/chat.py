@@ -47,10 +47,14 @@ BUILTIN_TEMPLATE = (
 
 def find_template(directory: str, name: str = "default") -> str | None:
     """The chat template kept beside a tokenizer: chat_template.jinja, else tokenizer_config.json's
-    chat_template; None when there is neither. When the config holds several named ones, the one
-    called `name`: "default", or "tool_use" (None when there is none), which transformers renders
-    for a conversation with tools."""
+    chat_template; None when there is neither. When there are several named ones (a list in the
+    config, or additional_chat_templates/<name>.jinja beside chat_template.jinja), the one called
+    `name`: "default", or "tool_use" (None when there is none), which transformers renders for a
+    conversation with tools."""
     path = epath.Path(directory) / TEMPLATE_FILE
+    named_file = epath.Path(directory) / "additional_chat_templates" / f"{name}.jinja"  # as transformers saves
+    if name != "default" and named_file.exists():
+        return named_file.read_text()
     if path.exists():
         return path.read_text() if name == "default" else None
     config_path = epath.Path(directory) / "tokenizer_config.json"

@@ -28,7 +28,14 @@ from nnxlm.files import absolute, write_atomically
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _SPACE_MARK = "\u2581"  # "▁": SentencePiece's escape for " "
 # The files of a tokenizer: the vocabulary (one of the first two) and what travels with it.
-COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# (transformers saves a tokenizer's named chat templates as chat_template.jinja, the default, and
+# additional_chat_templates/<name>.jinja; nnxlm reads "tool_use", see nnxlm.data.chat)
+COMPANION_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "additional_chat_templates/tool_use.jinja",
+)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", *COMPANION_FILES)
 
 

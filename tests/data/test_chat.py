@@ -337,6 +337,10 @@ def test_a_tokenizers_named_tool_use_template_renders_conversations_with_tools(t
         assert template.render(check_messages(conversation, "x"), tools=tools) == expected
     assert "<tools>" in template.render(TOOL_CONVERSATION[:1], tools=TOOLS)
     assert "<tools>" not in template.render(TOOL_CONVERSATION[:1])
+    reference.save_pretrained(tmp_path / "saved")  # chat_template.jinja + additional_chat_templates/tool_use.jinja
+    resaved = sft_chat_template(load_tokenizer(str(tmp_path / "saved" / "tokenizer.json")))
+    assert resaved.render(TOOL_CONVERSATION[:1], tools=TOOLS) == template.render(TOOL_CONVERSATION[:1], tools=TOOLS)
+    assert resaved.render(CONVERSATIONS[1]) == template.render(CONVERSATIONS[1])
     assert template_format(template) == "hermes"  # the server reads the calls that template teaches
 
 

@@ -16,6 +16,7 @@ from nnxlm.convert import to_hf
 from nnxlm.data import JsonlFiles
 from nnxlm.errors import UserError
 from nnxlm.modules.lora import LoRA
+from nnxlm.objectives import NextToken
 from nnxlm.objectives.dpo import DPO, dpo_loss
 from nnxlm.recipes import models
 
@@ -194,7 +195,8 @@ def test_from_a_lora_run_the_reference_is_that_run_and_a_resumed_run_matches(tmp
     assert [r["loss"] for r in read_metrics(str(tmp_path / "b"))] == [r["loss"] for r in whole]
     # the SFT adapters were merged into the weights these adapters train on: exported alone, they
     # need that merged model as their base (kept through the restart)
-    assert saved_info(str(tmp_path / "b" / "checkpoints"), 8)["adapter_base"] == str(tmp_path / "sft")
+    sft_checkpoint = str(tmp_path / "sft" / "checkpoints" / "6")  # the exact weights merged
+    assert saved_info(str(tmp_path / "b" / "checkpoints"), 8)["adapter_base"] == sft_checkpoint
     with pytest.raises(UserError, match="with that run's own adapters merged into its weights"):
         to_hf(str(tmp_path / "b"), str(tmp_path / "adapter"), adapter=True)
     to_hf(str(tmp_path / "sft"), str(tmp_path / "sft_merged"), merged=True)
@@ -206,6 +208,13 @@ def test_from_a_lora_run_the_reference_is_that_run_and_a_resumed_run_matches(tmp
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()  # onto sft_merged
     ours = np.asarray(nnxlm.load_model(str(tmp_path / "b"))(np.array(PROMPT, np.int32)))
     assert_close_logits(ours, hf_logits(peft_model, PROMPT))
+    # a run that keeps b's adapters as adapters (no reference: nothing merged) keeps b's base, and a
+    # run from b's whole train state too
+    for field in ("load_parameters_path", "load_full_state_path"):
+        cfg = dpo(tmp_path / field, 9)
+        cfg.objective, cfg.load_parameters_path = fdl.Config(NextToken), None
+        setattr(cfg, field, str(tmp_path / "b"))
+        assert fdl.build(cfg).setup().adapter_base == sft_checkpoint, field
 
 
 @pytest.mark.parametrize("kind", ["lora"])  # "full" passes too; its cache is tested below and after SIGKILLs
