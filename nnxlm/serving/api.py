@@ -103,8 +103,9 @@ async def _serve(
         raise APIError(503, str(e), type="unavailable") from None
     except TooManyChoices as e:  # a 400: a 429 would have the client retry what can never start
         raise parse.bad("n" if len(prompts) == 1 else "prompt", str(e)) from None
-    except ValueError as e:
-        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    except ValueError as e:  # the engine's words for the cap, in the field the request used
+        name = parse.max_tokens_field(body, chat)
+        raise APIError(400, str(e).replace("max_tokens", name), param=name, code="context_length_exceeded") from None
     n = settings[0].n
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     render = _Render(

@@ -92,6 +92,12 @@ def _number(body, name, default, low, high, integer=False, low_open=False):
     return value
 
 
+def max_tokens_field(body: dict, chat: bool) -> str:
+    """The request's field that caps the completion: chat's max_completion_tokens when given (it
+    wins over the older max_tokens), else max_tokens."""
+    return "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def settings(body: dict, prompt_length: int, engine, chat: bool) -> Settings:
     room = engine.max_length - prompt_length
     if room < 1:
@@ -102,7 +108,7 @@ def settings(body: dict, prompt_length: int, engine, chat: bool) -> Settings:
             param="messages" if chat else "prompt",
             code="context_length_exceeded",
         )
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    name = max_tokens_field(body, chat)
     max_tokens = _number(body, name, room if chat else min(16, room), 1, 2**31 - 1, integer=True)
     top_logprobs = 0
     if chat:

@@ -170,6 +170,11 @@ BAD_REQUESTS = {
     "no prompt": ({"max_tokens": 3}, "completions"),
     "prompt longer than the context": ({"prompt": list(range(3, 300))}, "completions"),
     "prompt and max_tokens past the context": ({"prompt": list(range(3, 200)), "max_tokens": 100}, "completions"),
+    "messages and max_completion_tokens past the context": (
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 250, "max_tokens": 5},
+        "chat/completions",
+        "max_completion_tokens",
+    ),
     "a penalty": ({"prompt": "x", "presence_penalty": 1.5}, "completions"),
     "stream not a bool": ({"prompt": "x", "stream": "yes"}, "completions"),
     "no messages": ({"max_tokens": 3}, "chat/completions"),
