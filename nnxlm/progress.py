@@ -36,7 +36,8 @@ class Progress:
             info += "  mix " + " ".join(f"{name} {count / total:.0%}" for name, count in self.mixture.items())
         self.bar.update(self.task, completed=step, info=info)
         if log and self.enabled:  # above the bar on a terminal, a plain line in a log file
-            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False)
+            # soft_wrap: one line, however long (a log file has no width: rich would wrap at 80)
+            self.bar.console.print(f"step {step:>6}  {info}  lr {record['lr']:.2e}", highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         self.bar.stop()
