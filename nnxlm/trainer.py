@@ -406,33 +406,45 @@ class Trainer:
         )
 
     def _data_position(self) -> dict:
-        """{"shards": [iterator state of every data shard]}, gathered from all processes."""
+        """{"shards": [iterator state of every data shard], "num_workers": the loader's worker
+        processes (their count shapes the states)}, gathered from all processes."""
         local = self.train_iterator.get_state()
         if jax.process_count() == 1:
-            return {"shards": local}
+            return {"shards": local, "num_workers": self.num_workers}
         encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
         longest = int(np.max(multihost_utils.process_allgather(np.array([encoded.size]))))
         padded = np.zeros(longest, np.uint8)
         padded[: encoded.size] = encoded
         gathered = multihost_utils.process_allgather(padded)  # [processes, longest]
         texts = (bytes(row).rstrip(b"\0").decode() for row in np.asarray(gathered).reshape(-1, longest))
-        return {"shards": [state for text in texts for state in json.loads(text)]}
+        return {"shards": [state for text in texts for state in json.loads(text)], "num_workers": self.num_workers}
 
     def _restore_data_position(self, position: dict | None) -> None:
         shards = self.data_shards or jax.process_count()
         saved = (position or {}).get("shards", [])
+        workers = (position or {}).get("num_workers")  # None: written before it was kept
+        what = None
         if len(saved) != shards:
             what = f"the checkpoint holds the data position of {len(saved)} data shards, this run reads {shards}"
-            if not self.allow_data_restart:
-                raise UserError(
-                    f"{what}: set data_shards={len(saved)} to resume the data order exactly, or "
-                    "allow_data_restart=True to start it over"
-                )
-            print(f"nnxlm: {what}: the data order starts over (allow_data_restart)", file=sys.stderr)
-            return
-        count = len(self.train_iterator.iterators)
-        first = jax.process_index() * count
-        self.train_iterator.set_state(saved[first : first + count])
+            fix = f"set data_shards={len(saved)}"
+        elif isinstance(workers, int) and workers != self.num_workers:
+            what = f"the checkpoint holds the data position of num_workers={workers}, this run has {self.num_workers}"
+            fix = f"set num_workers={workers}"
+        else:
+            count = len(self.train_iterator.iterators)
+            first = jax.process_index() * count
+            try:
+                self.train_iterator.set_state(saved[first : first + count])
+                return
+            except (TypeError, KeyError, ValueError) as e:  # grain's state of another loader
+                what = f"the checkpoint's data position does not fit this run's data loader ({type(e).__name__}: {e})"
+                fix = "resume with the num_workers and data settings it was written with"
+        if not self.allow_data_restart:
+            raise UserError(
+                f"{what}: {fix} to resume the data order exactly, or allow_data_restart=True to start it over"
+            )
+        print(f"nnxlm: {what}: the data order starts over (allow_data_restart)", file=sys.stderr)
+        self.train_iterator = self._dataset(self.train_data, shuffle=True, repeat=True).__iter__()
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The fields the step takes, as global arrays."""
@@ -594,7 +606,8 @@ class Trainer:
         main = jax.process_index() == 0  # the process that writes files and prints progress
         if main:
             write_atomically(epath.Path(self.workdir) / "recipe.json", json.dumps(to_json(self.recipe), indent=1))
-        if main and self.eval_data is not None and self.step == 0:
+        evaluates = self.eval_data is not None and (self.eval_every or self.eval_at_start)
+        if main and evaluates and self.step == 0:  # (eval_every=0: its eval data is never read)
             baseline = self.objective.baseline(self.eval_data, self.tokenizer)
             if baseline:
                 print(f"nnxlm: {baseline}")

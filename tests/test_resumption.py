@@ -156,6 +156,9 @@ def test_resuming_on_another_data_layout_is_an_error_unless_the_data_order_may_r
         tiny(tmp_path / "run", num_steps=25, data_shards=2, allow_data_restart=True, optimizer=_optimizer())
     )
     assert [r["step"] for r in restarted.fit()] == list(range(21, 26))
+    # grain's iterator state depends on its worker processes too
+    with pytest.raises(nnxlm.UserError, match="data position of num_workers=0, this run has 1: set num_workers=0"):
+        fdl.build(tiny(tmp_path / "run", num_steps=30, data_shards=2, num_workers=1, optimizer=_optimizer())).setup()
 
 
 def test_recipe_changes_reads_saved_recipes_without_importing_them(trained):

@@ -48,6 +48,8 @@ def test_an_empty_eval_split_is_found_at_the_first_step(tmp_path, small_tokenize
     with pytest.raises(nnxlm.UserError, match="'eval' split .* has no documents: raise eval_fraction or add data"):
         fdl.build(cfg).fit()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a step trained
+    cfg.eval_every, cfg.num_steps = 0, 2  # evaluation off: its data is never read
+    assert len(fdl.build(cfg).fit()) == 2
 
 
 def test_a_seq_len_past_the_models_context_is_said(tmp_path, capfd):

@@ -135,11 +135,14 @@ def _shard_records(file: str) -> int | None:
     """Records of a complete shard file, or None when it is missing or unreadable."""
     if not os.path.isfile(file):
         return None
-    reader = ArrayRecordReader(file, _READER_OPTIONS)
-    try:
-        return reader.num_records() if reader.ok() else None
-    finally:
-        reader.close()
+    try:  # a damaged file fails when opened, counted or closed (a Riegeli hash mismatch)
+        reader = ArrayRecordReader(file, _READER_OPTIONS)
+        try:
+            return reader.num_records() if reader.ok() else None
+        finally:
+            reader.close()
+    except (RuntimeError, ValueError, OSError):
+        return None
 
 
 # -- writing -------------------------------------------------------------------------------------

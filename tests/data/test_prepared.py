@@ -112,11 +112,14 @@ def test_preparing_again_finishes_an_interrupted_run_and_equals_a_clean_one(refe
     (broken / "manifest.json").write_text(json.dumps(manifest))
     (broken / "train" / "00005-of-00006.array_record").unlink()  # done, then lost
     (broken / "train" / "00002-of-00006.array_record.tmp123").write_bytes(b"half a shard")
+    damaged = broken / "train" / "00003-of-00006.array_record"  # done, then cut short (a copy stopped)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     capsys.readouterr()
     stats = prepare(source, tokenizer, broken, workers=1)  # documents_per_shard: the directory's
     err = capsys.readouterr().err
-    assert "3 of 6 train shards already done" in err and "00005-of-00006.array_record is missing" in err
-    assert stats["shards_written"] == 3
+    assert "2 of 6 train shards already done" in err and "00005-of-00006.array_record is missing" in err
+    assert "00003-of-00006.array_record is missing or damaged: writing it again" in err
+    assert stats["shards_written"] == 4
     assert _files(broken) == {**_files(output), "manifest.json": (broken / "manifest.json").read_bytes()}
     assert read_manifest(str(broken)) == read_manifest(str(output))
 
