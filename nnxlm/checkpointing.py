@@ -234,9 +234,9 @@ def _items(save_args, state: dict, recipe: dict, data_state: dict | None, notes:
     stored = stored_layout(state)
     info = {
         **(notes or {}),
-        "train_state": "optimizer" in state,
+        "train_state": "optimizer" in state,  # False: a model alone
         "checksums": checksums(stored),
-    }  # False: a model alone
+    }
     items = dict(state=save_args(stored), recipe=ocp.args.JsonSave(recipe), info=ocp.args.JsonSave(info))
     if data_state is not None:
         items["data"] = ocp.args.JsonSave(data_state)

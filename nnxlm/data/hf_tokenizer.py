@@ -70,7 +70,8 @@ class HFTokenizer:
         except ImportError:
             raise UserError(f"{path} needs the `tokenizers` package: pip install 'nnxlm[hf]'") from None
         try:  # read through epath (Tokenizer.from_file reads local files only)
-            self._tokenizer = Tokenizer.from_str(epath.Path(path).read_text())
+            text = epath.Path(path).read_text()
+            self._tokenizer = Tokenizer.from_str(text)
         except Exception as e:  # the Rust library raises its own exception type
             raise UserError(f"tokenizer file {path} is not a Hugging Face tokenizer.json ({e})") from None
         from nnxlm.data.chat import find_template
@@ -83,7 +84,7 @@ class HFTokenizer:
         self.chat_template = find_template(directory)
         # how a token's text is written in the vocabulary, for token_bytes: byte-level BPE's stand-in
         # characters, or SentencePiece's (Llama 2, Mistral) "▁" for a space and <0xE6> byte pieces
-        steps = _decoder_steps(json.loads(self._tokenizer.to_str()).get("decoder"))
+        steps = _decoder_steps(json.loads(text).get("decoder"))  # the file as read, not serialized again
         kinds = {step.get("type") for step in steps}
         self._byte_level, self._byte_fallback = "ByteLevel" in kinds, "ByteFallback" in kinds
         self._space_mark = next(
